@@ -1,0 +1,60 @@
+"""Write a checkpoint directory in the official Kimi-K2-Thinking layout.
+
+Used by the test fixtures, `scripts/make_fixture_checkpoint.py` and the nano model's export, so
+everything this project ships or tests is written by the same code, through the same name table
+(checkpoint.layout) that the loader reads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterable
+
+import ml_dtypes
+import numpy as np
+from safetensors.numpy import save_file
+
+from kimi_jax.config import Config
+
+
+def _stored(name: str, arr: np.ndarray, float_dtype) -> np.ndarray:
+    if arr.dtype.kind in "iu":
+        return arr  # packed int4 words (int32) and weight_shape (int64) as they are
+    if name.endswith("e_score_correction_bias"):
+        return arr.astype(np.float32)  # float32 in the official checkpoints (spec §2.2)
+    return arr.astype(float_dtype)
+
+
+def write_checkpoint(directory, cfg: Config, tensors: Iterable[tuple[str, np.ndarray]], *,
+                     float_dtype=ml_dtypes.bfloat16, max_shard_bytes: int = 2 << 30,
+                     generation_config: dict | None = None) -> None:
+    """config.json, safetensors shards, model.safetensors.index.json and generation_config.json.
+
+    Shards are named like the official ones, `model-00001-of-000062.safetensors` (five digits for
+    the shard, six for the total — the release's own quirk)."""
+    os.makedirs(directory, exist_ok=True)
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    total = 0
+    for name, arr in tensors:
+        arr = np.ascontiguousarray(_stored(name, arr, float_dtype))
+        if shards[-1] and size + arr.nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = arr
+        size += arr.nbytes
+        total += arr.nbytes
+    weight_map = {}
+    for k, shard in enumerate(shards, 1):
+        file = f"model-{k:05d}-of-{len(shards):06d}.safetensors"
+        save_file(shard, os.path.join(directory, file), metadata={"format": "pt"})
+        weight_map.update({name: file for name in shard})
+    with open(os.path.join(directory, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=2)
+    with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(cfg.to_hf(), f, indent=2)
+    gen = generation_config if generation_config is not None else {
+        "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
+    with open(os.path.join(directory, "generation_config.json"), "w", encoding="utf-8") as f:
+        json.dump(gen, f, indent=2)

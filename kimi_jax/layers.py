@@ -1,0 +1,49 @@
+"""Small building blocks shared by the attention, MoE and model files.
+
+Every weight is an `nnx.Param` carrying `axes`: one logical axis name per dimension. The sharding
+rules (kimi_jax/sharding.py) map those names to mesh axes; nothing else in the model mentions a
+mesh. Dense weights are stored (in, out) — x @ W — with heads split out as their own axis.
+
+Einsum letters used across the model files:
+  b batch, c query tokens (chunk), s key slots, d hidden, h heads, n nope head dim, p rope dim,
+  r kv latent, q q latent, v value head dim, f mlp hidden, e experts, t flattened tokens.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+INIT_STD = 0.02  # DeepSeek-V3's initializer_range; only used for random (test/training) models
+
+
+def param(rngs: nnx.Rngs, shape, axes: tuple[str | None, ...], dtype, *, std: float = INIT_STD) -> nnx.Param:
+    assert len(shape) == len(axes), (shape, axes)
+    value = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+    return nnx.Param(value, axes=axes)
+
+
+def ones(shape, axes, dtype) -> nnx.Param:
+    return nnx.Param(jnp.ones(shape, dtype), axes=axes)
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """Normalize in float32, cast back, then scale — the reference's order of operations."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight * y.astype(x.dtype)
+
+
+class MLP(nnx.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)). The dense layers and the shared expert."""
+
+    def __init__(self, d: int, f: int, dtype, rngs: nnx.Rngs):
+        self.gate_proj = param(rngs, (d, f), ("embed", "mlp"), dtype)
+        self.up_proj = param(rngs, (d, f), ("embed", "mlp"), dtype)
+        self.down_proj = param(rngs, (f, d), ("mlp", "embed"), dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        g = jnp.einsum("...d,df->...f", x, self.gate_proj[...])
+        u = jnp.einsum("...d,df->...f", x, self.up_proj[...])
+        return jnp.einsum("...f,fd->...d", jax.nn.silu(g) * u, self.down_proj[...])

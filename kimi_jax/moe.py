@@ -1,0 +1,109 @@
+"""Routed mixture of experts with a shared expert (spec §4.6).
+
+Routing: sigmoid scores; `e_score_correction_bias` is added only to *choose* experts (optionally
+within the best `topk_group` of `n_group` groups); the mixing weights come from the unbiased scores,
+normalized over the chosen k and multiplied by `routed_scaling_factor`.
+
+Dispatch: the t·k (token, expert) assignments are sorted by expert so each expert sees one
+contiguous run of rows; `expert_ffn` then runs one grouped matmul per projection over those runs.
+No token is dropped and no expert computes rows it was not chosen for. `expert_ffn` is the single
+place that knows how expert weights are stored (dense arrays or packed INT4).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from kimi_jax.config import Config
+from kimi_jax.layers import INIT_STD, MLP, param
+from kimi_jax.quant import Int4Weight
+
+
+def route(x: jax.Array, router: jax.Array, bias: jax.Array, cfg: Config) -> tuple[jax.Array, jax.Array]:
+    """x [t,d] -> (weights [t,k] float32, expert ids [t,k] int32)."""
+    logits = jnp.einsum("td,de->te", x.astype(jnp.float32), router.astype(jnp.float32))
+    scores = jax.nn.sigmoid(logits)
+    choice = scores + bias.astype(jnp.float32)
+    if cfg.n_group > 1:
+        t = choice.shape[0]
+        grouped = choice.reshape(t, cfg.n_group, -1)
+        group_score = jax.lax.top_k(grouped, 2)[0].sum(-1)  # [t, n_group]: sum of each group's best 2
+        _, keep = jax.lax.top_k(group_score, cfg.topk_group)
+        group_mask = jnp.zeros_like(group_score, dtype=bool).at[jnp.arange(t)[:, None], keep].set(True)
+        choice = jnp.where(group_mask[:, :, None], grouped, -jnp.inf).reshape(t, -1)
+    _, idx = jax.lax.top_k(choice, cfg.num_experts_per_tok)
+    w = jnp.take_along_axis(scores, idx, axis=-1)
+    if cfg.norm_topk_prob and cfg.num_experts_per_tok > 1:
+        w = w / (w.sum(-1, keepdims=True) + 1e-20)
+    return w * cfg.routed_scaling_factor, idx.astype(jnp.int32)
+
+
+def expert_ffn(xs: jax.Array, gate, up, down, group_sizes: jax.Array) -> jax.Array:
+    """SwiGLU of each row through its expert. xs [m,d] sorted by expert, group_sizes [e] -> [m,d].
+
+    Dense experts are stored (in, out) per expert: gate/up [e,d,f], down [e,f,d]. INT4 experts are
+    `Int4Weight`s in the checkpoint's (out, in/8) layout and go through kernels_pallas.ops, which
+    picks the Pallas kernel for the backend or the XLA reference.
+    """
+    if isinstance(gate, Int4Weight):
+        from kernels_pallas import ops
+
+        h = ops.grouped_int4_swiglu(xs, gate.packed, gate.scale, up.packed, up.scale, group_sizes)
+        return ops.grouped_int4_matmul(h.astype(xs.dtype), down.packed, down.scale, group_sizes)
+    g = jax.lax.ragged_dot(xs, gate, group_sizes)
+    u = jax.lax.ragged_dot(xs, up, group_sizes)
+    return jax.lax.ragged_dot(jax.nn.silu(g) * u, down, group_sizes)
+
+
+def dispatch(x: jax.Array, weights: jax.Array, idx: jax.Array, n_experts: int, ffn) -> jax.Array:
+    """Sort assignments by expert, run `ffn(xs, group_sizes)`, and combine back. x [t,d] -> [t,d]."""
+    t, k = idx.shape
+    flat = idx.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    group_sizes = jnp.bincount(flat, length=n_experts).astype(jnp.int32)
+    ys = ffn(x[order // k], group_sizes)  # [t*k, d] in expert order
+    y = jnp.zeros_like(ys).at[order].set(ys).reshape(t, k, -1)
+    return jnp.einsum("tkd,tk->td", y.astype(jnp.float32), weights).astype(x.dtype)
+
+
+def random_int4(rngs: nnx.Rngs, shape_out_in, group: int, dtype, axes) -> nnx.Param:
+    """Random packed INT4 weights of logical shape [..., out, in] (tests, abstract shapes).
+
+    Built directly in the packed domain (random nibbles, random positive scales) so it also works
+    under `nnx.eval_shape`, where no host quantizer can run."""
+    *lead, n_out, n_in = shape_out_in
+    packed = jax.random.bits(rngs.params(), (*lead, n_out, n_in // 8), jnp.uint32).view(jnp.int32)
+    # Nibbles are uniform on [-8, 7] (std ~4.6): pick scales so weights have std ~INIT_STD.
+    u = jax.random.uniform(rngs.params(), (*lead, n_out, n_in // group), jnp.float32, 0.5, 1.5)
+    scale = (u * INIT_STD / 4.6).astype(dtype)
+    return nnx.Param(Int4Weight(packed, scale, n_in), axes=axes)
+
+
+class MoE(nnx.Module):
+    def __init__(self, cfg: Config, dtype, rngs: nnx.Rngs):
+        d, f, e = cfg.hidden_size, cfg.moe_intermediate_size, cfg.n_routed_experts
+        self.cfg = cfg
+        self.router = param(rngs, (d, e), ("embed", "experts_logits"), dtype)
+        self.router_bias = nnx.Param(jnp.zeros((e,), jnp.float32), axes=("experts_logits",))
+        if cfg.quantization is None:
+            self.gate_proj = param(rngs, (e, d, f), ("experts", "embed", "expert_mlp"), dtype)
+            self.up_proj = param(rngs, (e, d, f), ("experts", "embed", "expert_mlp"), dtype)
+            self.down_proj = param(rngs, (e, f, d), ("experts", "expert_mlp", "embed"), dtype)
+        else:
+            g = cfg.quantization.group_size
+            self.gate_proj = random_int4(rngs, (e, f, d), g, dtype, ("experts", "expert_mlp", "embed"))
+            self.up_proj = random_int4(rngs, (e, f, d), g, dtype, ("experts", "expert_mlp", "embed"))
+            self.down_proj = random_int4(rngs, (e, d, f), g, dtype, ("experts", "embed", "expert_mlp"))
+        self.shared = MLP(d, f * cfg.n_shared_experts, dtype, rngs) if cfg.n_shared_experts else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        w, idx = route(x, self.router[...], self.router_bias[...], self.cfg)
+        gate, up, down = self.gate_proj.get_value(), self.up_proj.get_value(), self.down_proj.get_value()
+        y = dispatch(x, w, idx, self.cfg.n_routed_experts, lambda xs, gs: expert_ffn(xs, gate, up, down, gs))
+        if self.shared is not None:
+            y = y + self.shared(x)
+        return y.reshape(shape)

@@ -1,0 +1,57 @@
+"""INT4 weights as data: `Int4Weight` mirrors compressed-tensors `pack-quantized` (spec §3).
+
+The packed words and scales stay exactly as the checkpoint stores them — [..., out, in/8] int32 and
+[..., out, in/group] scales — so loading is a copy, not a conversion, and a device never holds the
+experts dequantized. The bit layout and the quantizer live in kernels_pallas/int4.py beside the
+kernels that read them; this module only wraps them as a pytree for the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+
+@dataclasses.dataclass
+class Int4Weight:
+    packed: jax.Array  # int32 [..., out, ceil(in / 8)]
+    scale: jax.Array  # [..., out, in / group_size]
+    in_features: int  # static: the logical input size (packing may pad it to a multiple of 8)
+
+    @property
+    def group_size(self) -> int:
+        return self.in_features // self.scale.shape[-1]
+
+    @property
+    def out_features(self) -> int:
+        return self.packed.shape[-2]
+
+    @property
+    def dtype(self):
+        return self.scale.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.size * 4 + self.scale.size * jnp.dtype(self.scale.dtype).itemsize
+
+    def dequantize(self, dtype=jnp.float32) -> jax.Array:
+        """[..., out, in] — for tests and export only; the model never calls this on experts."""
+        from kernels_pallas import int4 as int4_layout
+
+        return int4_layout.dequantize_int4_ref(self.packed, self.scale, self.in_features, dtype)
+
+
+jax.tree_util.register_dataclass(Int4Weight, data_fields=["packed", "scale"], meta_fields=["in_features"])
+
+
+def quantize(w_in_out: np.ndarray, group_size: int, scale_dtype=jnp.bfloat16) -> Int4Weight:
+    """Quantize dense weights stored (in, out) — the model's layout — into the checkpoint layout."""
+    from kernels_pallas import int4 as int4_layout
+
+    w = np.swapaxes(np.asarray(w_in_out, np.float32), -1, -2)  # -> [..., out, in]
+    packed, scale = int4_layout.quantize_int4(w, group_size, scale_dtype=scale_dtype)
+    return Int4Weight(jnp.asarray(packed), jnp.asarray(scale), w.shape[-1])

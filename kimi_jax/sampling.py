@@ -1,0 +1,74 @@
+"""Token sampling: greedy, temperature, top-k, top-p — pure functions on (logits, key).
+
+The knobs are per-row arrays inside the compiled step, so changing them never recompiles and a
+server can mix requests with different settings in one batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kimi_jax.errors import KimiError
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = no top-k cut
+    top_p: float = 1.0  # 1 = no nucleus cut
+    seed: int = 0
+    max_new_tokens: int = 256
+    stop_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if not isinstance(self.temperature, (int, float)) or not np.isfinite(self.temperature) or self.temperature < 0:
+            raise KimiError(f"temperature must be >= 0, got {self.temperature}")
+        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            raise KimiError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise KimiError(f"top_k must be an integer >= 0, got {self.top_k}")
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise KimiError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens}")
+
+    def arrays(self, batch: int) -> dict[str, jax.Array]:
+        return {
+            "temperature": jnp.full((batch,), self.temperature, jnp.float32),
+            "top_k": jnp.full((batch,), self.top_k, jnp.int32),
+            "top_p": jnp.full((batch,), self.top_p, jnp.float32),
+        }
+
+
+def _filtered_logits(logits, temperature, top_k, top_p):
+    """Logits divided by temperature with everything outside top-k and top-p set to -inf."""
+    x = logits / jnp.maximum(temperature, 1e-6)[:, None]
+    desc = -jnp.sort(-x, axis=-1)
+    v = x.shape[-1]
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v)
+    kth = jnp.take_along_axis(desc, (k - 1)[:, None], axis=-1)
+    desc = jnp.where(jnp.arange(v)[None, :] < k[:, None], desc, -jnp.inf)
+    # Nucleus: keep the shortest prefix of the sorted distribution whose mass reaches top_p (the
+    # token that crosses the threshold is kept, so at least one token always survives).
+    probs = jax.nn.softmax(desc, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs
+    n_keep = jnp.maximum(jnp.sum(before < top_p[:, None], axis=-1), 1)
+    pth = jnp.take_along_axis(desc, (n_keep - 1)[:, None], axis=-1)
+    threshold = jnp.maximum(kth, pth)
+    return jnp.where(x >= threshold, x, -jnp.inf)
+
+
+def sample(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_k: jax.Array,
+           top_p: jax.Array) -> jax.Array:
+    """logits [b, v] float32 -> token ids [b] int32. Rows with temperature 0 take the argmax."""
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def draw():
+        filtered = _filtered_logits(logits, temperature, top_k, top_p)
+        drawn = jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
+        return jnp.where(temperature > 0, drawn, greedy)
+
+    # The sort over the vocabulary is skipped entirely when every row is greedy.
+    return jax.lax.cond(jnp.any(temperature > 0), draw, lambda: greedy)

@@ -1,0 +1,114 @@
+"""Logical-axis sharding rules: which mesh axis splits which named dimension.
+
+Every parameter names its dimensions (layers.py `axes`); activations are named at the few places
+that matter. The mesh has three axes:
+  data    — batch rows (independent sequences)
+  expert  — routed experts (expert parallelism)
+  tensor  — attention heads and MLP hidden units (tensor parallelism)
+A rule table maps logical names to mesh axes; a dimension whose name is not in the table, or whose
+mesh axis has size 1, is replicated. The stacked layer axis is never sharded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Mapping
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from kimi_jax.errors import KimiError
+
+MESH_AXES = ("data", "expert", "tensor")
+
+DEFAULT_RULES: Mapping[str, str | None] = {
+    "batch": "data",
+    "experts": "expert",
+    "expert_mlp": "tensor",
+    "heads": "tensor",
+    "mlp": "tensor",
+    "vocab": "tensor",
+    # replicated: embed, head_dim, q_lora, kv_lora, experts_logits, layers
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSpec:
+    data: int = 1
+    expert: int = 1
+    tensor: int = 1
+
+    @property
+    def size(self) -> int:
+        return self.data * self.expert * self.tensor
+
+    @classmethod
+    def parse(cls, text: str) -> "MeshSpec":
+        """'data=1,expert=4,tensor=2' (omitted axes are 1)."""
+        sizes = {}
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            name, eq, value = part.partition("=")
+            name = name.strip()
+            if not eq or name not in MESH_AXES:
+                raise KimiError(f"--mesh: '{part}' is not AXIS=SIZE with AXIS one of {', '.join(MESH_AXES)}")
+            if name in sizes:
+                raise KimiError(f"--mesh: axis '{name}' given twice")
+            try:
+                sizes[name] = int(value)
+            except ValueError:
+                raise KimiError(f"--mesh: size of '{name}' must be an integer, got '{value}'") from None
+            if sizes[name] < 1:
+                raise KimiError(f"--mesh: size of '{name}' must be >= 1")
+        return cls(**sizes)
+
+    def __str__(self) -> str:
+        return ",".join(f"{a}={getattr(self, a)}" for a in MESH_AXES)
+
+
+def make_mesh(spec: MeshSpec, devices=None) -> Mesh:
+    devices = list(jax.devices() if devices is None else devices)
+    if spec.size != len(devices):
+        raise KimiError(f"mesh {spec} needs {spec.size} devices, but {len(devices)} are available")
+    arr = np.asarray(devices).reshape(spec.data, spec.expert, spec.tensor)
+    return Mesh(arr, MESH_AXES)
+
+
+def spec_for(axes, shape, mesh: Mesh | None, rules: Mapping[str, str | None] = DEFAULT_RULES,
+             *, name: str = "array") -> P:
+    """PartitionSpec for a value whose dims are named `axes`; checks each split divides its dim."""
+    if mesh is None:
+        return P()
+    used = set()
+    out = []
+    for dim, logical in zip(shape, axes):
+        mesh_axis = rules.get(logical) if logical else None
+        if mesh_axis is None or mesh.shape[mesh_axis] == 1:
+            out.append(None)
+            continue
+        if mesh_axis in used:
+            raise KimiError(f"{name}: two dimensions map to mesh axis '{mesh_axis}'")
+        if dim % mesh.shape[mesh_axis]:
+            raise KimiError(
+                f"{name}: dimension '{logical}' of size {dim} is not divisible by mesh axis "
+                f"'{mesh_axis}' of size {mesh.shape[mesh_axis]}"
+            )
+        used.add(mesh_axis)
+        out.append(mesh_axis)
+    return P(*out)
+
+
+def sharding_for(axes, shape, mesh: Mesh | None, rules=DEFAULT_RULES, *, name="array"):
+    if mesh is None:
+        return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return NamedSharding(mesh, spec_for(axes, shape, mesh, rules, name=name))
+
+
+def default_mesh_spec(cfg, n_devices: int) -> MeshSpec:
+    """Use every local device: experts across as many devices as divide the expert count, the
+    rest as tensor parallelism over heads."""
+    expert = math.gcd(n_devices, cfg.n_routed_experts) if cfg.n_moe_layers else 1
+    rest = n_devices // expert
+    tensor = math.gcd(rest, cfg.num_attention_heads)
+    return MeshSpec(data=rest // tensor, expert=expert, tensor=tensor)
