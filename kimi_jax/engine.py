@@ -40,7 +40,9 @@ class Engine:
         self.graphdef, self.state = nnx.split(model)
         self._prefill = jax.jit(self._prefill_chunk, donate_argnums=(2,))
         self._decode = jax.jit(self._decode_step, donate_argnums=(2,))
-        self._sample = jax.jit(sample)
+        # A per-engine function object: jax.jit shares compiled programs between wrappers of the
+        # same function, which would blur compile_counts() across engines.
+        self._sample = jax.jit(lambda logits, key, knobs: sample(logits, key, **knobs))
 
     # ---- compiled steps -----------------------------------------------------------------------
     def _prefill_chunk(self, state, tokens, cache, n_valid):
@@ -118,7 +120,7 @@ class Generation:
         self.cached_len = start + max(len(p) for p in prompts)
         self._knobs = sampling.arrays(self.batch)
         self._key = jax.random.key(sampling.seed)
-        self._next = engine._sample(logits, jax.random.fold_in(self._key, 0), **self._knobs)
+        self._next = engine._sample(logits, jax.random.fold_in(self._key, 0), self._knobs)
         self._next.block_until_ready()
         self.prefill_seconds = time.perf_counter() - t0
         self.decode_seconds = 0.0
