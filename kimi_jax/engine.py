@@ -29,7 +29,7 @@ from kimi_jax.sampling import SamplingParams, sample
 
 class Engine:
     def __init__(self, model: KimiK2, *, max_len: int = 4096, chunk: int = 128, block: int = DEFAULT_KV_BLOCK,
-                 pad_id: int = 0):
+                 pad_id: int = 0, mesh=None):
         self.cfg = model.cfg
         self.dtype = model.dtype
         self.max_len = max_len
@@ -37,6 +37,7 @@ class Engine:
         self.block = min(block, -(-(max_len + chunk - 1) // 8) * 8)  # tiny caches need no big blocks
         self.slots = LatentCache.slots_for(max_len, chunk, self.block)
         self.pad_id = pad_id
+        self.mesh = mesh
         self.graphdef, self.state = nnx.split(model)
         self._prefill = jax.jit(self._prefill_chunk, donate_argnums=(2,))
         self._decode = jax.jit(self._decode_step, donate_argnums=(2,))
@@ -61,7 +62,7 @@ class Engine:
     def new_cache(self, lengths: Sequence[int]) -> LatentCache:
         """An empty cache for rows whose prompts have these lengths (right-aligned)."""
         longest = max(lengths)
-        return LatentCache.create(self.cfg, [longest - n for n in lengths], self.slots, self.dtype)
+        return LatentCache.create(self.cfg, [longest - n for n in lengths], self.slots, self.dtype, self.mesh)
 
     def prefill(self, prompts: Sequence[Sequence[int]], cache: LatentCache | None = None):
         """Write prompts into `cache` (a new one when None) and return (last-token logits [b, v], cache).

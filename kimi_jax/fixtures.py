@@ -8,6 +8,8 @@ compressed-tensors quantizer when the config asks for INT4.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from kimi_jax import checkpoint, export
@@ -71,4 +73,5 @@ def write_fixture_tokenizer(directory, cfg: Config) -> None:
     if cfg.vocab_size < len(ranks) + n_special:
         raise ValueError(f"vocab_size {cfg.vocab_size} < 256 byte tokens + 256 special slots")
     write_tokenizer_files(directory, ranks)
-    ChatTemplate.default().save(directory)
+    with open(os.path.join(directory, "chat_template.jinja"), "w", encoding="utf-8") as f:
+        f.write(ChatTemplate.default().source)

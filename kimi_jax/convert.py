@@ -1,0 +1,106 @@
+"""`python -m kimi_jax.convert --checkpoint HF_DIR --out DIR`: save loaded params for fast restore.
+
+Reading a HF checkpoint means parsing safetensors and transposing every matrix into the model's
+layout. The converted directory holds the parameters exactly as the model uses them (INT4 experts
+still packed) in an orbax checkpoint, so later loads are a straight, sharded, parallel restore.
+The config, tokenizer and template files are copied alongside, so `generate --checkpoint DIR`
+accepts either kind of directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from kimi_jax.config import Config
+from kimi_jax.errors import KimiError
+
+MARKER = "kimi_jax_convert.json"
+PARAMS = "params"
+SIDE_FILES = ("config.json", "generation_config.json", "tiktoken.model", "tokenizer_config.json",
+              "chat_template.jinja")
+
+
+def is_converted(directory: str) -> bool:
+    return os.path.isfile(os.path.join(directory, MARKER))
+
+
+def convert(checkpoint: str, out: str, *, dtype=jnp.bfloat16, progress: bool = True) -> None:
+    import orbax.checkpoint as ocp
+
+    from kimi_jax.checkpoint import load_model
+
+    if os.path.exists(out) and os.listdir(out):
+        raise KimiError(f"--out {out} exists and is not empty")
+    model, cfg = load_model(checkpoint, dtype=dtype, progress=progress)
+    os.makedirs(out, exist_ok=True)
+    state = nnx.to_pure_dict(nnx.state(model))
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(os.path.abspath(os.path.join(out, PARAMS)), state)
+    for name in SIDE_FILES:
+        src = os.path.join(checkpoint, name)
+        if os.path.isfile(src):
+            shutil.copy2(src, os.path.join(out, name))
+    with open(os.path.join(out, MARKER), "w", encoding="utf-8") as f:
+        json.dump({"format": "kimi_jax-orbax", "version": 1, "dtype": jnp.dtype(dtype).name,
+                   "source": os.path.abspath(checkpoint)}, f, indent=2)
+
+
+def load_converted(directory: str, cfg: Config, *, dtype=jnp.bfloat16, mesh=None):
+    """Restore a converted directory straight onto the devices of `mesh` (or the default device)."""
+    import orbax.checkpoint as ocp
+
+    from kimi_jax.model import KimiK2
+    from kimi_jax.sharding import DEFAULT_RULES, sharding_for
+
+    abstract = nnx.eval_shape(lambda: KimiK2(cfg, dtype=dtype, rngs=nnx.Rngs(params=0)))
+    graphdef, state = nnx.split(abstract)
+
+    def target(path, var):
+        axes = var.get_metadata().get("axes", ())
+        if path[0] in ("dense_layers", "moe_layers"):
+            axes = (None, *axes)
+
+        def leaf(x):
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding_for(axes, x.shape, mesh, DEFAULT_RULES,
+                                                                                 name="/".join(map(str, path))))
+
+        return jax.tree.map(leaf, var.get_value())
+
+    flat = nnx.to_flat_state(state)
+    targets = nnx.to_pure_dict(nnx.from_flat_state([(p, v.replace(target(p, v))) for p, v in flat]))
+    try:
+        with ocp.StandardCheckpointer() as ckpt:
+            restored = ckpt.restore(os.path.abspath(os.path.join(directory, PARAMS)), targets)
+    except Exception as e:  # orbax raises many kinds; the user needs the directory and the cause
+        raise KimiError(f"{directory}: cannot restore converted parameters ({type(e).__name__}: {e})") from None
+    nnx.replace_by_pure_dict(state, restored)
+    return nnx.merge(graphdef, state)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m kimi_jax.convert", description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", required=True, help="HF-layout checkpoint directory")
+    p.add_argument("--out", required=True, help="new directory for the converted checkpoint")
+    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    args = p.parse_args(argv)
+    try:
+        t0 = time.perf_counter()
+        convert(args.checkpoint, args.out, dtype=jnp.dtype(args.dtype))
+        print(f"converted {args.checkpoint} -> {args.out} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+        return 0
+    except KimiError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""`python -m kimi_jax.generate`: run a K2-architecture checkpoint from the command line.
+
+Modes:
+  chat (default)  the prompt goes through the checkpoint's chat template; thinking, tool calls and
+                  the answer are shown apart; with --tools builtin the model's tool calls run.
+                  Without --prompt on a terminal it is an interactive chat.
+  --raw           the prompt text is tokenized as is and the continuation printed.
+  --prompt-ids    token ids in, token ids out (no tokenizer needed).
+
+User errors print one `error: ...` line and exit 2; Ctrl-C stops generation and exits 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+
+from kimi_jax.errors import KimiError
+
+DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                  "checkpoints", "kimi-k2-nano")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m kimi_jax.generate", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", help="HF-layout or converted checkpoint directory (default: the bundled "
+                                        "nano model, checkpoints/kimi-k2-nano)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", help="prompt text (chat message, or raw text with --raw)")
+    src.add_argument("--prompt-ids", help="comma-separated prompt token ids, e.g. 1,2,3")
+    p.add_argument("--raw", action="store_true", help="no chat template: continue the prompt text as is")
+    p.add_argument("--system", help="system prompt (chat mode)")
+    p.add_argument("--tools", choices=("none", "builtin"), default="none",
+                   help="'builtin': let the model call safe demo tools (calculator, units, dates, lookups, kv store)")
+    p.add_argument("--max-steps", type=int, default=300, help="tool-call rounds per answer (default 300)")
+    p.add_argument("--hide-thinking", action="store_true", help="do not print the model's reasoning")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="per model turn (default: generation "
+                                                                     "config or 512)")
+    p.add_argument("--max-len", type=int, default=None, help="cache capacity in tokens (default 4096, capped by "
+                                                              "the model's max_position_embeddings)")
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: generation config)")
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    p.add_argument("--mesh", help="device mesh, e.g. data=1,expert=4,tensor=2 (default: all local devices)")
+    p.add_argument("--chunk", type=int, default=128, help="prefill chunk size in tokens")
+    p.add_argument("--json", action="store_true", help="print one JSON object and nothing else on stdout")
+    return p
+
+
+def _parse_ids(text: str) -> list[int]:
+    try:
+        ids = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise KimiError(f"--prompt-ids must be comma-separated integers, got '{text}'") from None
+    if not ids:
+        raise KimiError("--prompt-ids is empty")
+    return ids
+
+
+def _sampling_defaults(checkpoint: str) -> dict:
+    """Sampling defaults from the checkpoint's generation_config.json (greedy when absent)."""
+    path = os.path.join(checkpoint, "generation_config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            gen = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return {}
+    out = {}
+    if gen.get("do_sample") is False:
+        out["temperature"] = 0.0
+    elif isinstance(gen.get("temperature"), (int, float)):
+        out["temperature"] = float(gen["temperature"])
+    for key in ("top_p", "top_k", "max_new_tokens"):
+        if isinstance(gen.get(key), (int, float)):
+            out[key] = gen[key]
+    return out
+
+
+def run(args) -> int:
+    from kimi_jax.runtime import Runtime
+    from kimi_jax.sampling import SamplingParams
+
+    checkpoint = args.checkpoint or DEFAULT_CHECKPOINT
+    if not os.path.isdir(checkpoint):
+        hint = "" if args.checkpoint else " (the bundled default model is missing; pass --checkpoint DIR)"
+        raise KimiError(f"checkpoint directory '{checkpoint}' not found{hint}")
+    if args.prompt is not None and not args.prompt.strip() and not args.raw:
+        raise KimiError("empty prompt")
+    if args.prompt_ids is None and args.prompt is None and (args.raw or not sys.stdin.isatty()):
+        raise KimiError("give --prompt TEXT or --prompt-ids IDS (interactive chat needs a terminal)")
+    defaults = _sampling_defaults(checkpoint)
+    pick = lambda flag, key, fallback: flag if flag is not None else defaults.get(key, fallback)  # noqa: E731
+    sampling = SamplingParams(
+        temperature=float(pick(args.temperature, "temperature", 0.0)),
+        top_p=float(pick(args.top_p, "top_p", 1.0)),
+        top_k=int(pick(args.top_k, "top_k", 0)),
+        seed=args.seed,
+        max_new_tokens=int(pick(args.max_new_tokens, "max_new_tokens", 512)),
+    )
+    log = sys.stderr
+    t0 = time.perf_counter()
+    rt = Runtime.load(checkpoint, dtype=args.dtype, max_len=args.max_len, mesh=args.mesh, chunk=args.chunk,
+                      progress=not args.json)
+    print(f"loaded {checkpoint} in {time.perf_counter() - t0:.1f}s", file=log)
+
+    if args.prompt_ids is not None or args.raw:
+        return _run_raw(rt, args, sampling)
+    from kimi_jax.chat_cli import run_chat
+
+    return run_chat(rt, args, sampling)
+
+
+def _run_raw(rt, args, sampling) -> int:
+    if args.prompt_ids is not None:
+        ids = _parse_ids(args.prompt_ids)
+        bad = [i for i in ids if not 0 <= i < rt.cfg.vocab_size]
+        if bad:
+            raise KimiError(f"--prompt-ids: id {bad[0]} is outside the vocabulary [0, {rt.cfg.vocab_size})")
+    else:
+        if not args.prompt:
+            raise KimiError("empty prompt")
+        ids = rt.tokenizer.encode(args.prompt)
+    stop = rt.stop_ids()
+    gen = rt.engine.generate([ids], dataclasses.replace(sampling, stop_ids=stop))
+    decoder = rt.tokenizer.stream_decoder() if rt.tokenizer is not None else None
+    interrupted = False
+    try:
+        for _ in gen:
+            if decoder is not None and not args.json:
+                sys.stdout.write(decoder.add(gen.tokens[0][-1]))
+                sys.stdout.flush()
+    except KeyboardInterrupt:
+        gen.stop("cancelled")
+        interrupted = True
+    out = gen.tokens[0]
+    text = rt.tokenizer.decode(out) if rt.tokenizer is not None else None
+    if args.json:
+        print(json.dumps({"token_ids": out, "text": text, "finish_reason": gen.finish_reasons[0],
+                          "usage": {"prompt_tokens": len(ids), "completion_tokens": len(out)}}, ensure_ascii=False))
+    else:
+        if decoder is not None:
+            sys.stdout.write(decoder.flush() + "\n")
+        else:
+            print(",".join(map(str, out)))
+        _print_speed(gen)
+    return 130 if interrupted else 0
+
+
+def _print_speed(gen) -> None:
+    n = len(gen.tokens[0])
+    rate = n / gen.decode_seconds if gen.decode_seconds > 0 else float("nan")
+    print(f"[{gen.prompt_tokens} prompt tokens in {gen.prefill_seconds:.2f}s, {n} new tokens at {rate:.1f} tok/s]",
+          file=sys.stderr)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except KimiError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
