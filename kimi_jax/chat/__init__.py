@@ -1,0 +1,35 @@
+"""Chat layer: tokenizer, chat template, output parser. Pure Python: importing it never loads JAX."""
+
+from kimi_jax.chat.parser import (
+    ContentDelta,
+    ParsedMessage,
+    ParseWarning,
+    ReasoningDelta,
+    StreamParser,
+    ToolCall,
+    ToolCallArgumentsDelta,
+    ToolCallEnd,
+    ToolCallStart,
+    parse_output,
+)
+from kimi_jax.chat.template import ChatTemplate, render_chat
+from kimi_jax.chat.tokenizer import StreamDecoder, Tokenizer, byte_level_ranks, write_tokenizer_files
+
+__all__ = [
+    "ChatTemplate",
+    "ContentDelta",
+    "ParseWarning",
+    "ParsedMessage",
+    "ReasoningDelta",
+    "StreamDecoder",
+    "StreamParser",
+    "Tokenizer",
+    "ToolCall",
+    "ToolCallArgumentsDelta",
+    "ToolCallEnd",
+    "ToolCallStart",
+    "byte_level_ranks",
+    "parse_output",
+    "render_chat",
+    "write_tokenizer_files",
+]
