@@ -63,6 +63,10 @@ class LatentCache:
             length=jax.device_put(jnp.zeros((), jnp.int32), scalar),
         )
 
+    def truncate(self, n: int) -> "LatentCache":
+        """Forget everything from slot n on (slots past `length` are never read)."""
+        return dataclasses.replace(self, length=jax.device_put(jnp.int32(n), self.length.sharding))
+
     def nbytes_per_token(self) -> int:
         layers = self.c_kv.shape[0]
         return layers * (self.c_kv.shape[-1] + self.k_pe.shape[-1]) * self.c_kv.dtype.itemsize

@@ -40,6 +40,39 @@ def route(x: jax.Array, router: jax.Array, bias: jax.Array, cfg: Config) -> tupl
     return w * cfg.routed_scaling_factor, idx.astype(jnp.int32)
 
 
+def _row_blocks(group_sizes: jax.Array, m: int, bm: int):
+    """Lay rows sorted by group out in blocks of `bm` rows that each belong to one group.
+
+    Returns (slot of each row in the padded layout, group of each block, number of blocks). The
+    block count is static: at most m rows plus bm-1 padding rows for each group that has rows."""
+    e = group_sizes.shape[0]
+    padded = (group_sizes + bm - 1) // bm * bm
+    pad_end = jnp.cumsum(padded)
+    end = jnp.cumsum(group_sizes)
+    n_blocks = -(-(m + min(e, m) * (bm - 1)) // bm)
+    rows = jnp.arange(m)
+    g = jnp.minimum(jnp.searchsorted(end, rows, side="right"), e - 1)
+    slot = (pad_end - padded)[g] + rows - (end - group_sizes)[g]
+    block_group = jnp.minimum(jnp.searchsorted(pad_end, jnp.arange(n_blocks) * bm, side="right"), e - 1)
+    return slot, block_group, n_blocks
+
+
+def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    """Row i of x (sorted by group) times its group's matrix: x [m,k], w [g,k,n] -> [m,n].
+
+    TPU and GPU implement `ragged_dot` as a true grouped matmul. XLA:CPU lowers it to a dense
+    product of every row with every group (g times the work), so there we gather only the groups
+    in use, one per block of rows, and run a batched matmul."""
+    if jax.default_backend() != "cpu":
+        return jax.lax.ragged_dot(x, w, group_sizes)
+    m, g = x.shape[0], w.shape[0]
+    bm = max(1, min(64, 1 << max(0, (m // g).bit_length() - 1)))  # ~ rows per group, power of two
+    slot, block_group, n_blocks = _row_blocks(group_sizes, m, bm)
+    xp = jnp.zeros((n_blocks * bm, x.shape[1]), x.dtype).at[slot].set(x).reshape(n_blocks, bm, -1)
+    y = jnp.einsum("bmk,bkn->bmn", xp, w[block_group])
+    return y.reshape(n_blocks * bm, -1)[slot]
+
+
 def expert_ffn(xs: jax.Array, gate, up, down, group_sizes: jax.Array) -> jax.Array:
     """SwiGLU of each row through its expert. xs [m,d] sorted by expert, group_sizes [e] -> [m,d].
 
@@ -52,9 +85,9 @@ def expert_ffn(xs: jax.Array, gate, up, down, group_sizes: jax.Array) -> jax.Arr
 
         h = ops.grouped_int4_swiglu(xs, gate.packed, gate.scale, up.packed, up.scale, group_sizes)
         return ops.grouped_int4_matmul(h.astype(xs.dtype), down.packed, down.scale, group_sizes)
-    g = jax.lax.ragged_dot(xs, gate, group_sizes)
-    u = jax.lax.ragged_dot(xs, up, group_sizes)
-    return jax.lax.ragged_dot(jax.nn.silu(g) * u, down, group_sizes)
+    g = grouped_matmul(xs, gate, group_sizes)
+    u = grouped_matmul(xs, up, group_sizes)
+    return grouped_matmul(jax.nn.silu(g) * u, down, group_sizes)
 
 
 def dispatch(x: jax.Array, weights: jax.Array, idx: jax.Array, n_experts: int, ffn) -> jax.Array:
