@@ -39,11 +39,28 @@ class Engine:
         self.pad_id = pad_id
         self.mesh = mesh
         self.graphdef, self.state = nnx.split(model)
-        self._prefill = jax.jit(self._prefill_chunk, donate_argnums=(2,))
-        self._decode = jax.jit(self._decode_step, donate_argnums=(2,))
+        self._jitted = {
+            "prefill": jax.jit(self._prefill_chunk, donate_argnums=(2,)),
+            "decode": jax.jit(self._decode_step, donate_argnums=(2,)),
+        }
+        self._prefill = self._on_mesh(self._jitted["prefill"])
+        self._decode = self._on_mesh(self._jitted["decode"])
         # A per-engine function object: jax.jit shares compiled programs between wrappers of the
         # same function, which would blur compile_counts() across engines.
-        self._sample = jax.jit(lambda logits, key, knobs: sample(logits, key, **knobs))
+        self._jitted["sample"] = jax.jit(lambda logits, key, knobs: sample(logits, key, **knobs))
+        self._sample = self._on_mesh(self._jitted["sample"])
+
+    def _on_mesh(self, fn):
+        """Trace and run `fn` with the engine's mesh as the context mesh (the MoE reads it to lay
+        out its shard_map); without a mesh, call it as is."""
+        if self.mesh is None:
+            return fn
+
+        def call(*args):
+            with jax.set_mesh(self.mesh):
+                return fn(*args)
+
+        return call
 
     # ---- compiled steps -----------------------------------------------------------------------
     def _prefill_chunk(self, state, tokens, cache, n_valid):
@@ -70,6 +87,10 @@ class Engine:
         With an existing cache every row must append the same number of tokens; a new cache takes
         prompts of any lengths."""
         lengths = [len(p) for p in prompts]
+        data = self.mesh.shape["data"] if self.mesh is not None else 1
+        if len(prompts) % data:
+            raise KimiError(f"a batch of {len(prompts)} prompts cannot be split over the mesh's data axis of "
+                            f"size {data}")
         if min(lengths) == 0:
             raise KimiError("empty prompt: give at least one token")
         start = 0 if cache is None else int(cache.length)
@@ -99,8 +120,7 @@ class Engine:
 
     def compile_counts(self) -> dict[str, int]:
         """How many programs each jitted step has compiled (tests assert this stays at one)."""
-        return {name: f._cache_size() for name, f in
-                (("prefill", self._prefill), ("decode", self._decode), ("sample", self._sample))}
+        return {name: f._cache_size() for name, f in self._jitted.items()}
 
 
 class Generation:

@@ -15,10 +15,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from kimi_jax.config import Config
 from kimi_jax.layers import INIT_STD, MLP, param
 from kimi_jax.quant import Int4Weight
+from kimi_jax.sharding import spec_for
 
 
 def route(x: jax.Array, router: jax.Array, bias: jax.Array, cfg: Config) -> tuple[jax.Array, jax.Array]:
@@ -44,7 +46,8 @@ def _row_blocks(group_sizes: jax.Array, m: int, bm: int):
     """Lay rows sorted by group out in blocks of `bm` rows that each belong to one group.
 
     Returns (slot of each row in the padded layout, group of each block, number of blocks). The
-    block count is static: at most m rows plus bm-1 padding rows for each group that has rows."""
+    block count is static: at most m rows plus bm-1 padding rows for each group that has rows.
+    Rows past sum(group_sizes) belong to no group and all land on one spare slot after the blocks."""
     e = group_sizes.shape[0]
     padded = (group_sizes + bm - 1) // bm * bm
     pad_end = jnp.cumsum(padded)
@@ -52,7 +55,7 @@ def _row_blocks(group_sizes: jax.Array, m: int, bm: int):
     n_blocks = -(-(m + min(e, m) * (bm - 1)) // bm)
     rows = jnp.arange(m)
     g = jnp.minimum(jnp.searchsorted(end, rows, side="right"), e - 1)
-    slot = (pad_end - padded)[g] + rows - (end - group_sizes)[g]
+    slot = jnp.where(rows < end[-1], (pad_end - padded)[g] + rows - (end - group_sizes)[g], n_blocks * bm)
     block_group = jnp.minimum(jnp.searchsorted(pad_end, jnp.arange(n_blocks) * bm, side="right"), e - 1)
     return slot, block_group, n_blocks
 
@@ -68,9 +71,9 @@ def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Ar
     m, g = x.shape[0], w.shape[0]
     bm = max(1, min(64, 1 << max(0, (m // g).bit_length() - 1)))  # ~ rows per group, power of two
     slot, block_group, n_blocks = _row_blocks(group_sizes, m, bm)
-    xp = jnp.zeros((n_blocks * bm, x.shape[1]), x.dtype).at[slot].set(x).reshape(n_blocks, bm, -1)
+    xp = jnp.zeros((n_blocks * bm + 1, x.shape[1]), x.dtype).at[slot].set(x)[:-1].reshape(n_blocks, bm, -1)
     y = jnp.einsum("bmk,bkn->bmn", xp, w[block_group])
-    return y.reshape(n_blocks * bm, -1)[slot]
+    return jnp.concatenate([y.reshape(n_blocks * bm, -1), jnp.zeros_like(y[0, :1])])[slot]
 
 
 def expert_ffn(xs: jax.Array, gate, up, down, group_sizes: jax.Array) -> jax.Array:
@@ -90,15 +93,22 @@ def expert_ffn(xs: jax.Array, gate, up, down, group_sizes: jax.Array) -> jax.Arr
     return grouped_matmul(jax.nn.silu(g) * u, down, group_sizes)
 
 
-def dispatch(x: jax.Array, weights: jax.Array, idx: jax.Array, n_experts: int, ffn) -> jax.Array:
-    """Sort assignments by expert, run `ffn(xs, group_sizes)`, and combine back. x [t,d] -> [t,d]."""
+def dispatch(x: jax.Array, weights: jax.Array, idx: jax.Array, n_experts: int, ffn, expert_offset=0) -> jax.Array:
+    """Sort assignments by expert, run `ffn(xs, group_sizes)`, and combine back. x [t,d] -> [t,d].
+
+    Only experts [expert_offset, expert_offset + n_experts) are computed here (one shard's experts
+    under expert parallelism); assignments to other experts are sorted last, left out of
+    `group_sizes`, and contribute nothing."""
     t, k = idx.shape
-    flat = idx.reshape(-1)
-    order = jnp.argsort(flat, stable=True)
-    group_sizes = jnp.bincount(flat, length=n_experts).astype(jnp.int32)
-    ys = ffn(x[order // k], group_sizes)  # [t*k, d] in expert order
+    local = idx - expert_offset
+    mine = (local >= 0) & (local < n_experts)
+    key = jnp.where(mine, local, n_experts).reshape(-1)
+    order = jnp.argsort(key, stable=True)
+    group_sizes = jnp.bincount(key, length=n_experts + 1)[:n_experts].astype(jnp.int32)
+    ys = ffn(x[order // k], group_sizes)  # [t*k, d] in expert order; rows of other shards: garbage
     y = jnp.zeros_like(ys).at[order].set(ys).reshape(t, k, -1)
-    return jnp.einsum("tkd,tk->td", y.astype(jnp.float32), weights).astype(x.dtype)
+    y = jnp.where(mine[..., None], y.astype(jnp.float32), 0.0)  # where, not *0: garbage may be NaN
+    return jnp.einsum("tkd,tk->td", y, weights).astype(x.dtype)
 
 
 def random_int4(rngs: nnx.Rngs, shape_out_in, group: int, dtype, axes) -> nnx.Param:
@@ -135,8 +145,36 @@ class MoE(nnx.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         w, idx = route(x, self.router[...], self.router_bias[...], self.cfg)
-        gate, up, down = self.gate_proj.get_value(), self.up_proj.get_value(), self.down_proj.get_value()
-        y = dispatch(x, w, idx, self.cfg.n_routed_experts, lambda xs, gs: expert_ffn(xs, gate, up, down, gs))
+        mesh = jax.sharding.get_abstract_mesh()
+        y = self._experts(x, w, idx) if mesh.empty else self._experts_sharded(x, w, idx, mesh)
         if self.shared is not None:
             y = y + self.shared(x)
         return y.reshape(shape)
+
+    def _experts(self, x, w, idx, expert_offset=0, n_experts=None, weights=None):
+        gate, up, down = weights or (self.gate_proj.get_value(), self.up_proj.get_value(), self.down_proj.get_value())
+        n = n_experts or self.cfg.n_routed_experts
+        return dispatch(x, w, idx, n, lambda xs, gs: expert_ffn(xs, gate, up, down, gs), expert_offset)
+
+    def _experts_sharded(self, x, w, idx, mesh):
+        """Expert parallelism made explicit: every device holds its experts' weights (and its slice
+        of their hidden units when `tensor` > 1) and the tokens of its data shard; it computes its
+        experts' share of each token and one psum over (expert, tensor) adds the shares up.
+        Chosen over an all-to-all token exchange for simplicity; see README for the trade-off."""
+        projections = (self.gate_proj, self.up_proj, self.down_proj)
+
+        def spec(var):
+            value = var.get_value()
+            leaf = value.packed if isinstance(value, Int4Weight) else value
+            s = spec_for(var.get_metadata()["axes"], leaf.shape, mesh, name="experts")
+            return Int4Weight(s, s, value.in_features) if isinstance(value, Int4Weight) else s
+
+        def body(x, w, idx, gate, up, down):
+            n_local = (gate.packed if isinstance(gate, Int4Weight) else gate).shape[0]
+            offset = jax.lax.axis_index("expert") * n_local
+            y = self._experts(x, w, idx, offset, n_local, (gate, up, down))
+            return jax.lax.psum(y, ("expert", "tensor"))
+
+        rows = P("data") if x.shape[0] % mesh.shape["data"] == 0 else P()
+        return jax.shard_map(body, mesh=mesh, in_specs=(rows, rows, rows, *map(spec, projections)), out_specs=rows,
+                             check_vma=False)(x, w, idx, *(v.get_value() for v in projections))

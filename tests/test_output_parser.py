@@ -199,3 +199,35 @@ def test_no_marker_reaches_reasoning_or_content(pieces):
     leaked = [t.name for t in K2_SPECIAL_TOKENS] + MARKERS
     for text in (parsed.reasoning_content or "", parsed.content):
         assert not [m for m in leaked if m in text]
+
+
+# ---- format_output: the model-output grammar used for training targets ---------------------------
+
+_LOOP = [
+    {"role": "user", "content": "What is 6*7?"},
+    {"role": "assistant", "content": "", "reasoning_content": "Use the calculator.",
+     "tool_calls": [{"id": "functions.calculator:0", "type": "function",
+                     "function": {"name": "calculator", "arguments": "{\"expression\":\"6*7\"}"}}]},
+    {"role": "tool", "tool_call_id": "functions.calculator:0", "name": "calculator", "content": "{\"result\":42}"},
+]
+
+
+def test_format_output_equals_the_templates_rendering_inside_a_tool_loop():
+    from kimi_jax.chat import ChatTemplate, format_output
+
+    template = ChatTemplate.default()
+    before = template.render(_LOOP[:1], add_generation_prompt=True)
+    after = template.render(_LOOP, add_generation_prompt=False)
+    step = after[len(before):after.index("<|im_system|>calculator")]
+    assert after.startswith(before)
+    assert step == format_output(_LOOP[1])
+
+
+def test_format_output_round_trips_through_parse_output():
+    from kimi_jax.chat import format_output
+
+    message = {"reasoning_content": "Think.", "content": "Answer: 42",
+               "tool_calls": [{"id": "functions.f.g:3", "function": {"name": "f.g", "arguments": {"a": 1}}}]}
+    parsed = parse_output(format_output(message))
+    assert (parsed.reasoning_content, parsed.content) == ("Think.", "Answer: 42")
+    assert [(c.id, c.name, c.arguments) for c in parsed.tool_calls] == [("functions.f.g:3", "f.g", '{"a": 1}')]

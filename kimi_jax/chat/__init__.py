@@ -10,6 +10,7 @@ from kimi_jax.chat.parser import (
     ToolCallArgumentsDelta,
     ToolCallEnd,
     ToolCallStart,
+    format_output,
     parse_output,
 )
 from kimi_jax.chat.template import ChatTemplate, render_chat
@@ -29,6 +30,7 @@ __all__ = [
     "ToolCallEnd",
     "ToolCallStart",
     "byte_level_ranks",
+    "format_output",
     "parse_output",
     "render_chat",
     "write_tokenizer_files",

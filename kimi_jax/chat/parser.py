@@ -31,6 +31,7 @@ Rules (one state machine serves `parse_output` and `StreamParser`, so both agree
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 
@@ -356,3 +357,21 @@ def parse_output(text: str, *, thinking: bool = True) -> ParsedMessage:
     """Parse a whole generated output (see the module docstring for the rules)."""
     parser = StreamParser(thinking=thinking)
     return ParsedMessage.from_events(parser.feed(text) + parser.finish())
+
+
+def format_output(message: dict) -> str:
+    """The text a model emits for an OpenAI-style assistant message — the inverse of
+    `parse_output`, ending with `<|im_end|>`. It is the grammar of spec §7.1 and equals the
+    template's rendering of an assistant turn inside a running tool loop (a test holds the two
+    together); training targets and tests build model outputs with it."""
+    parts = [THINK_START, message.get("reasoning_content") or "", THINK_END, message.get("content") or ""]
+    calls = message.get("tool_calls") or []
+    if calls:
+        parts.append("<|tool_calls_section_begin|>")
+        for call in calls:
+            args = call["function"]["arguments"]
+            parts += ["<|tool_call_begin|>", call["id"], "<|tool_call_argument_begin|>",
+                      args if isinstance(args, str) else json.dumps(args, ensure_ascii=False), "<|tool_call_end|>"]
+        parts.append("<|tool_calls_section_end|>")
+    parts.append("<|im_end|>")
+    return "".join(parts)
