@@ -1,0 +1,189 @@
+"""The agent loop: think -> call tools -> read results -> continue, until an answer.
+
+A `Conversation` holds the OpenAI-style message list and one latent cache. Each model step renders
+the whole conversation through the chat template, but only the tokens after the longest prefix the
+cache already holds are prefilled — appending a tool result costs the tool result, not the history.
+(When a finished turn's reasoning is dropped from history, spec §6.4, the prefix shrinks to where
+the rendering changed and the rest is recomputed: correctness first, reuse where it is exact.)
+
+Tool calls run through a `ToolRegistry`; an unknown tool, bad JSON arguments, a raising or hanging
+tool all come back to the model as an error result, never as an exception here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from typing import Callable
+
+import numpy as np
+
+from kimi_jax.chat import StreamParser, parse_output
+from kimi_jax.chat.prompt import encode_chat
+from kimi_jax.errors import KimiError
+from kimi_jax.sampling import SamplingParams
+
+
+@dataclasses.dataclass
+class ToolResultEvent:
+    """Emitted after a tool ran (or failed); the CLI prints it, the model reads it next step."""
+
+    call_id: str
+    name: str
+    content: str
+    is_error: bool
+
+
+@dataclasses.dataclass
+class StepStartEvent:
+    step: int
+
+
+@dataclasses.dataclass
+class TurnResult:
+    reasoning_content: str | None
+    content: str
+    tool_calls: list[dict]  # of the final assistant message (non-empty only when stopped early)
+    steps: list[dict]  # every assistant message of the turn, each with the tool results it caused
+    token_ids: list[int]  # every generated token of the turn
+    stop_reason: str  # 'answer' | 'max_steps' | 'length' | 'context' | 'cancelled'
+    usage: dict
+    warnings: list[str]
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _lcp(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    if n == 0:
+        return 0
+    diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(diff[0]) if diff.size else n
+
+
+class Conversation:
+    def __init__(self, runtime, *, tools=None, system: str | None = None, sampling: SamplingParams | None = None,
+                 max_steps: int = 300, tool_timeout: float = 10.0):
+        runtime.require_chat()
+        if max_steps < 1:
+            raise KimiError(f"max_steps must be >= 1, got {max_steps}")
+        self.rt = runtime
+        self.tools = tools
+        self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
+        base = sampling or SamplingParams()
+        self.sampling = dataclasses.replace(base, stop_ids=tuple(sorted(set(base.stop_ids) | set(runtime.stop_ids()))))
+        self.max_steps = max_steps
+        self.tool_timeout = tool_timeout
+        self.cache = None
+        self.cached_ids: list[int] = []
+
+    # ---- one model step -----------------------------------------------------------------------
+    def _prompt_ids(self) -> list[int]:
+        specs = self.tools.specs() if self.tools is not None else None
+        return encode_chat(self.rt.tokenizer, self.rt.template, self.messages, specs)
+
+    def _generate(self, prompt: list[int], on_event, usage):
+        """Generate one assistant message; returns (text, token ids, finish reason)."""
+        engine = self.rt.engine
+        if len(prompt) >= engine.max_len:
+            return "", [], "context"
+        keep = min(_lcp(self.cached_ids, prompt), len(prompt) - 1)  # at least one token to prefill
+        if self.cache is None or keep == 0:
+            self.cache, keep = None, 0
+        else:
+            self.cache = self.cache.truncate(keep)
+        usage["prompt_tokens"] += len(prompt) - keep
+        usage["cached_tokens"] += keep
+        room = engine.max_len - len(prompt)
+        sampling = dataclasses.replace(self.sampling, max_new_tokens=min(self.sampling.max_new_tokens, room))
+        gen = engine.generate([prompt[keep:]], sampling, cache=self.cache)
+        decoder = self.rt.tokenizer.stream_decoder()
+        parser = StreamParser()
+        pieces = []
+        try:
+            for _ in gen:
+                piece = decoder.add(gen.tokens[0][-1])
+                pieces.append(piece)
+                for event in parser.feed(piece):
+                    on_event(event)
+        except KeyboardInterrupt:
+            gen.stop("cancelled")
+        tail = decoder.flush()
+        pieces.append(tail)
+        for event in parser.feed(tail) + parser.finish():
+            on_event(event)
+        out = gen.tokens[0]
+        self.cache = gen.cache
+        self.cached_ids = (prompt + out)[:gen.cached_len]
+        usage["completion_tokens"] += len(out)
+        reason = gen.finish_reasons[0]
+        if reason == "length" and len(out) >= room:
+            reason = "context"
+        return "".join(pieces), out, reason
+
+    # ---- a user turn --------------------------------------------------------------------------
+    def send(self, user_text: str, on_event: Callable = lambda event: None) -> TurnResult:
+        """Add a user message and run model steps and tool calls until an answer (or a limit)."""
+        if not user_text.strip():
+            raise KimiError("empty prompt")
+        self.messages.append({"role": "user", "content": user_text})
+        usage = {"prompt_tokens": 0, "completion_tokens": 0, "cached_tokens": 0}
+        steps, token_ids, warnings = [], [], []
+        t0 = time.perf_counter()
+        reason = "max_steps"
+        parsed = None
+        for step in range(self.max_steps):
+            on_event(StepStartEvent(step))
+            text, ids, finish = self._generate(self._prompt_ids(), on_event, usage)
+            token_ids += ids
+            parsed = parse_output(text)
+            warnings += parsed.warnings
+            message = self._assistant_message(parsed)
+            self.messages.append(message)
+            steps.append({"reasoning_content": parsed.reasoning_content, "content": parsed.content,
+                          "tool_calls": message.get("tool_calls", []), "tool_results": []})
+            if finish in ("context", "cancelled"):
+                reason = finish
+                break
+            if finish == "length" and not parsed.tool_calls:
+                reason = "length"
+                break
+            if not parsed.tool_calls:
+                reason = "answer"
+                break
+            if self.tools is None:
+                warnings.append("the model called a tool but no tools are enabled")
+            for call in parsed.tool_calls:
+                result = self._run_tool(call)
+                on_event(result)
+                steps[-1]["tool_results"].append(dataclasses.asdict(result))
+                self.messages.append({"role": "tool", "tool_call_id": call.id, "name": call.name,
+                                      "content": result.content})
+        usage["seconds"] = round(time.perf_counter() - t0, 3)
+        final = steps[-1] if steps else {"reasoning_content": None, "content": "", "tool_calls": []}
+        return TurnResult(final["reasoning_content"], final["content"],
+                          final["tool_calls"] if reason != "answer" else [], steps, token_ids, reason, usage,
+                          warnings)
+
+    @staticmethod
+    def _assistant_message(parsed) -> dict:
+        message = {"role": "assistant", "content": parsed.content}
+        if parsed.reasoning_content:  # never pass None back: the template would print it (spec §7.4.8)
+            message["reasoning_content"] = parsed.reasoning_content
+        if parsed.tool_calls:
+            message["tool_calls"] = [{"id": c.id, "type": "function",
+                                      "function": {"name": c.name, "arguments": c.arguments}}
+                                     for c in parsed.tool_calls]
+        return message
+
+    def _run_tool(self, call) -> ToolResultEvent:
+        if self.tools is None:
+            return ToolResultEvent(call.id, call.name, "error: no tools are available in this conversation", True)
+        result = self.tools.call(call.name, call.arguments, timeout=self.tool_timeout)
+        return ToolResultEvent(call.id, call.name, result.content, result.is_error)
+
+
+def result_json(result: TurnResult) -> str:
+    return json.dumps(result.to_json(), ensure_ascii=False)
