@@ -67,7 +67,19 @@ def encode_sample(item, tokenizer, template):
     return np.asarray(ids, np.int32), mask
 
 
-def load_samples(path, tokenizer, template, seq_len):
+def load_samples(path, tokenizer, template, seq_len, vocab_file, cache_dir=None):
+    """Tokenized, padded samples; cached in `cache_dir` keyed by the data, vocabulary and length."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for file in (path, vocab_file):
+        with open(file, "rb") as f:
+            digest.update(f.read())
+    digest.update(str(seq_len).encode())
+    cache = os.path.join(cache_dir, f"{os.path.basename(path)}.{digest.hexdigest()[:16]}.npz") if cache_dir else None
+    if cache and os.path.isfile(cache):
+        z = np.load(cache)
+        return z["tokens"].astype(np.int32), z["mask"].astype(np.float32), int(z["dropped"]), int(z["longest"])
     ids, masks, dropped = [], [], 0
     with open(path, encoding="utf-8") as f:
         for line in f:
@@ -83,7 +95,13 @@ def load_samples(path, tokenizer, template, seq_len):
     for i, (x, m) in enumerate(zip(ids, masks)):
         tokens[i, :len(x)] = x
         loss_mask[i, :len(m)] = m
-    return tokens, loss_mask, dropped, max(len(x) for x in ids)
+    longest = max(len(x) for x in ids)
+    if cache:
+        os.makedirs(cache_dir, exist_ok=True)
+        np.savez_compressed(cache, tokens=tokens.astype(np.uint16), mask=loss_mask.astype(np.uint8), dropped=dropped,
+                            longest=longest)
+    return tokens, loss_mask, dropped, longest
+
 
 
 # ---- training ---------------------------------------------------------------------------------
@@ -132,9 +150,11 @@ def train(args):
     template = ChatTemplate.default()
     cfg = nano_config(tokenizer)
     t0 = time.perf_counter()
+    vocab = os.path.join(args.tokenizer, "tiktoken.model")
     tokens, mask, dropped, longest = load_samples(os.path.join(args.data, "train.jsonl"), tokenizer, template,
-                                                  args.seq_len)
-    ev_tokens, ev_mask, _, _ = load_samples(os.path.join(args.data, "eval.jsonl"), tokenizer, template, args.seq_len)
+                                                  args.seq_len, vocab, args.cache)
+    ev_tokens, ev_mask, _, _ = load_samples(os.path.join(args.data, "eval.jsonl"), tokenizer, template, args.seq_len,
+                                            vocab, args.cache)
     log(f"{len(tokens)} training samples (longest {longest} tokens, {dropped} over {args.seq_len} dropped), "
         f"{len(ev_tokens)} eval samples, tokenized in {time.perf_counter() - t0:.0f}s")
 
@@ -206,10 +226,11 @@ def main(argv=None) -> int:
     ap.add_argument("--tokenizer", default="out/nano_tokenizer")
     ap.add_argument("--out", default="checkpoints/kimi-k2-nano")
     ap.add_argument("--float-out", default="out/nano_float", help="pre-QAT float weights (for the PTQ row)")
+    ap.add_argument("--cache", default="out/nano_cache", help="tokenized-data cache directory")
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--qat-steps", type=int, default=300)
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--seq-len", type=int, default=384)
+    ap.add_argument("--seq-len", type=int, default=416)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--group-size", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)

@@ -1,0 +1,201 @@
+"""`python -m kimi_jax.plan`: will a K2 config fit a machine? A memory plan from an AOT compile.
+
+Nothing is allocated: the model is built from abstract arrays (`jax.ShapeDtypeStruct`, INT4 experts
+packed), placed on a mesh of fake host devices, and the prefill and decode programs are lowered and
+compiled for it. Per device we report the weight bytes and cache bytes (exact, from the shardings)
+and the temporary bytes XLA's memory analysis gives for each compiled program, then the largest
+context that fits a given HBM size for several batch sizes.
+
+    python -m kimi_jax.plan --config k2-thinking --devices 8 --hbm-gb 141 --max-len 262144
+
+The compile runs on the host CPU backend, so temporaries are those of the XLA lowering with the
+Pallas kernels replaced by their XLA references; the weight and cache figures are exact.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+HARDWARE = {  # name: (devices per host, HBM per device in GB) — perf-targets.md
+    "8x H200": (8, 141.0), "8x H100": (8, 80.0), "8x B200": (8, 180.0),
+    "TPU v7x (4 chips)": (4, 192 * 1.073741824), "TPU v5p (4 chips)": (4, 95 * 1.073741824),
+    "TPU v6e (8 chips)": (8, 32 * 1.073741824),
+}
+
+
+def _set_device_count(n: int) -> None:
+    """Fake host devices must be requested before JAX initializes its CPU backend."""
+    if "jax" in sys.modules:
+        import jax
+
+        if jax.device_count() < n:
+            from kimi_jax.errors import KimiError
+
+            raise KimiError(f"JAX is already running with {jax.device_count()} devices; --devices {n} needs a "
+                            "fresh process")
+        return
+    flags = os.environ.get("XLA_FLAGS", "")
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def _shard_bytes(x) -> int:
+    shard = x.sharding.shard_shape(x.shape)
+    return math.prod(shard) * x.dtype.itemsize
+
+
+def target_devices(target: str, devices: int):
+    """The devices to compile for: fake host CPUs, or a TPU topology described by libtpu (no TPU
+    needed: the TPU compiler runs on the host, so temporaries are the TPU program's own)."""
+    import jax
+
+    if target == "cpu":
+        return jax.devices("cpu")[:devices]
+    from jax.experimental import topologies
+
+    from kimi_jax.errors import KimiError
+
+    try:
+        return topologies.get_topology_desc(topology_name=target, platform="tpu").devices
+    except Exception as e:  # missing libtpu or an unknown topology name
+        raise KimiError(f"--target {target}: cannot describe this TPU topology ({str(e).splitlines()[0]}); "
+                        "install libtpu matching your jax, e.g. pip install 'jax[tpu]'") from None
+
+
+def plan(cfg, *, devices, mesh_text: str | None, max_len: int, batch: int, chunk: int, dtype="bfloat16"):
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from kimi_jax.cache import CACHE_AXES, LatentCache
+    from kimi_jax.engine import Engine
+    from kimi_jax.model import KimiK2
+    from kimi_jax.sharding import MeshSpec, default_mesh_spec, make_mesh, sharding_for
+
+    spec = MeshSpec.parse(mesh_text) if mesh_text else default_mesh_spec(cfg, len(devices))
+    mesh = make_mesh(spec, devices)
+    jdtype = jnp.dtype(dtype)
+    abstract = nnx.eval_shape(lambda: KimiK2(cfg, dtype=jdtype, rngs=nnx.Rngs(params=0)))
+    graphdef, state = nnx.split(abstract)
+
+    def placed(path, var):
+        axes = var.get_metadata().get("axes", ())
+        if path[0] in ("dense_layers", "moe_layers"):
+            axes = (None, *axes)
+        leaf = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding_for(  # noqa: E731
+            axes, x.shape, mesh, name="/".join(map(str, path))))
+        return var.replace(jax.tree.map(leaf, var.get_value()))
+
+    state = nnx.from_flat_state([(p, placed(p, v)) for p, v in nnx.to_flat_state(state)])
+    engine = Engine(nnx.merge(graphdef, state), max_len=max_len, chunk=chunk, mesh=mesh)
+    slots = engine.slots
+    rows = sharding_for(CACHE_AXES, (cfg.num_hidden_layers, batch, slots, 1), mesh, name="cache")
+    scalar = NamedSharding(mesh, P())
+    sds = jax.ShapeDtypeStruct
+    cache = LatentCache(
+        c_kv=sds((cfg.num_hidden_layers, batch, slots, cfg.kv_lora_rank), jdtype, sharding=rows),
+        k_pe=sds((cfg.num_hidden_layers, batch, slots, cfg.qk_rope_head_dim), jdtype, sharding=rows),
+        starts=sds((batch,), jnp.int32, sharding=scalar), length=sds((), jnp.int32, sharding=scalar))
+    tokens_chunk = sds((batch, chunk), jnp.int32, sharding=scalar)
+    tokens_one = sds((batch,), jnp.int32, sharding=scalar)
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    knobs = {"temperature": sds((batch,), jnp.float32), "top_k": sds((batch,), jnp.int32),
+             "top_p": sds((batch,), jnp.float32)}
+    out = {"config": cfg.model_type, "mesh": str(spec), "devices": len(devices), "device_kind": devices[0].device_kind, "batch": batch, "max_len": max_len,
+           "slots": slots, "dtype": jdtype.name}
+    timings = {}
+    with jax.set_mesh(mesh):
+        for name, args in (("prefill", (state, tokens_chunk, cache, sds((), jnp.int32))),
+                           ("decode", (state, tokens_one, cache, key, knobs))):
+            t0 = time.perf_counter()
+            compiled = engine._jitted[name].lower(*args).compile()
+            timings[name] = round(time.perf_counter() - t0, 1)
+            mem = compiled.memory_analysis()
+            out[f"{name}_temp_bytes"] = int(mem.temp_size_in_bytes) if mem is not None else None
+    weights = sum(_shard_bytes(x) for x in jax.tree.leaves(state))
+    experts = sum(_shard_bytes(x) for p, v in nnx.to_flat_state(state)
+                  if p[0] == "moe_layers" and p[-1] in ("gate_proj", "up_proj", "down_proj")
+                  for x in jax.tree.leaves(v.get_value()))
+    cache_bytes = _shard_bytes(cache.c_kv) + _shard_bytes(cache.k_pe)
+    out.update(weight_bytes=weights, expert_weight_bytes=experts, cache_bytes=cache_bytes,
+               # per device, per token of one sequence's context (the batch is split over `data`)
+               cache_bytes_per_token_per_row=cache_bytes / (batch * slots), compile_seconds=timings)
+    return out
+
+
+def fits(p, hbm_bytes: float, batches=(1, 2, 4, 8, 16, 32, 64)):
+    """Largest context per batch size that fits `hbm_bytes` per device (None: the weights alone don't)."""
+    temp = max(p["prefill_temp_bytes"] or 0, p["decode_temp_bytes"] or 0)
+    free = hbm_bytes - p["weight_bytes"] - temp
+    result = {}
+    for b in batches:
+        tokens = free / (p["cache_bytes_per_token_per_row"] * b) if free > 0 else 0
+        result[b] = int(tokens) if tokens >= 1 else 0
+    return result
+
+
+def _gb(x) -> str:
+    return f"{x / 1e9:,.2f} GB"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m kimi_jax.plan", description=__doc__.split("\n")[0])
+    ap.add_argument("--config", default="k2-thinking", help="preset name (k2-thinking, tiny) or a config.json path")
+    ap.add_argument("--devices", type=int, default=8, help="devices of the target host (--target cpu)")
+    ap.add_argument("--target", default="cpu", help="'cpu' (fake host devices; XLA:CPU upcasts bf16 weights to "
+                                                  "f32, inflating temporaries) or a TPU topology such as "
+                                                  "v5p:2x2x1 or v6e:2x4 (needs libtpu)")
+    ap.add_argument("--mesh", help="data=..,expert=..,tensor=.. (default: all devices, experts first)")
+    ap.add_argument("--hbm-gb", type=float, default=None, help="HBM per device in GB to fit against")
+    ap.add_argument("--max-len", type=int, default=262144, help="cache capacity in tokens")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--chunk", type=int, default=256, help="prefill chunk size")
+    ap.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    from kimi_jax.errors import KimiError
+
+    try:
+        if args.devices < 1 or args.batch < 1 or args.max_len < 1:
+            raise KimiError("--devices, --batch and --max-len must be >= 1")
+        if args.target == "cpu":
+            _set_device_count(args.devices)
+        else:
+            os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile for the TPU, run nothing on it
+        from kimi_jax.config import Config, get_preset
+
+        cfg = Config.from_hf(args.config) if os.path.exists(args.config) else get_preset(args.config)
+        devices = target_devices(args.target, args.devices)
+        p = plan(cfg, devices=devices, mesh_text=args.mesh, max_len=args.max_len, batch=args.batch,
+                 chunk=args.chunk, dtype=args.dtype)
+    except KimiError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    targets = {f"{args.hbm_gb:g} GB": args.hbm_gb} if args.hbm_gb else \
+        {name: hbm for name, (n, hbm) in HARDWARE.items() if n == p["devices"]}
+    p["fits"] = {name: fits(p, hbm * 1e9) for name, hbm in targets.items()}
+    if args.json:
+        print(json.dumps(p))
+        return 0
+    print(f"{args.config} on {p['devices']} x {p['device_kind']}, mesh {p['mesh']}, batch {p['batch']}, cache {p['max_len']:,} "
+          f"tokens ({p['dtype']})")
+    print("| per device | bytes |\n|---|---|")
+    print(f"| weights (routed experts) | {_gb(p['weight_bytes'])} ({_gb(p['expert_weight_bytes'])}) |")
+    print(f"| latent cache, batch {p['batch']} x {p['max_len']:,} | {_gb(p['cache_bytes'])} |")
+    print(f"| prefill temporaries (chunk {args.chunk}) | {_gb(p['prefill_temp_bytes'] or 0)} |")
+    print(f"| decode temporaries | {_gb(p['decode_temp_bytes'] or 0)} |")
+    print(f"compile: prefill {p['compile_seconds']['prefill']}s, decode {p['compile_seconds']['decode']}s")
+    for name, table in p["fits"].items():
+        cells = ", ".join(f"batch {b}: {t:,}" for b, t in table.items())
+        print(f"largest context per sequence on {name} per device: {cells}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

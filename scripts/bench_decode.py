@@ -1,0 +1,115 @@
+"""Decode-step benchmark of the whole engine against the memory roofline, on one device.
+
+A random model with K2's real layer shapes (hidden 7168, MLA 1536/512/64, 384 INT4 experts top-8 plus
+a shared expert, 163840 vocabulary) but fewer layers, so it fits one GPU. One decode step must read
+every non-expert weight, the routed experts the batch selects, and the latent cache; that many
+bytes over the device-to-device copy bandwidth measured in the same run is the floor. Prints a
+markdown table; --json writes the numbers.
+
+    python scripts/bench_decode.py --layers 4 --context 4096      # on a GPU
+    python scripts/bench_decode.py --tiny                          # CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import time
+
+import numpy as np
+
+
+def copy_bandwidth(nbytes=1 << 30, reps=10) -> float:
+    """Bytes read + written per second of a large device-to-device copy."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones((nbytes // 4,), jnp.float32)
+    f = jax.jit(lambda x: x + 1.0)
+    f(x).block_until_ready()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        y = f(x)
+    y.block_until_ready()
+    return 2 * nbytes * reps / (time.perf_counter() - t0)
+
+
+def step_bytes(model, batch: int, context: int) -> tuple[int, int]:
+    """(bytes a decode step must read, of which routed experts) for `batch` rows at `context`."""
+    import jax
+    from flax import nnx
+
+    cfg = model.cfg
+    total = experts = 0
+    for path, var in nnx.to_flat_state(nnx.state(model)):
+        size = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(var.get_value()))
+        if path == ("embed",):
+            size = size // cfg.vocab_size * batch  # only the rows of this step's tokens
+        elif path[0] == "moe_layers" and path[-1] in ("gate_proj", "up_proj", "down_proj"):
+            # distinct experts touched per layer under uniform routing (perf-targets.md)
+            touched = cfg.n_routed_experts * (1 - (1 - cfg.num_experts_per_tok / cfg.n_routed_experts) ** batch)
+            size = int(size * touched / cfg.n_routed_experts)
+            experts += size
+        total += size
+    cache = cfg.num_hidden_layers * cfg.cache_dim * 2 * context * batch
+    return total + cache, experts
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--layers", type=int, default=4, help="layers (the first dense, the rest MoE)")
+    ap.add_argument("--context", type=int, default=4096, help="tokens already in the cache")
+    ap.add_argument("--batches", default="1,8,32")
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--tiny", action="store_true", help="small shapes (CPU smoke test)")
+    ap.add_argument("--json", help="write results here")
+    args = ap.parse_args(argv)
+
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from kimi_jax.config import K2_THINKING, TINY, Int4Quant
+    from kimi_jax.engine import Engine
+    from kimi_jax.model import KimiK2
+    from kimi_jax.sampling import SamplingParams
+
+    if args.tiny:
+        cfg = TINY.replace(quantization=Int4Quant(group_size=16))
+    else:
+        cfg = K2_THINKING.replace(num_hidden_layers=args.layers)
+    t0 = time.perf_counter()
+    model = KimiK2(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(params=0))
+    jax.block_until_ready(nnx.state(model))
+    print(f"built {cfg.num_hidden_layers}-layer K2-shaped model in {time.perf_counter() - t0:.0f}s on {jax.devices()[0]}",
+          file=sys.stderr)
+    bw = copy_bandwidth(1 << 26 if args.tiny else 1 << 30)
+    rows = []
+    for batch in (int(b) for b in args.batches.split(",")):
+        engine = Engine(model, max_len=args.context + args.steps + 16, chunk=min(512, args.context))
+        prompts = np.random.default_rng(0).integers(0, 1000, (batch, args.context)).tolist()
+        sp = SamplingParams(max_new_tokens=args.steps)
+        engine.generate(prompts, SamplingParams(max_new_tokens=3)).run()  # compile
+        g = engine.generate(prompts, sp).run()
+        step_s = g.decode_seconds / max(1, len(g.tokens[0]) - 1)
+        need, exp = step_bytes(model, batch, args.context)
+        rows.append(dict(batch=batch, context=args.context, step_ms=step_s * 1e3, tok_s=batch / step_s,
+                         bytes_per_step=need, expert_bytes=exp, roofline_ms=need / bw * 1e3,
+                         achieved_gb_s=need / step_s / 1e9, peak_gb_s=bw / 1e9, prefill_s=g.prefill_seconds))
+    dev = jax.devices()[0].device_kind
+    print(f"| date | device | layers | batch | context | step ms | tok/s | bytes/step | roofline ms | GB/s (of {bw / 1e9:,.0f}) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {datetime.date.today()} | {dev} | {cfg.num_hidden_layers} | {r['batch']} | {r['context']} | "
+              f"{r['step_ms']:.2f} | {r['tok_s']:,.0f} | {r['bytes_per_step'] / 1e9:.2f} GB | {r['roofline_ms']:.2f} | "
+              f"{r['achieved_gb_s']:,.0f} ({r['achieved_gb_s'] / r['peak_gb_s']:.0%}) |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": dev, "layers": cfg.num_hidden_layers, "rows": rows}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
