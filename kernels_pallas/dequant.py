@@ -79,7 +79,10 @@ def spread_matrix(k8: int, group: int, dtype) -> jax.Array:
 
 def dequant_planes_tpu(p, s, spread, dtype):
     """p int32 [bn, k8], s [bn, G], spread [G, k8] -> 8 planes [bn, k8]; plane j holds columns 8kk+j."""
-    s_lanes = lax.dot(s, spread, precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+    # Mosaic accepts fp32 contract precision only on f32 operands; with a 0/1 spread matrix the
+    # f32 product reproduces every scale exactly.
+    s_lanes = lax.dot(s.astype(jnp.float32), spread.astype(jnp.float32), precision=lax.Precision.HIGHEST,
+                      preferred_element_type=jnp.float32)
     planes = []
     for j in range(NIBBLES_PER_WORD):
         q = ((p >> (4 * j)) & 0xF) - 8

@@ -58,7 +58,7 @@ def selected_impl(impl: str | None = None) -> str:
     """The concrete implementation an op would use now: argument > `use_impl` > platform."""
     name = impl or getattr(_state, "impl", None) or "auto"
     _check(name)
-    platform = jax.default_backend()
+    platform = target_platform()
     kind = "tpu" if platform == "tpu" else "gpu" if platform in ("gpu", "cuda", "rocm") else None
     if name == "auto":
         return f"pallas_{kind}" if kind else "xla"
@@ -69,6 +69,14 @@ def selected_impl(impl: str | None = None) -> str:
     if name == "interpret":
         return "interpret_gpu"
     return name
+
+
+def target_platform() -> str:
+    """The platform being compiled for: the context mesh's devices when a mesh is set (an AOT
+    compile for a TPU topology runs on a CPU host), else the default backend."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+    return device.platform if device is not None else jax.default_backend()
 
 
 def _kernel_args(impl: str):

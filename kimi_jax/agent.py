@@ -65,12 +65,13 @@ def _lcp(a: list[int], b: list[int]) -> int:
 
 class Conversation:
     def __init__(self, runtime, *, tools=None, system: str | None = None, sampling: SamplingParams | None = None,
-                 max_steps: int = 300, tool_timeout: float = 10.0):
+                 max_steps: int = 300, tool_timeout: float = 10.0, tool_names: list[str] | None = None):
         runtime.require_chat()
         if max_steps < 1:
             raise KimiError(f"max_steps must be >= 1, got {max_steps}")
         self.rt = runtime
         self.tools = tools
+        self.tool_names = tool_names  # declare only these tools to the model (default: all registered)
         self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
         base = sampling or SamplingParams()
         self.sampling = dataclasses.replace(base, stop_ids=tuple(sorted(set(base.stop_ids) | set(runtime.stop_ids()))))
@@ -81,7 +82,7 @@ class Conversation:
 
     # ---- one model step -----------------------------------------------------------------------
     def _prompt_ids(self) -> list[int]:
-        specs = self.tools.specs() if self.tools is not None else None
+        specs = self.tools.specs(self.tool_names) if self.tools is not None else None
         return encode_chat(self.rt.tokenizer, self.rt.template, self.messages, specs)
 
     def _generate(self, prompt: list[int], on_event, usage):

@@ -232,29 +232,25 @@ class CheckpointReader:
 
 def validate(reader: CheckpointReader, cfg: Config) -> None:
     """Check every tensor the model needs before anything is allocated."""
+    packed = [n for n in reader.weight_map if n.endswith(".weight_packed")]
+    if packed and cfg.quantization is None:
+        raise CheckpointError(f"{reader.file_of(packed[0])}: tensor '{packed[0]}' is packed int4 but "
+                              "config.json has no quantization_config")
     for entry in layout(cfg):
         for name in entry.names(cfg):
             reader.check(name, entry.hf_shape, entry.dtypes)
     if cfg.quantization is not None:
-        g = cfg.quantization.group_size
         for name, want in weight_shape_names(cfg).items():
             reader.check(name, (2,), INT_DTYPES)
             got = tuple(int(x) for x in reader.get(name))
             if got != want:
                 raise CheckpointError(f"{reader.file_of(name)}: tensor '{name}' = {list(got)} disagrees with "
                                       f"config.json, which implies {list(want)}")
-        quantized = [n for n in reader.weight_map if n.endswith(".weight_packed")]
         expected = {n for e in layout(cfg) if e.leaf == "packed" for n in e.names(cfg)}
-        stray = sorted(set(quantized) - expected)
+        stray = sorted(set(packed) - expected)
         if stray:
             raise CheckpointError(f"{reader.file_of(stray[0])}: tensor '{stray[0]}' is quantized but this runtime "
                                   "only supports quantized routed experts")
-        del g
-    else:
-        packed = [n for n in reader.weight_map if n.endswith(".weight_packed")]
-        if packed:
-            raise CheckpointError(f"{reader.file_of(packed[0])}: tensor '{packed[0]}' is packed int4 but "
-                                  "config.json has no quantization_config")
 
 
 # ---- loading ------------------------------------------------------------------------------------
@@ -310,6 +306,9 @@ def load_state(directory, cfg: Config, *, dtype=jnp.bfloat16, mesh=None, rules=D
             full_axes = ((None,) if entry.stack else ()) + tuple(axes)
             sharding = sharding_for(full_axes, abs_arr.shape, mesh, rules, name="/".join(path))
             want = jnp.float32 if entry.f32 else abs_arr.dtype
+            if leaf == "scale":  # keep the stored scale dtype: dequant then rounds like compressed-tensors
+                want = {"BF16": jnp.bfloat16, "F16": jnp.float16, "F32": jnp.float32}[
+                    reader.headers[entry.names(cfg)[0]][0]]
             loaded[leaf] = jax.make_array_from_callback(
                 abs_arr.shape, sharding, _block_reader(reader, entry, cfg, _np_dtype(want)))
             bar.update(1)

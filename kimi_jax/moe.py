@@ -135,10 +135,12 @@ class MoE(nnx.Module):
             self.up_proj = param(rngs, (e, d, f), ("experts", "embed", "expert_mlp"), dtype)
             self.down_proj = param(rngs, (e, f, d), ("experts", "expert_mlp", "embed"), dtype)
         else:
-            g = cfg.quantization.group_size
-            self.gate_proj = random_int4(rngs, (e, f, d), g, dtype, ("experts", "expert_mlp", "embed"))
-            self.up_proj = random_int4(rngs, (e, f, d), g, dtype, ("experts", "expert_mlp", "embed"))
-            self.down_proj = random_int4(rngs, (e, d, f), g, dtype, ("experts", "embed", "expert_mlp"))
+            # Scales are bf16 as K2 ships them, whatever the compute dtype (the loader keeps a
+            # checkpoint's own scale dtype).
+            g, sdt = cfg.quantization.group_size, jnp.bfloat16
+            self.gate_proj = random_int4(rngs, (e, f, d), g, sdt, ("experts", "expert_mlp", "embed"))
+            self.up_proj = random_int4(rngs, (e, f, d), g, sdt, ("experts", "expert_mlp", "embed"))
+            self.down_proj = random_int4(rngs, (e, d, f), g, sdt, ("experts", "embed", "expert_mlp"))
         self.shared = MLP(d, f * cfg.n_shared_experts, dtype, rngs) if cfg.n_shared_experts else None
 
     def __call__(self, x: jax.Array) -> jax.Array:

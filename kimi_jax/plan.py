@@ -18,6 +18,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 import time
 
@@ -114,10 +115,17 @@ def plan(cfg, *, devices, mesh_text: str | None, max_len: int, batch: int, chunk
         for name, args in (("prefill", (state, tokens_chunk, cache, sds((), jnp.int32))),
                            ("decode", (state, tokens_one, cache, key, knobs))):
             t0 = time.perf_counter()
-            compiled = engine._jitted[name].lower(*args).compile()
+            lowered = engine._jitted[name].lower(*args)
+            try:
+                mem = lowered.compile().memory_analysis()
+                out[f"{name}_temp_bytes"] = int(mem.temp_size_in_bytes) if mem is not None else None
+            except Exception as e:  # the TPU compiler refuses programs that exceed HBM: that is the answer
+                need = re.search(r"HLO temporaries \(([\d.]+)G\)", str(e))
+                if need is None:
+                    raise
+                out[f"{name}_temp_bytes"] = int(float(need.group(1)) * 2**30)
+                out[f"{name}_error"] = str(e).splitlines()[0][:300]
             timings[name] = round(time.perf_counter() - t0, 1)
-            mem = compiled.memory_analysis()
-            out[f"{name}_temp_bytes"] = int(mem.temp_size_in_bytes) if mem is not None else None
     weights = sum(_shard_bytes(x) for x in jax.tree.leaves(state))
     experts = sum(_shard_bytes(x) for p, v in nnx.to_flat_state(state)
                   if p[0] == "moe_layers" and p[-1] in ("gate_proj", "up_proj", "down_proj")

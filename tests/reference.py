@@ -11,7 +11,12 @@ def load_reference(directory):
     # transformers fuses the per-expert tensors only for model_type deepseek_v3; the K2 deploy guide
     # documents this rename as the fallback for engines without a kimi_k2 entry (spec §1.1).
     config.model_type = "deepseek_v3"
-    return DeepseekV3ForCausalLM.from_pretrained(directory, config=config, dtype=torch.float32).eval()
+    model = DeepseekV3ForCausalLM.from_pretrained(directory, config=config, dtype=torch.float32).eval()
+    # compressed-tensors decompresses INT4 experts into bf16 parameters (dequant in the scale's dtype);
+    # upcast everything so the reference computes in fp32 (`.float()` refuses quantized models).
+    for param in model.parameters():
+        param.data = param.data.float()
+    return model
 
 
 @torch.no_grad()
