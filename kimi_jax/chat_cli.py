@@ -15,10 +15,10 @@ class EventPrinter:
     """Writes a turn's events to a stream: reasoning dimmed (or hidden), tool calls and results
     marked, the answer plain."""
 
-    def __init__(self, out=sys.stdout, *, show_thinking=True, color=None, enabled=True):
-        self.out = out
+    def __init__(self, out=None, *, show_thinking=True, color=None, enabled=True):
+        self.out = out if out is not None else sys.stdout  # looked up now: tests and pagers swap it
         self.show_thinking = show_thinking
-        self.color = out.isatty() if color is None else color
+        self.color = self.out.isatty() if color is None else color
         self.enabled = enabled
         self.mode = None
 
