@@ -14,11 +14,14 @@ them.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from kimi_jax.config import Config
+from kimi_jax.distributed import global_array
 from kimi_jax.sharding import sharding_for
 
 CACHE_AXES = (None, "batch", None, None)  # layers, batch, slots, features
@@ -57,19 +60,26 @@ class LatentCache:
         rows = sharding_for(CACHE_AXES, shape + (1,), mesh, name="cache")
         scalar = sharding_for((), (), mesh)
         return cls(
-            c_kv=jax.device_put(jnp.zeros(shape + (cfg.kv_lora_rank,), dtype), rows),
-            k_pe=jax.device_put(jnp.zeros(shape + (cfg.qk_rope_head_dim,), dtype), rows),
-            starts=jax.device_put(jnp.asarray(starts, jnp.int32), scalar),
-            length=jax.device_put(jnp.zeros((), jnp.int32), scalar),
+            c_kv=_zeros(shape + (cfg.kv_lora_rank,), jnp.dtype(dtype), rows)(),
+            k_pe=_zeros(shape + (cfg.qk_rope_head_dim,), jnp.dtype(dtype), rows)(),
+            starts=global_array(np.asarray(starts, np.int32), scalar),
+            length=global_array(np.int32(0), scalar),
         )
 
     def truncate(self, n: int) -> "LatentCache":
         """Forget everything from slot n on (slots past `length` are never read)."""
-        return dataclasses.replace(self, length=jax.device_put(jnp.int32(n), self.length.sharding))
+        return dataclasses.replace(self, length=global_array(np.int32(n), self.length.sharding))
 
     def nbytes_per_token(self) -> int:
         layers = self.c_kv.shape[0]
         return layers * (self.c_kv.shape[-1] + self.k_pe.shape[-1]) * self.c_kv.dtype.itemsize
+
+
+@functools.lru_cache(maxsize=32)
+def _zeros(shape, dtype, sharding):
+    """A compiled zeros for `sharding`: creates each device's block in place, on every process of
+    a multi-host run (a host array could not be placed on devices of other processes)."""
+    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
 
 
 def cache_bytes_per_token(cfg: Config, dtype) -> int:

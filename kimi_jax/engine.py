@@ -20,8 +20,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from kimi_jax.cache import LatentCache
+from kimi_jax.distributed import to_host
 from kimi_jax.errors import KimiError
 from kimi_jax.model import DEFAULT_KV_BLOCK, KimiK2
 from kimi_jax.sampling import SamplingParams, sample
@@ -47,7 +49,7 @@ class Engine:
         self._decode = self._on_mesh(self._jitted["decode"])
         # A per-engine function object: jax.jit shares compiled programs between wrappers of the
         # same function, which would blur compile_counts() across engines.
-        self._jitted["sample"] = jax.jit(lambda logits, key, knobs: sample(logits, key, **knobs))
+        self._jitted["sample"] = jax.jit(lambda logits, key, knobs: self._replicated(sample(logits, key, **knobs)))
         self._sample = self._on_mesh(self._jitted["sample"])
 
     def _on_mesh(self, fn):
@@ -73,7 +75,13 @@ class Engine:
         model = nnx.merge(self.graphdef, state)
         h, cache = model(tokens[:, None], cache, block=self.block)
         logits = model.logits(h[:, 0])
-        return sample(logits, key, **knobs), logits, cache
+        return self._replicated(sample(logits, key, **knobs)), logits, cache
+
+    def _replicated(self, tokens):
+        """Sampled tokens go to every device, so each host of a multi-host run can read them."""
+        if self.mesh is None:
+            return tokens
+        return jax.lax.with_sharding_constraint(tokens, NamedSharding(self.mesh, PartitionSpec()))
 
     # ---- cache and prefill --------------------------------------------------------------------
     def new_cache(self, lengths: Sequence[int]) -> LatentCache:
@@ -93,7 +101,7 @@ class Engine:
                             f"size {data}")
         if min(lengths) == 0:
             raise KimiError("empty prompt: give at least one token")
-        start = 0 if cache is None else int(cache.length)
+        start = 0 if cache is None else int(to_host(cache.length))
         if cache is None:
             cache = self.new_cache(lengths)
         elif len(set(lengths)) != 1 or len(prompts) != cache.batch:
@@ -108,8 +116,8 @@ class Engine:
         logits = None
         for c0 in range(0, width, self.chunk):
             n_valid = min(self.chunk, width - c0)
-            logits, cache = self._prefill(self.state, jnp.asarray(tokens[:, c0:c0 + self.chunk]), cache,
-                                          jnp.int32(n_valid))
+            # host numpy inputs: on a multi-host mesh every process passes the same values
+            logits, cache = self._prefill(self.state, tokens[:, c0:c0 + self.chunk], cache, np.int32(n_valid))
         return logits, cache
 
     # ---- generation ---------------------------------------------------------------------------
@@ -135,7 +143,7 @@ class Generation:
         self.engine = engine
         self.sampling = sampling
         self.batch = len(prompts)
-        start = 0 if cache is None else int(cache.length)
+        start = 0 if cache is None else int(to_host(cache.length))
         t0 = time.perf_counter()
         logits, self.cache = engine.prefill(prompts, cache)
         self.cached_len = start + max(len(p) for p in prompts)
@@ -168,7 +176,7 @@ class Generation:
             if room:  # dispatch the next step before waiting for this one's tokens on the host
                 self._next, self.last_logits, self.cache = eng._decode(
                     eng.state, current, self.cache, jax.random.fold_in(self._key, step + 1), self._knobs)
-            host = np.asarray(current)
+            host = to_host(current)
             for b, tok in enumerate(host):
                 if self.finish_reasons[b] is None:
                     self.tokens[b].append(int(tok))

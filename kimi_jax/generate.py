@@ -50,6 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     p.add_argument("--mesh", help="device mesh, e.g. data=1,expert=4,tensor=2 (default: all local devices)")
     p.add_argument("--chunk", type=int, default=128, help="prefill chunk size in tokens")
+    multi = p.add_argument_group("several hosts (or KIMI_COORDINATOR_ADDRESS, KIMI_NUM_PROCESSES, KIMI_PROCESS_ID)")
+    multi.add_argument("--coordinator", help="HOST:PORT of process 0; every process runs the same command")
+    multi.add_argument("--num-processes", type=int)
+    multi.add_argument("--process-id", type=int)
+    multi.add_argument("--coordinator-timeout", type=int, default=120, help="seconds to wait for all processes")
     p.add_argument("--json", action="store_true", help="print one JSON object and nothing else on stdout")
     return p
 
@@ -84,6 +89,18 @@ def _sampling_defaults(checkpoint: str) -> dict:
 
 
 def run(args) -> int:
+    from kimi_jax import distributed
+
+    if distributed.initialize(args.coordinator, args.num_processes, args.process_id,
+                              timeout_s=args.coordinator_timeout):
+        # Native collective libraries write to file descriptor 1; keep stdout for our own output.
+        sys.stdout.flush()
+        ours = os.dup(1)
+        os.dup2(2, 1)
+        sys.stdout = os.fdopen(ours, "w")
+        if not distributed.is_main():
+            sys.stdout = open(os.devnull, "w")  # one answer per run: only process 0 prints
+            args.json = True  # and no progress bars from the others
     from kimi_jax.runtime import Runtime
     from kimi_jax.sampling import SamplingParams
 

@@ -1,0 +1,123 @@
+"""Expert and tensor parallelism on 8 CPU devices: the same numbers as one device; one-line errors
+for meshes that do not fit; the memory planner; two processes acting as one."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kimi_jax import fixtures, generate, plan
+from kimi_jax.checkpoint import load_model
+from kimi_jax.config import TINY, Int4Quant
+from kimi_jax.engine import Engine
+from kimi_jax.errors import KimiError
+from kimi_jax.sampling import SamplingParams
+from kimi_jax.sharding import MeshSpec, make_mesh
+
+CONFIGS = {
+    "bf16": fixtures.with_fixture_token_ids(TINY),
+    "int4": fixtures.with_fixture_token_ids(TINY.replace(quantization=Int4Quant(group_size=16))),
+}
+MESHES = ["data=1,expert=8,tensor=1", "data=1,expert=4,tensor=2", "data=2,expert=2,tensor=2"]
+PROMPTS = [list(range(3, 14)), list(range(40, 45))]
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def single(request, fixture_dir):
+    path = fixture_dir(f"mesh_{request.param}", CONFIGS[request.param], tokenizer=False)
+    model, _ = load_model(path, dtype=jnp.float32, progress=False)
+    engine = Engine(model, max_len=64, chunk=8, block=16)
+    logits, _ = engine.prefill(PROMPTS)
+    tokens = engine.generate(PROMPTS, SamplingParams(max_new_tokens=12)).run().tokens
+    return path, np.asarray(logits), tokens
+
+
+@pytest.mark.parametrize("mesh_text", MESHES)
+def test_sharded_model_matches_one_device(single, mesh_text):
+    path, logits, tokens = single
+    mesh = make_mesh(MeshSpec.parse(mesh_text))
+    model, _ = load_model(path, dtype=jnp.float32, mesh=mesh, progress=False)
+    engine = Engine(model, max_len=64, chunk=8, block=16, mesh=mesh)
+    sharded_logits, _ = engine.prefill(PROMPTS)
+    assert np.abs(np.asarray(sharded_logits) - logits).max() <= 1e-5
+    assert engine.generate(PROMPTS, SamplingParams(max_new_tokens=12)).run().tokens == tokens
+
+
+def test_mesh_flag_of_the_cli(single, capsys):
+    path, _, tokens = single
+    argv = ["--checkpoint", str(path), "--prompt-ids", ",".join(map(str, PROMPTS[0])), "--max-new-tokens", "12",
+            "--dtype", "float32", "--json", "--mesh", "expert=4,tensor=2"]
+    assert generate.main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["token_ids"] == tokens[0]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("data=1,expert=4", "needs 4 devices, but 8 are available"),
+    ("tensor=8", "dimension 'heads' of size 4 is not divisible by mesh axis 'tensor' of size 8"),
+    ("expert=8,bogus=1", "'bogus=1' is not AXIS=SIZE"),
+    ("expert=two", "size of 'expert' must be an integer"),
+])
+def test_meshes_that_do_not_fit_are_named(single, text, message):
+    path, _, _ = single
+    with pytest.raises(KimiError, match=message):
+        load_model(path, mesh=make_mesh(MeshSpec.parse(text)), progress=False)
+
+
+def test_batch_not_divisible_by_the_data_axis_is_refused(single):
+    path, _, _ = single
+    mesh = make_mesh(MeshSpec.parse("data=2,expert=4"))
+    model, _ = load_model(path, dtype=jnp.float32, mesh=mesh, progress=False)
+    with pytest.raises(KimiError, match="batch of 1 prompts cannot be split over the mesh's data axis of size 2"):
+        Engine(model, max_len=64, chunk=8, mesh=mesh).prefill([[1, 2, 3]])
+
+
+def test_memory_plan_of_a_mid_size_config(tmp_path, capsys):
+    cfg = TINY.replace(hidden_size=512, num_hidden_layers=4, n_routed_experts=16, moe_intermediate_size=256,
+                       intermediate_size=1024, vocab_size=4096, quantization=Int4Quant())
+    (tmp_path / "config.json").write_text(json.dumps(cfg.to_hf()))
+    assert plan.main(["--config", str(tmp_path / "config.json"), "--devices", "8", "--max-len", "4096",
+                      "--hbm-gb", "1", "--json"]) == 0
+    p = json.loads(capsys.readouterr().out)
+    assert p["mesh"] == "data=1,expert=8,tensor=1"
+    assert p["cache_bytes"] == 4 * 1 * p["slots"] * (32 + 8) * 2  # layers x batch x slots x (kv_lora + rope), bf16
+    assert 0 < p["expert_weight_bytes"] < p["weight_bytes"]
+    assert p["prefill_temp_bytes"] > 0 and p["decode_temp_bytes"] > 0
+    assert p["fits"]["1 GB"]["1"] > p["fits"]["1 GB"]["8"] > 0
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(path, port, pid, timeout=60):
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    cmd = [sys.executable, "-m", "kimi_jax.generate", "--checkpoint", str(path), "--prompt-ids",
+           ",".join(map(str, PROMPTS[0])), "--max-new-tokens", "12", "--dtype", "float32", "--json",
+           "--mesh", "data=1,expert=4,tensor=2", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+           "--process-id", str(pid), "--coordinator-timeout", str(timeout)]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_two_processes_generate_the_same_tokens_as_one(single):
+    path, _, tokens = single
+    port = _free_port()
+    procs = [_spawn(path, port, pid) for pid in (0, 1)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:]
+    assert json.loads(outs[0][0])["token_ids"] == tokens[0]  # process 0 prints one JSON object
+    assert outs[1][0] == ""  # the other prints nothing
+
+
+def test_unreachable_coordinator_times_out_with_a_clear_error(single):
+    path, _, _ = single
+    proc = _spawn(path, _free_port(), 1, timeout=5)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in err
+    assert "could not join the run at coordinator 127.0.0.1:" in err.strip().splitlines()[-1]
