@@ -66,8 +66,9 @@ class EventPrinter:
         u = result.usage
         rate = u["completion_tokens"] / u["seconds"] if u["seconds"] else float("nan")
         note = "" if result.stop_reason == "answer" else f", stopped: {result.stop_reason}"
-        print(f"[{len(result.steps)} step(s), {u['prompt_tokens']} prompt + {u['cached_tokens']} cached tokens, "
-              f"{u['completion_tokens']} generated in {u['seconds']:.1f}s = {rate:.1f} tok/s{note}]", file=sys.stderr)
+        print(f"[{len(result.steps)} step(s): {u['prompt_tokens']} tokens prefilled, {u['cached_tokens']} reused from "
+              f"the cache, {u['completion_tokens']} generated; {u['seconds']:.1f}s, {rate:.1f} tok/s{note}]",
+              file=sys.stderr)
 
 
 def run_chat(rt, args, sampling) -> int:

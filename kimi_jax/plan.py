@@ -22,11 +22,11 @@ import re
 import sys
 import time
 
-HARDWARE = {  # name: (devices per host, HBM per device in GB) — perf-targets.md
-    "8x H200": (8, 141.0), "8x H100": (8, 80.0), "8x B200": (8, 180.0),
-    "TPU v7x (4 chips)": (4, 192 * 1.073741824), "TPU v5p (4 chips)": (4, 95 * 1.073741824),
-    "TPU v6e (8 chips)": (8, 32 * 1.073741824),
-}
+GIB = 2**30
+# HBM per device in bytes. GPU hosts (for --target cpu plans) by name; TPU devices by the
+# device_kind libtpu reports (a TPU7x chip shows as two devices of ~96 GiB).
+GPU_HOSTS = {"8x H200": (8, 141e9), "8x H100": (8, 80e9), "8x B200": (8, 180e9)}
+TPU_HBM = {"TPU v5": 95 * GIB, "TPU v5 lite": 16 * GIB, "TPU v6 lite": 32 * GIB, "TPU7x": 94.75 * GIB}
 
 
 def _set_device_count(n: int) -> None:
@@ -123,7 +123,9 @@ def plan(cfg, *, devices, mesh_text: str | None, max_len: int, batch: int, chunk
                 need = re.search(r"HLO temporaries \(([\d.]+)G\)", str(e))
                 if need is None:
                     raise
-                out[f"{name}_temp_bytes"] = int(float(need.group(1)) * 2**30)
+                # The compiler's figure counts parameters and the cache too; keep the total apart.
+                out[f"{name}_total_bytes_required"] = int(float(need.group(1)) * GIB)
+                out[f"{name}_temp_bytes"] = None
                 out[f"{name}_error"] = str(e).splitlines()[0][:300]
             timings[name] = round(time.perf_counter() - t0, 1)
     weights = sum(_shard_bytes(x) for x in jax.tree.leaves(state))
@@ -131,6 +133,9 @@ def plan(cfg, *, devices, mesh_text: str | None, max_len: int, batch: int, chunk
                   if p[0] == "moe_layers" and p[-1] in ("gate_proj", "up_proj", "down_proj")
                   for x in jax.tree.leaves(v.get_value()))
     cache_bytes = _shard_bytes(cache.c_kv) + _shard_bytes(cache.k_pe)
+    for name in ("prefill", "decode"):
+        if out.get(f"{name}_total_bytes_required"):
+            out[f"{name}_temp_bytes"] = out[f"{name}_total_bytes_required"] - weights - cache_bytes
     out.update(weight_bytes=weights, expert_weight_bytes=experts, cache_bytes=cache_bytes,
                # per device, per token of one sequence's context (the batch is split over `data`)
                cache_bytes_per_token_per_row=cache_bytes / (batch * slots), compile_seconds=timings)
@@ -185,9 +190,13 @@ def main(argv=None) -> int:
     except KimiError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    targets = {f"{args.hbm_gb:g} GB": args.hbm_gb} if args.hbm_gb else \
-        {name: hbm for name, (n, hbm) in HARDWARE.items() if n == p["devices"]}
-    p["fits"] = {name: fits(p, hbm * 1e9) for name, hbm in targets.items()}
+    if args.hbm_gb:
+        targets = {f"{args.hbm_gb:g} GB": args.hbm_gb * 1e9}
+    elif args.target != "cpu":
+        targets = {p["device_kind"]: TPU_HBM[p["device_kind"]]} if p["device_kind"] in TPU_HBM else {}
+    else:
+        targets = {name: hbm for name, (n, hbm) in GPU_HOSTS.items() if n == p["devices"]}
+    p["fits"] = {name: fits(p, hbm) for name, hbm in targets.items()}
     if args.json:
         print(json.dumps(p))
         return 0
@@ -198,6 +207,12 @@ def main(argv=None) -> int:
     print(f"| latent cache, batch {p['batch']} x {p['max_len']:,} | {_gb(p['cache_bytes'])} |")
     print(f"| prefill temporaries (chunk {args.chunk}) | {_gb(p['prefill_temp_bytes'] or 0)} |")
     print(f"| decode temporaries | {_gb(p['decode_temp_bytes'] or 0)} |")
+    for name in ("prefill", "decode"):
+        if p.get(f"{name}_error"):
+            print(f"{name} does not fit this device: {p[f'{name}_error']}")
+    if args.target == "cpu":
+        print("note: XLA:CPU converts bf16 weights to f32 around its dots, so CPU temporaries overstate "
+              "what a GPU or TPU needs; use a TPU --target for compiled temporaries")
     print(f"compile: prefill {p['compile_seconds']['prefill']}s, decode {p['compile_seconds']['decode']}s")
     for name, table in p["fits"].items():
         cells = ", ".join(f"batch {b}: {t:,}" for b, t in table.items())

@@ -189,27 +189,30 @@ def bench_grouped(results, bank, bank16, tokens, reps, kernel_kwargs=None, label
         gs = jnp.full((E_ACTIVE,), t, jnp.int32)
         x = jax.random.normal(jax.random.key(t), (m, HIDDEN), jnp.bfloat16)
         h = jax.random.normal(jax.random.key(t + 1), (m, INTER), jnp.bfloat16)
-        (gp, gsc), (up, usc), (dp, dsc) = bank["gate"], bank["up"], bank["down"]
+        # Weights travel as arguments: a jitted closure over them would embed gigabytes of
+        # constants in the program (that alone once cost 200 s of compile per call site).
+        w4_up = (*bank["gate"], *bank["up"])
+        w4_down = bank["down"]
         if kw:
-            swiglu = jax.jit(lambda x, gs: grouped_moe.grouped_int4_swiglu(x, gp, gsc, up, usc, gs, **kw))
-            down = jax.jit(lambda h, gs: grouped_moe.grouped_int4_matmul(h, dp, dsc, gs, **kw))
+            swiglu = jax.jit(lambda x, gs, w: grouped_moe.grouped_int4_swiglu(x, *w, gs, **kw))
+            down = jax.jit(lambda h, gs, w: grouped_moe.grouped_int4_matmul(h, *w, gs, **kw))
         else:
-            swiglu = jax.jit(lambda x, gs: ops.grouped_int4_swiglu(x, gp, gsc, up, usc, gs))
-            down = jax.jit(lambda h, gs: ops.grouped_int4_matmul(h, dp, dsc, gs))
-        g16, u16, d16 = bank16["gate"], bank16["up"], bank16["down"]
+            swiglu = jax.jit(lambda x, gs, w: ops.grouped_int4_swiglu(x, *w, gs))
+            down = jax.jit(lambda h, gs, w: ops.grouped_int4_matmul(h, *w, gs))
 
-        def swiglu16(x, gs):
-            g = jax.lax.ragged_dot(x, g16, gs, preferred_element_type=jnp.float32)
-            u = jax.lax.ragged_dot(x, u16, gs, preferred_element_type=jnp.float32)
+        def swiglu16(x, gs, w):
+            g = jax.lax.ragged_dot(x, w[0], gs, preferred_element_type=jnp.float32)
+            u = jax.lax.ragged_dot(x, w[1], gs, preferred_element_type=jnp.float32)
             return (jax.nn.silu(g) * u).astype(x.dtype)
 
-        down16 = jax.jit(lambda h, gs: jax.lax.ragged_dot(h, d16, gs))
-        ops_to_time = [("gate+up swiglu", swiglu, jax.jit(swiglu16), x, 2, HIDDEN, INTER),
-                       ("down", down, down16, h, 1, INTER, HIDDEN)]
-        for name, f4, f16, inp, n_w, k, n in ops_to_time:
-            t4 = device_time(f4, (inp, gs), reps)
+        down16 = jax.jit(lambda h, gs, w: jax.lax.ragged_dot(h, w, gs))
+        ops_to_time = [("gate+up swiglu", swiglu, jax.jit(swiglu16), x, 2, HIDDEN, INTER, w4_up,
+                        (bank16["gate"], bank16["up"])),
+                       ("down", down, down16, h, 1, INTER, HIDDEN, w4_down, bank16["down"])]
+        for name, f4, f16, inp, n_w, k, n, w4, w16 in ops_to_time:
+            t4 = device_time(f4, (inp, gs, w4), reps)
             first_call = COMPILE_S.get("<lambda>", float("nan"))
-            t16 = device_time(f16, (inp, gs), reps) if baseline else float("nan")
+            t16 = device_time(f16, (inp, gs, w16), reps) if baseline else float("nan")
             w_bytes = E_ACTIVE * n_w * n * (k // 2 + k // GROUP * 2)
             io_bytes = m * k * 2 + m * n * 2
             flops = 2 * m * k * n * n_w
@@ -278,10 +281,10 @@ def bench_layer(results, bank, batches, reps, hbm):
     fixed = sum(a.nbytes for a in shared) + router.nbytes
     calls = 4  # different tokens per call, so different experts: L2 cannot carry weights over
     rows = []
-    layer = jax.jit(lambda xs: [moe_layer(x, router, bank, shared) for x in xs])
+    layer = jax.jit(lambda xs, router, bank, shared: [moe_layer(x, router, bank, shared) for x in xs])
     for b in batches:
         xs = [jax.random.normal(jax.random.key(100 * b + i), (b, HIDDEN), jnp.bfloat16) for i in range(calls)]
-        dt = device_time(layer, (xs,), reps) / calls
+        dt = device_time(layer, (xs, router, bank, shared), reps) / calls
         touched = []
         for x in xs:
             idx = jax.lax.top_k(jnp.dot(x, router, preferred_element_type=jnp.float32), TOPK)[1]
