@@ -29,9 +29,9 @@ from tqdm.auto import tqdm
 
 from kimi_jax.config import Config
 from kimi_jax.errors import CheckpointError, KimiError
-from kimi_jax.model import KimiK2
+from kimi_jax.model import KimiK2, abstract_model
 from kimi_jax.quant import Int4Weight
-from kimi_jax.sharding import DEFAULT_RULES, sharding_for
+from kimi_jax.sharding import DEFAULT_RULES, param_axes, sharding_for
 
 FLOAT_DTYPES = ("BF16", "F16", "F32")
 INT_DTYPES = ("I32", "I64")
@@ -285,8 +285,7 @@ def load_state(directory, cfg: Config, *, dtype=jnp.bfloat16, mesh=None, rules=D
     """(graphdef, state) of a `KimiK2` with the checkpoint's weights, placed per the mesh rules."""
     reader = CheckpointReader(directory)
     validate(reader, cfg)
-    abstract = nnx.eval_shape(lambda: KimiK2(cfg, dtype=dtype, rngs=nnx.Rngs(params=0)))
-    graphdef, state = nnx.split(abstract)
+    graphdef, state = abstract_model(cfg, dtype)
     flat = dict(nnx.to_flat_state(state))
     entries = layout(cfg)
     by_leaf = {}
@@ -296,15 +295,14 @@ def load_state(directory, cfg: Config, *, dtype=jnp.bfloat16, mesh=None, rules=D
     bar = tqdm(total=len(by_leaf), desc="loading", unit="tensor", disable=not progress, leave=False)
     for path, var in flat.items():
         value = var.get_value()
-        axes = var.get_metadata().get("axes", ())
+        axes = param_axes(path, var)
         leaves = {"packed": value.packed, "scale": value.scale} if isinstance(value, Int4Weight) else {None: value}
         loaded = {}
         for leaf, abs_arr in leaves.items():
             entry = by_leaf.get((path, leaf))
             if entry is None:
                 raise AssertionError(f"no checkpoint entry for parameter {'/'.join(path)}")
-            full_axes = ((None,) if entry.stack else ()) + tuple(axes)
-            sharding = sharding_for(full_axes, abs_arr.shape, mesh, rules, name="/".join(path))
+            sharding = sharding_for(axes, abs_arr.shape, mesh, rules, name="/".join(path))
             want = jnp.float32 if entry.f32 else abs_arr.dtype
             if leaf == "scale":  # keep the stored scale dtype: dequant then rounds like compressed-tensors
                 want = {"BF16": jnp.bfloat16, "F16": jnp.float16, "F32": jnp.float32}[

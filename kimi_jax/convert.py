@@ -16,7 +16,6 @@ import shutil
 import sys
 import time
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -58,25 +57,11 @@ def load_converted(directory: str, cfg: Config, *, dtype=jnp.bfloat16, mesh=None
     """Restore a converted directory straight onto the devices of `mesh` (or the default device)."""
     import orbax.checkpoint as ocp
 
-    from kimi_jax.model import KimiK2
-    from kimi_jax.sharding import DEFAULT_RULES, sharding_for
+    from kimi_jax.model import abstract_model
+    from kimi_jax.sharding import placed_abstract
 
-    abstract = nnx.eval_shape(lambda: KimiK2(cfg, dtype=dtype, rngs=nnx.Rngs(params=0)))
-    graphdef, state = nnx.split(abstract)
-
-    def target(path, var):
-        axes = var.get_metadata().get("axes", ())
-        if path[0] in ("dense_layers", "moe_layers"):
-            axes = (None, *axes)
-
-        def leaf(x):
-            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding_for(axes, x.shape, mesh, DEFAULT_RULES,
-                                                                                 name="/".join(map(str, path))))
-
-        return jax.tree.map(leaf, var.get_value())
-
-    flat = nnx.to_flat_state(state)
-    targets = nnx.to_pure_dict(nnx.from_flat_state([(p, v.replace(target(p, v))) for p, v in flat]))
+    graphdef, state = abstract_model(cfg, dtype)
+    targets = nnx.to_pure_dict(placed_abstract(state, mesh))
     try:
         with ocp.StandardCheckpointer() as ckpt:
             restored = ckpt.restore(os.path.abspath(os.path.join(directory, PARAMS)), targets)

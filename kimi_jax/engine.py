@@ -12,12 +12,10 @@ chunk shape and one decode shape: nothing recompiles between prompts or steps.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec

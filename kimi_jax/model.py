@@ -151,3 +151,8 @@ class KimiK2(nnx.Module):
         """Final norm and lm_head, float32 logits."""
         h = rms_norm(hidden, self.norm[...], self.cfg.rms_norm_eps)
         return jnp.einsum("...d,dv->...v", h, self.lm_head[...], preferred_element_type=jnp.float32)
+
+
+def abstract_model(cfg: Config, dtype=jnp.bfloat16):
+    """(graphdef, state) of a `KimiK2` with shapes and dtypes only: nothing is allocated."""
+    return nnx.split(nnx.eval_shape(lambda: KimiK2(cfg, dtype=dtype, rngs=nnx.Rngs(params=0))))

@@ -76,24 +76,14 @@ def plan(cfg, *, devices, mesh_text: str | None, max_len: int, batch: int, chunk
 
     from kimi_jax.cache import CACHE_AXES, LatentCache
     from kimi_jax.engine import Engine
-    from kimi_jax.model import KimiK2
-    from kimi_jax.sharding import MeshSpec, default_mesh_spec, make_mesh, sharding_for
+    from kimi_jax.model import abstract_model
+    from kimi_jax.sharding import MeshSpec, default_mesh_spec, make_mesh, placed_abstract, sharding_for
 
     spec = MeshSpec.parse(mesh_text) if mesh_text else default_mesh_spec(cfg, len(devices))
     mesh = make_mesh(spec, devices)
     jdtype = jnp.dtype(dtype)
-    abstract = nnx.eval_shape(lambda: KimiK2(cfg, dtype=jdtype, rngs=nnx.Rngs(params=0)))
-    graphdef, state = nnx.split(abstract)
-
-    def placed(path, var):
-        axes = var.get_metadata().get("axes", ())
-        if path[0] in ("dense_layers", "moe_layers"):
-            axes = (None, *axes)
-        leaf = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding_for(  # noqa: E731
-            axes, x.shape, mesh, name="/".join(map(str, path))))
-        return var.replace(jax.tree.map(leaf, var.get_value()))
-
-    state = nnx.from_flat_state([(p, placed(p, v)) for p, v in nnx.to_flat_state(state)])
+    graphdef, state = abstract_model(cfg, jdtype)
+    state = placed_abstract(state, mesh)
     engine = Engine(nnx.merge(graphdef, state), max_len=max_len, chunk=chunk, mesh=mesh)
     slots = engine.slots
     rows = sharding_for(CACHE_AXES, (cfg.num_hidden_layers, batch, slots, 1), mesh, name="cache")

@@ -85,12 +85,11 @@ def quantize_experts(model, group_size: int = 32):
     from flax import nnx
 
     from kimi_jax.config import Int4Quant
-    from kimi_jax.model import KimiK2
+    from kimi_jax.model import abstract_model
 
     cfg = model.cfg.replace(quantization=Int4Quant(group_size=group_size))
-    new = nnx.eval_shape(lambda: KimiK2(cfg, dtype=model.dtype, rngs=nnx.Rngs(params=0)))
     src = dict(nnx.to_flat_state(nnx.state(model)))
-    graphdef, state = nnx.split(new)
+    graphdef, state = abstract_model(cfg, model.dtype)
     flat = nnx.to_flat_state(state)
     for path, var in flat:
         value = src[path].get_value()

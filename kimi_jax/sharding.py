@@ -105,6 +105,28 @@ def sharding_for(axes, shape, mesh: Mesh | None, rules=DEFAULT_RULES, *, name="a
     return NamedSharding(mesh, spec_for(axes, shape, mesh, rules, name=name))
 
 
+STACKED = ("dense_layers", "moe_layers")  # parameter subtrees with a leading (never sharded) layer axis
+
+
+def param_axes(path, var) -> tuple:
+    """Logical axes of a parameter as stored: its declared axes, after the layer axis if stacked."""
+    axes = tuple(var.get_metadata().get("axes", ()))
+    return (None, *axes) if path[0] in STACKED else axes
+
+
+def placed_abstract(state, mesh: Mesh | None, rules: Mapping[str, str | None] = DEFAULT_RULES):
+    """An abstract model state whose leaves are ShapeDtypeStructs carrying their target sharding."""
+    from flax import nnx
+
+    flat = []
+    for path, var in nnx.to_flat_state(state):
+        def place(x, axes=param_axes(path, var), name="/".join(map(str, path))):
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding_for(axes, x.shape, mesh, rules, name=name))
+
+        flat.append((path, var.replace(jax.tree.map(place, var.get_value()))))
+    return nnx.from_flat_state(flat)
+
+
 def default_mesh_spec(cfg, n_devices: int) -> MeshSpec:
     """Use every local device: experts across as many devices as divide the expert count, the
     rest as tensor parallelism over heads."""

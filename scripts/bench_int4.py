@@ -378,7 +378,7 @@ def main():
     save()
     print(f"\nHBM copy: {hbm / 1e9:.0f} GB/s (read+write); bf16 matmul: {peak / 1e12:.0f} TFLOP/s; "
           f"resident bits/weight: " + ", ".join(f"{k} {v:.3f}" for k, v in bits.items()))
-    print(f"\n| op | tok/expert | M | INT4 us | GB/s | % HBM | TFLOP/s | bf16 us | bf16 TFLOP/s | speedup |")
+    print("\n| op | tok/expert | M | INT4 us | GB/s | % HBM | TFLOP/s | bf16 us | bf16 TFLOP/s | speedup |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in grouped:
         print(f"| {r['op']} | {r['tokens_per_expert']} | {r['m']} | {r['us']:.1f} | {r['gbps']:.0f} | "
