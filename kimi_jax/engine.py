@@ -69,11 +69,13 @@ class Engine:
         last = jax.lax.dynamic_index_in_dim(h, n_valid - 1, axis=1, keepdims=False)
         return model.logits(last), cache
 
-    def _decode_step(self, state, tokens, cache, key, knobs):
+    def _decode_step(self, state, tokens, cache, key, step, knobs):
+        """One token per row: forward, sample with the step's key (folded in here, not on the host,
+        so a step is a single dispatch), and the cache updated in place."""
         model = nnx.merge(self.graphdef, state)
         h, cache = model(tokens[:, None], cache, block=self.block)
         logits = model.logits(h[:, 0])
-        return self._replicated(sample(logits, key, **knobs)), logits, cache
+        return self._replicated(sample(logits, jax.random.fold_in(key, step), **knobs)), logits, cache
 
     def _replicated(self, tokens):
         """Sampled tokens go to every device, so each host of a multi-host run can read them."""
@@ -173,7 +175,7 @@ class Generation:
             room = self.cached_len < eng.max_len
             if room:  # dispatch the next step before waiting for this one's tokens on the host
                 self._next, self.last_logits, self.cache = eng._decode(
-                    eng.state, current, self.cache, jax.random.fold_in(self._key, step + 1), self._knobs)
+                    eng.state, current, self.cache, self._key, np.int32(step + 1), self._knobs)
             host = to_host(current)
             for b, tok in enumerate(host):
                 if self.finish_reasons[b] is None:

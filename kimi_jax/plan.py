@@ -103,7 +103,7 @@ def plan(cfg, *, devices, mesh_text: str | None, max_len: int, batch: int, chunk
     timings = {}
     with jax.set_mesh(mesh):
         for name, args in (("prefill", (state, tokens_chunk, cache, sds((), jnp.int32))),
-                           ("decode", (state, tokens_one, cache, key, knobs))):
+                           ("decode", (state, tokens_one, cache, key, sds((), jnp.int32), knobs))):
             t0 = time.perf_counter()
             lowered = engine._jitted[name].lower(*args)
             try:
