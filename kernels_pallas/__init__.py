@@ -8,8 +8,12 @@ The name `kernels_pallas.int4_matmul` is the function; import from the module of
 
 from kernels_pallas import ops
 from kernels_pallas.dequant import dequantize_int4
-from kernels_pallas.grouped_moe import (grouped_int4_matmul, grouped_int4_matmul_ref, grouped_int4_swiglu,
-                                        grouped_int4_swiglu_ref)
+from kernels_pallas.grouped_moe import (
+    grouped_int4_matmul,
+    grouped_int4_matmul_ref,
+    grouped_int4_swiglu,
+    grouped_int4_swiglu_ref,
+)
 from kernels_pallas.int4 import dequantize_int4_ref, pack_int4, quantize_int4, unpack_int4
 from kernels_pallas.int4_matmul import int4_matmul, int4_matmul_ref
 

@@ -24,8 +24,14 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from kernels_pallas.dequant import (aligned_divisor, dequant_planes_tpu, dequant_tile_gpu,
-                                    gpu_supports, spread_matrix, tpu_supports)
+from kernels_pallas.dequant import (
+    aligned_divisor,
+    dequant_planes_tpu,
+    dequant_tile_gpu,
+    gpu_supports,
+    spread_matrix,
+    tpu_supports,
+)
 from kernels_pallas.int4 import NIBBLES_PER_WORD, dequantize_int4_ref
 
 __all__ = ["int4_matmul", "int4_matmul_ref", "gpu_config", "gpu_tiles", "tpu_visits"]
@@ -200,7 +206,7 @@ def gpu_grouped_call(x, weights, tiles, *, swiglu, block_m, block_n, block_k, nu
 # TPU kernel (Pallas Mosaic lowering)
 
 
-def _tpu_kernel(vg_ref, vb_ref, off_ref, nv_ref, x_ref, spread_ref, *refs, bm, k8, swiglu):
+def _tpu_kernel(vg_ref, vb_ref, off_ref, nv_ref, base_ref, x_ref, spread_ref, *refs, bm, k8, swiglu):
     *w_refs, o_ref = refs
     t = pl.program_id(1)
 
@@ -227,12 +233,14 @@ def tpu_block_m(rows_per_group: float) -> int:
     return int(min(256, max(16, pl.next_power_of_2(int(rows_per_group)))))
 
 
-def tpu_grouped_call(x, weights, group_sizes, *, swiglu, block_m, block_n=512, interpret=False):
-    """x [M, K]; weights [(packed [E, N, K8], scale [E, N, G]), ...]; group_sizes [E] -> [M, N]."""
+def tpu_grouped_call(x, weights, group_sizes, *, swiglu, block_m, block_n=512, interpret=False, expert_base=0):
+    """x [M, K]; weights [(packed [W, N, K8], scale [W, N, G]), ...]; group_sizes [E] -> [M, N].
+
+    Group g reads weight matrix expert_base + g (W >= E; see grouped_moe.py for why)."""
     from jax.experimental.pallas import tpu as pltpu
 
     m, k = x.shape
-    n_exp, n, k8 = weights[0][0].shape
+    n, k8 = weights[0][0].shape[1:]
     n_groups = weights[0][1].shape[2]
     group = k // n_groups
     bm = block_m
@@ -241,16 +249,16 @@ def tpu_grouped_call(x, weights, group_sizes, *, swiglu, block_m, block_n=512, i
     x_pm = jnp.pad(x, ((0, m_pad - m), (0, k8 * NIBBLES_PER_WORD - k)))
     x_pm = x_pm.reshape(m_pad, k8, NIBBLES_PER_WORD).swapaxes(1, 2).reshape(m_pad, -1)
     bn = aligned_divisor(n, block_n, 128)
-    visits = tpu_visits(group_sizes, m, bm)
-    w_spec = [pl.BlockSpec((None, bn, k8), lambda j, t, vg, vb, off, nv: (vg[t], j, 0)),
-              pl.BlockSpec((None, bn, n_groups), lambda j, t, vg, vb, off, nv: (vg[t], j, 0))]
+    visits = (*tpu_visits(group_sizes, m, bm), jnp.asarray(expert_base, jnp.int32).reshape(1))
+    w_spec = [pl.BlockSpec((None, bn, k8), lambda j, t, vg, vb, off, nv, base: (base[0] + vg[t], j, 0)),
+              pl.BlockSpec((None, bn, n_groups), lambda j, t, vg, vb, off, nv, base: (base[0] + vg[t], j, 0))]
     grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=4,
+        num_scalar_prefetch=len(visits),
         grid=(n // bn, visits[0].shape[0]),
-        in_specs=[pl.BlockSpec((bm, k8 * NIBBLES_PER_WORD), lambda j, t, vg, vb, off, nv: (vb[t], 0)),
-                  pl.BlockSpec((n_groups, k8), lambda j, t, vg, vb, off, nv: (0, 0)),
+        in_specs=[pl.BlockSpec((bm, k8 * NIBBLES_PER_WORD), lambda j, t, vg, vb, off, nv, base: (vb[t], 0)),
+                  pl.BlockSpec((n_groups, k8), lambda j, t, vg, vb, off, nv, base: (0, 0)),
                   *(w_spec * len(weights))],
-        out_specs=pl.BlockSpec((bm, bn), lambda j, t, vg, vb, off, nv: (vb[t], j)),
+        out_specs=pl.BlockSpec((bm, bn), lambda j, t, vg, vb, off, nv, base: (vb[t], j)),
     )
     kernel = functools.partial(_tpu_kernel, bm=bm, k8=k8, swiglu=swiglu)
     out = pl.pallas_call(

@@ -1,8 +1,8 @@
 """The one dispatch point for the INT4 ops: Pallas on TPU and GPU, the XLA reference elsewhere.
 
     ops.int4_matmul(x, packed, scale)
-    ops.grouped_int4_swiglu(x, gate_packed, gate_scale, up_packed, up_scale, group_sizes)
-    ops.grouped_int4_matmul(h, packed, scale, group_sizes)
+    ops.grouped_int4_swiglu(x, gate_packed, gate_scale, up_packed, up_scale, group_sizes, expert_base=0)
+    ops.grouped_int4_matmul(h, packed, scale, group_sizes, expert_base=0)
     ops.dequantize_int4(packed, scale, k, dtype)
 
 Implementations: "xla" (pure jnp reference), "pallas_tpu", "pallas_gpu", "interpret_tpu" (the TPU
@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from kernels_pallas import dequant as _dequant
 from kernels_pallas import grouped_moe as _grouped
 from kernels_pallas.int4 import dequantize_int4_ref
+
 # By function: the package re-exports `int4_matmul`, which shadows the module of the same name.
 from kernels_pallas.int4_matmul import int4_matmul as _int4_matmul_kernel
 from kernels_pallas.int4_matmul import int4_matmul_ref
@@ -105,22 +106,25 @@ def int4_matmul(x, packed, scale, *, impl: str | None = None):
     return _int4_matmul_kernel(x, packed, scale, backend=args[0], interpret=args[1])
 
 
-def grouped_int4_swiglu(x, gate_packed, gate_scale, up_packed, up_scale, group_sizes, *,
+def grouped_int4_swiglu(x, gate_packed, gate_scale, up_packed, up_scale, group_sizes, *, expert_base=0,
                         impl: str | None = None):
-    """silu(x @ Wg[e]^T) * (x @ Wu[e]^T) for rows sorted by expert; [M, K] -> [M, I] in x.dtype."""
+    """silu(x @ Wg[b+e]^T) * (x @ Wu[b+e]^T) for rows sorted by expert e, b = expert_base;
+    [M, K] -> [M, I] in x.dtype."""
     args = _kernel_args(selected_impl(impl))
     if args is None or not _supported(args[0], x.shape[-1], x.shape[-1] // gate_scale.shape[-1]):
-        return _grouped.grouped_int4_swiglu_ref(x, gate_packed, gate_scale, up_packed, up_scale, group_sizes)
+        return _grouped.grouped_int4_swiglu_ref(x, gate_packed, gate_scale, up_packed, up_scale, group_sizes,
+                                                expert_base)
     return _grouped.grouped_int4_swiglu(x, gate_packed, gate_scale, up_packed, up_scale, group_sizes,
-                                        backend=args[0], interpret=args[1])
+                                        backend=args[0], interpret=args[1], expert_base=expert_base)
 
 
-def grouped_int4_matmul(h, packed, scale, group_sizes, *, impl: str | None = None):
-    """h @ W[e]^T for rows sorted by expert; [M, I] -> [M, D] in h.dtype."""
+def grouped_int4_matmul(h, packed, scale, group_sizes, *, expert_base=0, impl: str | None = None):
+    """h @ W[b+e]^T for rows sorted by expert e, b = expert_base; [M, I] -> [M, D] in h.dtype."""
     args = _kernel_args(selected_impl(impl))
     if args is None or not _supported(args[0], h.shape[-1], h.shape[-1] // scale.shape[-1]):
-        return _grouped.grouped_int4_matmul_ref(h, packed, scale, group_sizes)
-    return _grouped.grouped_int4_matmul(h, packed, scale, group_sizes, backend=args[0], interpret=args[1])
+        return _grouped.grouped_int4_matmul_ref(h, packed, scale, group_sizes, expert_base)
+    return _grouped.grouped_int4_matmul(h, packed, scale, group_sizes, backend=args[0], interpret=args[1],
+                                        expert_base=expert_base)
 
 
 def dequantize_int4(packed, scale, k: int, dtype=jnp.bfloat16, *, impl: str | None = None):

@@ -6,7 +6,14 @@ from __future__ import annotations
 import sys
 
 from kimi_jax.agent import Conversation, StepStartEvent, ToolResultEvent, result_json
-from kimi_jax.chat import ContentDelta, ParseWarning, ReasoningDelta, ToolCallArgumentsDelta, ToolCallEnd, ToolCallStart
+from kimi_jax.chat import (
+    ContentDelta,
+    ParseWarning,
+    ReasoningDelta,
+    ToolCallArgumentsDelta,
+    ToolCallEnd,
+    ToolCallStart,
+)
 
 DIM, CYAN, YELLOW, RESET = "\033[2m", "\033[36m", "\033[33m", "\033[0m"
 

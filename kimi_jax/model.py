@@ -35,9 +35,10 @@ class DecoderLayer(nnx.Module):
         self.post_attention_norm = ones((d,), ("embed",), dtype)
         self.mlp = MoE(cfg, dtype, rngs) if moe else MLP(d, cfg.intermediate_size, dtype, rngs)
 
-    def __call__(self, x, ctx: AttnContext, kv, *, block: int):
+    def __call__(self, x, ctx: AttnContext, kv, *, block: int, stack_index=None):
         """x [b,c,d]. `kv` is (c_kv_all, k_pe_all, layer_index) to attend through the cache, or
-        None to attend within the chunk only (training)."""
+        None to attend within the chunk only (training). `stack_index`: this layer's index in its
+        stack when the routed experts hold the whole stack (see KimiK2._run)."""
         cfg = self.cfg
         q_lat, q_pe, c_kv, k_pe = self.attn.project(rms_norm(x, self.input_norm[...], cfg.rms_norm_eps), ctx)
         if kv is None:
@@ -57,8 +58,14 @@ class DecoderLayer(nnx.Module):
             kv = (c_all, p_all)
         o_lat = attend(q_lat, q_pe, read, ctx, scale=rope.softmax_scale(cfg), block=block)
         x = x + self.attn.output(o_lat)
-        x = x + self.mlp(rms_norm(x, self.post_attention_norm[...], cfg.rms_norm_eps))
+        h = rms_norm(x, self.post_attention_norm[...], cfg.rms_norm_eps)
+        x = x + (self.mlp(h, stack_index) if isinstance(self.mlp, MoE) else self.mlp(h))
         return x, kv
+
+
+def _has_experts_axis(path, var) -> bool:
+    """nnx filter: the routed experts' weights, the parameters with a leading `experts` axis."""
+    return tuple(var.get_metadata().get("axes", ()))[:1] == ("experts",)
 
 
 def _stack(n: int, make, rngs: nnx.Rngs):
@@ -97,17 +104,20 @@ class KimiK2(nnx.Module):
 
     def _run(self, x, ctx, kv_all, block):
         for stack, first in self._stacks():
-            graphdef, state = nnx.split(stack)
+            # The scan slices every parameter per layer except the routed experts: those stay whole
+            # and each layer's MoE indexes the stack itself, so the INT4 kernels read only the
+            # chosen experts' rows instead of a per-layer copy of all of them (moe.expert_ffn).
+            graphdef, experts, state = nnx.split(stack, _has_experts_axis, ...)
             n = jax.tree.leaves(state)[0].shape[0]
 
-            def body(carry, xs, graphdef=graphdef):
+            def body(carry, xs, graphdef=graphdef, experts=experts, first=first):
                 x, kv = carry
-                layer_state, i = xs
-                layer = nnx.merge(graphdef, layer_state)
-                x, kv = layer(x, ctx, None if kv is None else (*kv, i), block=block)
+                layer_state, j = xs
+                layer = nnx.merge(graphdef, experts, layer_state)
+                x, kv = layer(x, ctx, None if kv is None else (*kv, first + j), block=block, stack_index=j)
                 return (x, kv), None
 
-            (x, kv_all), _ = jax.lax.scan(body, (x, kv_all), (state, first + jnp.arange(n)))
+            (x, kv_all), _ = jax.lax.scan(body, (x, kv_all), (state, jnp.arange(n)))
         return x, kv_all
 
     def __call__(self, tokens: jax.Array, cache: LatentCache, n_valid: jax.Array | int | None = None,

@@ -76,18 +76,33 @@ def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Ar
     return jnp.concatenate([y.reshape(n_blocks * bm, -1), jnp.zeros_like(y[0, :1])])[slot]
 
 
-def expert_ffn(xs: jax.Array, gate, up, down, group_sizes: jax.Array) -> jax.Array:
+def expert_ffn(xs: jax.Array, gate, up, down, group_sizes: jax.Array, layer=None) -> jax.Array:
     """SwiGLU of each row through its expert. xs [m,d] sorted by expert, group_sizes [e] -> [m,d].
 
     Dense experts are stored (in, out) per expert: gate/up [e,d,f], down [e,f,d]. INT4 experts are
     `Int4Weight`s in the checkpoint's (out, in/8) layout and go through kernels_pallas.ops, which
     picks the Pallas kernel for the backend or the XLA reference.
+
+    With `layer` (a traced index), the weights are the whole layer stack [L, e, ...] and this is
+    its layer `layer`. INT4 stacks go to the kernels whole, flattened to [L*e, ...] with an expert
+    base, because slicing a layer out would copy all its experts (not only the chosen ones) before
+    a custom call could read them — 8.4 GB per K2 layer, every decode step.
     """
     if isinstance(gate, Int4Weight):
         from kernels_pallas import ops
 
-        h = ops.grouped_int4_swiglu(xs, gate.packed, gate.scale, up.packed, up.scale, group_sizes)
-        return ops.grouped_int4_matmul(h.astype(xs.dtype), down.packed, down.scale, group_sizes)
+        base = 0
+        if layer is not None:
+            base = layer * gate.packed.shape[1]
+            gate, up, down = (Int4Weight(w.packed.reshape(-1, *w.packed.shape[2:]),
+                                         w.scale.reshape(-1, *w.scale.shape[2:]), w.in_features)
+                              for w in (gate, up, down))
+        h = ops.grouped_int4_swiglu(xs, gate.packed, gate.scale, up.packed, up.scale, group_sizes,
+                                    expert_base=base)
+        return ops.grouped_int4_matmul(h.astype(xs.dtype), down.packed, down.scale, group_sizes,
+                                       expert_base=base)
+    if layer is not None:
+        gate, up, down = (w[layer] for w in (gate, up, down))
     g = grouped_matmul(xs, gate, group_sizes)
     u = grouped_matmul(xs, up, group_sizes)
     return grouped_matmul(jax.nn.silu(g) * u, down, group_sizes)
@@ -143,40 +158,48 @@ class MoE(nnx.Module):
             self.down_proj = random_int4(rngs, (e, d, f), g, sdt, ("experts", "embed", "expert_mlp"))
         self.shared = MLP(d, f * cfg.n_shared_experts, dtype, rngs) if cfg.n_shared_experts else None
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, layer: jax.Array | None = None) -> jax.Array:
+        """x [..., d]. `layer`: set when the routed-expert weights hold the whole layer stack
+        (leading layer axis) and this call is that stack's layer `layer`; see `expert_ffn`."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         w, idx = route(x, self.router[...], self.router_bias[...], self.cfg)
         mesh = jax.sharding.get_abstract_mesh()
-        y = self._experts(x, w, idx) if mesh.empty else self._experts_sharded(x, w, idx, mesh)
+        y = self._experts(x, w, idx, layer) if mesh.empty else self._experts_sharded(x, w, idx, layer, mesh)
         if self.shared is not None:
             y = y + self.shared(x)
         return y.reshape(shape)
 
-    def _experts(self, x, w, idx, expert_offset=0, n_experts=None, weights=None):
+    def _experts(self, x, w, idx, layer, expert_offset=0, weights=None):
         gate, up, down = weights or (self.gate_proj.get_value(), self.up_proj.get_value(), self.down_proj.get_value())
-        n = n_experts or self.cfg.n_routed_experts
-        return dispatch(x, w, idx, n, lambda xs, gs: expert_ffn(xs, gate, up, down, gs), expert_offset)
+        n = _stored_shape(gate)[0 if layer is None else 1]
+        return dispatch(x, w, idx, n, lambda xs, gs: expert_ffn(xs, gate, up, down, gs, layer), expert_offset)
 
-    def _experts_sharded(self, x, w, idx, mesh):
+    def _experts_sharded(self, x, w, idx, layer, mesh):
         """Expert parallelism made explicit: every device holds its experts' weights (and its slice
         of their hidden units when `tensor` > 1) and the tokens of its data shard; it computes its
         experts' share of each token and one psum over (expert, tensor) adds the shares up.
         Chosen over an all-to-all token exchange for simplicity; see README for the trade-off."""
         projections = (self.gate_proj, self.up_proj, self.down_proj)
+        stacked = layer is not None
 
         def spec(var):
             value = var.get_value()
-            leaf = value.packed if isinstance(value, Int4Weight) else value
-            s = spec_for(var.get_metadata()["axes"], leaf.shape, mesh, name="experts")
+            axes = (None,) * stacked + tuple(var.get_metadata()["axes"])
+            s = spec_for(axes, _stored_shape(value), mesh, name="experts")
             return Int4Weight(s, s, value.in_features) if isinstance(value, Int4Weight) else s
 
-        def body(x, w, idx, gate, up, down):
-            n_local = (gate.packed if isinstance(gate, Int4Weight) else gate).shape[0]
-            offset = jax.lax.axis_index("expert") * n_local
-            y = self._experts(x, w, idx, offset, n_local, (gate, up, down))
+        def body(x, w, idx, layer, gate, up, down):
+            offset = jax.lax.axis_index("expert") * _stored_shape(gate)[int(stacked)]
+            y = self._experts(x, w, idx, layer if stacked else None, offset, (gate, up, down))
             return jax.lax.psum(y, ("expert", "tensor"))
 
         rows = P("data") if x.shape[0] % mesh.shape["data"] == 0 else P()
-        return jax.shard_map(body, mesh=mesh, in_specs=(rows, rows, rows, *map(spec, projections)), out_specs=rows,
-                             check_vma=False)(x, w, idx, *(v.get_value() for v in projections))
+        layer = jnp.int32(0) if layer is None else layer
+        return jax.shard_map(body, mesh=mesh, in_specs=(rows, rows, rows, P(), *map(spec, projections)),
+                             out_specs=rows, check_vma=False)(x, w, idx, layer, *(v.get_value() for v in projections))
+
+
+def _stored_shape(weights) -> tuple[int, ...]:
+    """Shape of an expert weight as stored (an `Int4Weight`'s packed array)."""
+    return (weights.packed if isinstance(weights, Int4Weight) else weights).shape

@@ -72,11 +72,13 @@ def plan(cfg, *, devices, mesh_text: str | None, max_len: int, batch: int, chunk
     import jax
     import jax.numpy as jnp
     from flax import nnx
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     from kimi_jax.cache import CACHE_AXES, LatentCache
     from kimi_jax.engine import Engine
     from kimi_jax.model import abstract_model
+    from kimi_jax.quant import is_routed_expert
     from kimi_jax.sharding import MeshSpec, default_mesh_spec, make_mesh, placed_abstract, sharding_for
 
     spec = MeshSpec.parse(mesh_text) if mesh_text else default_mesh_spec(cfg, len(devices))
@@ -120,7 +122,7 @@ def plan(cfg, *, devices, mesh_text: str | None, max_len: int, batch: int, chunk
             timings[name] = round(time.perf_counter() - t0, 1)
     weights = sum(_shard_bytes(x) for x in jax.tree.leaves(state))
     experts = sum(_shard_bytes(x) for p, v in nnx.to_flat_state(state)
-                  if p[0] == "moe_layers" and p[-1] in ("gate_proj", "up_proj", "down_proj")
+                  if is_routed_expert(p)
                   for x in jax.tree.leaves(v.get_value()))
     cache_bytes = _shard_bytes(cache.c_kv) + _shard_bytes(cache.k_pe)
     for name in ("prefill", "decode"):

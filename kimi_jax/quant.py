@@ -15,7 +15,6 @@ import jax.numpy as jnp
 import numpy as np
 
 
-
 @dataclasses.dataclass
 class Int4Weight:
     packed: jax.Array  # int32 [..., out, ceil(in / 8)]
@@ -79,6 +78,13 @@ def fake_quantize(w_in_out: jax.Array, group_size: int) -> jax.Array:
 EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
+def is_routed_expert(path) -> bool:
+    """Whether a model state path names routed-expert weights (the ones K2 ships as INT4):
+    ('moe_layers', 'mlp', 'gate_proj') is; the shared expert's ('moe_layers', 'mlp', 'shared',
+    'gate_proj') and the dense layers' ('dense_layers', 'mlp', 'gate_proj') are not."""
+    return path[0] == "moe_layers" and path[-2] == "mlp" and path[-1] in EXPERT_PROJECTIONS
+
+
 def quantize_experts(model, group_size: int = 32):
     """Post-training quantization: a copy of `model` whose routed experts are packed INT4 (the
     checkpoint format), everything else unchanged. Used to export and to evaluate PTQ."""
@@ -93,7 +99,7 @@ def quantize_experts(model, group_size: int = 32):
     flat = nnx.to_flat_state(state)
     for path, var in flat:
         value = src[path].get_value()
-        if path[0] == "moe_layers" and path[-2:-1] == ("mlp",) and path[-1] in EXPERT_PROJECTIONS:
+        if is_routed_expert(path):
             value = quantize(np.asarray(jax.device_get(value)), group_size, jnp.bfloat16)
         var.set_value(value)
     return nnx.merge(graphdef, nnx.from_flat_state(flat))

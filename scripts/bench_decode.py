@@ -41,13 +41,15 @@ def step_bytes(model, batch: int, context: int) -> tuple[int, int]:
     import jax
     from flax import nnx
 
+    from kimi_jax.quant import is_routed_expert
+
     cfg = model.cfg
     total = experts = 0
     for path, var in nnx.to_flat_state(nnx.state(model)):
         size = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(var.get_value()))
         if path == ("embed",):
             size = size // cfg.vocab_size * batch  # only the rows of this step's tokens
-        elif path[0] == "moe_layers" and path[-1] in ("gate_proj", "up_proj", "down_proj"):
+        elif is_routed_expert(path):
             # distinct experts touched per layer under uniform routing (perf-targets.md)
             touched = cfg.n_routed_experts * (1 - (1 - cfg.num_experts_per_tok / cfg.n_routed_experts) ** batch)
             size = int(size * touched / cfg.n_routed_experts)

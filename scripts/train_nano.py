@@ -112,12 +112,12 @@ def make_train_step(graphdef, optimizer, group_size):
     import optax
     from flax import nnx
 
-    from kimi_jax.quant import EXPERT_PROJECTIONS, fake_quantize
+    from kimi_jax.quant import fake_quantize, is_routed_expert
 
     def with_fake_quant(state):
         flat = []
         for path, var in nnx.to_flat_state(state):
-            if path[0] == "moe_layers" and path[-2] == "mlp" and path[-1] in EXPERT_PROJECTIONS:
+            if is_routed_expert(path):
                 var = var.replace(fake_quantize(var.get_value(), group_size))
             flat.append((path, var))
         return nnx.from_flat_state(flat)

@@ -7,8 +7,15 @@ import time
 import pytest
 
 from kimi_jax.agent import Conversation, ToolResultEvent
-from kimi_jax.chat import ChatTemplate, ContentDelta, ReasoningDelta, Tokenizer, byte_level_ranks, format_output
-from kimi_jax.chat import write_tokenizer_files
+from kimi_jax.chat import (
+    ChatTemplate,
+    ContentDelta,
+    ReasoningDelta,
+    Tokenizer,
+    byte_level_ranks,
+    format_output,
+    write_tokenizer_files,
+)
 from kimi_jax.errors import KimiError
 from kimi_jax.tools import ToolRegistry, builtin_tools
 

@@ -2,19 +2,21 @@
 
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from reference import load_reference, reference_greedy, reference_logits
 
 from kimi_jax import export, fixtures, generate
+from kimi_jax.cache import LatentCache
 from kimi_jax.checkpoint import load_model
 from kimi_jax.config import TINY, Int4Quant
 from kimi_jax.engine import Engine
 from kimi_jax.errors import CheckpointError
-from kimi_jax.quant import Int4Weight
+from kimi_jax.quant import Int4Weight, is_routed_expert
 from kimi_jax.sampling import SamplingParams
-from reference import load_reference, reference_greedy, reference_logits
 
 CFG = fixtures.with_fixture_token_ids(TINY.replace(quantization=Int4Quant(group_size=16)))
 
@@ -29,7 +31,7 @@ def int4(fixture_dir):
 def test_routed_experts_stay_packed_at_4_5_bits_per_weight(int4):
     _, model, cfg = int4
     experts = [v.get_value() for p, v in nnx.to_flat_state(nnx.state(model))
-               if p[0] == "moe_layers" and p[-2] == "mlp" and p[-1] in ("gate_proj", "up_proj", "down_proj")]
+               if is_routed_expert(p)]
     assert len(experts) == 3 and all(isinstance(w, Int4Weight) for w in experts)
     assert all(w.packed.dtype == jnp.int32 and w.scale.dtype == jnp.bfloat16 for w in experts)
     n_weights = sum(w.packed.size * 8 for w in experts)
@@ -58,6 +60,44 @@ def test_interpreted_pallas_kernels_give_the_reference_logits(int4):
     with ops.use_impl("interpret_gpu"):
         kernel = np.asarray(nnx.jit(lambda m, t: m.forward_no_cache(t))(model, tokens))
     assert np.abs(kernel - xla).max() <= 1e-3
+
+
+def _all_avals(jaxpr):
+    """Shapes of every value in a jaxpr and its sub-jaxprs (scan/cond bodies, shard_map, pallas)."""
+    for v in (*jaxpr.invars, *jaxpr.constvars):
+        yield v.aval
+    for eqn in jaxpr.eqns:
+        yield from (v.aval for v in eqn.outvars)
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else (param,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from _all_avals(inner)
+
+
+@pytest.mark.parametrize("impl", ["xla", "interpret_gpu", "interpret_tpu"])
+def test_decode_never_materializes_one_layers_whole_expert_slab(int4, impl):
+    # Slicing a layer out of the stacked experts (what a scan over them does) makes XLA copy all of
+    # that layer's experts for the kernel on every step: 8.4 GB per K2 layer. The model must hand
+    # the whole stack to the kernels instead, so no value of one layer's [experts, out, in/8]
+    # shape may appear anywhere in the decode step's program.
+    from kernels_pallas import ops
+
+    _, model, cfg = int4
+    assert cfg.n_moe_layers >= 2  # with one layer, the stack and a layer slab look alike
+    packed = model.moe_layers.mlp.gate_proj.get_value().packed
+    slab = packed.shape[1:]
+    graphdef, state = nnx.split(model)
+    cache = LatentCache.create(cfg, [0], 256, jnp.float32)
+
+    def step(state, tokens, cache):
+        return nnx.merge(graphdef, state)(tokens, cache)
+
+    with ops.use_impl(impl):
+        jaxpr = jax.make_jaxpr(step)(state, jnp.zeros((1, 1), jnp.int32), cache).jaxpr
+    shapes = {tuple(a.shape) for a in _all_avals(jaxpr) if hasattr(a, "shape")}
+    assert packed.shape in shapes  # the stack itself goes in whole
+    assert slab not in shapes
 
 
 def test_generate_cli_runs_the_int4_checkpoint(int4, capsys):

@@ -14,8 +14,12 @@ from jax.experimental.pallas import tpu as pltpu
 
 from kernels_pallas import ops
 from kernels_pallas.dequant import dequantize_int4
-from kernels_pallas.grouped_moe import (grouped_int4_matmul, grouped_int4_matmul_ref, grouped_int4_swiglu,
-                                        grouped_int4_swiglu_ref)
+from kernels_pallas.grouped_moe import (
+    grouped_int4_matmul,
+    grouped_int4_matmul_ref,
+    grouped_int4_swiglu,
+    grouped_int4_swiglu_ref,
+)
 from kernels_pallas.int4 import dequantize_int4_ref, quantize_int4
 from kernels_pallas.int4_matmul import gpu_tiles, int4_matmul, int4_matmul_ref, tpu_visits
 
@@ -134,6 +138,29 @@ def test_grouped_matmul(backend):
     assert_close(got[:rows], want[:rows])
     np.testing.assert_array_equal(np.asarray(got[rows:], np.float32), 0.0)
     assert_close(want[:rows], dense_oracle(h, [(dp, ds)], SIZES, False))
+
+
+@pytest.mark.parametrize("impl", ["xla", "interpret_gpu", "interpret_tpu"])
+def test_expert_base_reads_one_layer_out_of_a_stack_of_layers(impl):
+    # Layer 1 of 3 stacked layers, chosen by a traced base: the other layers' NaN scales must never
+    # be read, and the result equals running that layer's experts on their own.
+    rng = np.random.default_rng(14)
+    x, layer, sizes = grouped_case(rng, 32, 64)
+    e = len(SIZES)
+    stack = [(jnp.concatenate([jnp.zeros_like(p)] + [p] + [jnp.zeros_like(p)]),
+              jnp.concatenate([jnp.full_like(s, jnp.nan), s, jnp.full_like(s, jnp.nan)])) for p, s in layer]
+    (gp, gs), (up, us) = stack
+
+    @jax.jit
+    def run(x, base):
+        return ops.grouped_int4_swiglu(x, gp, gs, up, us, sizes, expert_base=base, impl=impl)
+
+    rows = sum(SIZES)
+    want = grouped_int4_swiglu_ref(x, *layer[0], *layer[1], sizes)
+    assert_close(run(x, jnp.int32(e))[:rows], want[:rows])
+    dp, ds = int4_weights(rng, (2 * e, 48, 32))  # down projection of two stacked layers, the second used
+    got = ops.grouped_int4_matmul(want, dp, ds, sizes, expert_base=e, impl=impl)
+    assert_close(got[:rows], grouped_int4_matmul_ref(want, dp[e:], ds[e:], sizes)[:rows])
 
 
 def test_all_rows_in_one_expert_and_no_rows_at_all():

@@ -9,7 +9,7 @@ from flax import nnx
 
 from kimi_jax import generate
 from kimi_jax.agent import Conversation
-from kimi_jax.quant import Int4Weight
+from kimi_jax.quant import Int4Weight, is_routed_expert
 from kimi_jax.runtime import Runtime
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,7 +31,7 @@ def test_shipped_checkpoint_is_small_int4_in_the_official_layout(nano):
     assert size <= 30e6
     assert nano.cfg.quantization is not None and nano.cfg.quantization.group_size == 32
     experts = [v.get_value() for p, v in nnx.to_flat_state(nnx.state(nano.model))
-               if p[0] == "moe_layers" and p[-2] == "mlp" and p[-1] in ("gate_proj", "up_proj", "down_proj")]
+               if is_routed_expert(p)]
     assert experts and all(isinstance(w, Int4Weight) for w in experts)
     rendered = nano.template.render([{"role": "user", "content": "hi"}])
     assert rendered.endswith("<|im_user|>user<|im_middle|>hi<|im_end|><|im_assistant|>assistant<|im_middle|>")

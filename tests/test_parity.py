@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from reference import load_reference, reference_greedy, reference_logits
 
 from kimi_jax.checkpoint import load_model
 from kimi_jax.config import TINY, Yarn
@@ -17,7 +18,6 @@ from kimi_jax.engine import Engine
 from kimi_jax.errors import KimiError
 from kimi_jax.fixtures import with_fixture_token_ids
 from kimi_jax.sampling import SamplingParams
-from reference import load_reference, reference_greedy, reference_logits
 
 VARIANTS = {
     # K2's own branch mix: one dense layer, q LoRA, no group limit, YaRN with beta 1/1.
