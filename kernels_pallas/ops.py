@@ -80,6 +80,21 @@ def target_platform() -> str:
     return device.platform if device is not None else jax.default_backend()
 
 
+def indexes_layer_stacks(impl: str | None = None) -> bool:
+    """Whether a model should pass the grouped ops its whole layer stack of expert weights with an
+    `expert_base` (True), or slice out one layer's experts for each call (False).
+
+    GPU, CPU and the interpreters: the stack. There, slicing a layer out of a parameter makes
+    XLA copy the slice — all of the layer's experts, 8.4 GB for K2 — before a custom call reads it.
+    Mosaic TPU: one layer, for now. XLA:TPU keeps arrays whose minor dimension is not a multiple
+    of 128 (the scales, K/32 = 224 columns; down_proj split over `tensor`, 32 words) in a
+    transposed layout and copies them to the row-major layout the kernel reads; over the whole
+    stack that copy holds every layer at once (135 GB per device for K2 at tensor=8, measured by
+    the TPU compiler), over a slice only one. The lasting fix is a TPU storage layout for the
+    experts whose minor dimension is wide (UNVERIFIED on hardware; no TPU has run these kernels)."""
+    return selected_impl(impl) != "pallas_tpu"
+
+
 def _kernel_args(impl: str):
     """-> (backend, interpret) for a kernel impl, None for the reference."""
     if impl == "xla":

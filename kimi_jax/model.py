@@ -103,18 +103,24 @@ class KimiK2(nnx.Module):
         return out
 
     def _run(self, x, ctx, kv_all, block):
-        for stack, first in self._stacks():
-            # The scan slices every parameter per layer except the routed experts: those stay whole
-            # and each layer's MoE indexes the stack itself, so the INT4 kernels read only the
-            # chosen experts' rows instead of a per-layer copy of all of them (moe.expert_ffn).
-            graphdef, experts, state = nnx.split(stack, _has_experts_axis, ...)
-            n = jax.tree.leaves(state)[0].shape[0]
+        from kernels_pallas import ops
 
-            def body(carry, xs, graphdef=graphdef, experts=experts, first=first):
+        # The scan slices every parameter per layer except, where the expert kernels index layer
+        # stacks, the routed experts: those stay whole and each layer's MoE indexes the stack
+        # itself, so the kernels read only the chosen experts' rows instead of a per-layer copy of
+        # all of them (moe.expert_ffn, ops.indexes_layer_stacks).
+        whole = _has_experts_axis if ops.indexes_layer_stacks() else nnx.Nothing
+        for stack, first in self._stacks():
+            graphdef, experts, state = nnx.split(stack, whole, ...)
+            n = jax.tree.leaves(state)[0].shape[0]
+            stacked = bool(jax.tree.leaves(experts))
+
+            def body(carry, xs, graphdef=graphdef, experts=experts, first=first, stacked=stacked):
                 x, kv = carry
                 layer_state, j = xs
                 layer = nnx.merge(graphdef, experts, layer_state)
-                x, kv = layer(x, ctx, None if kv is None else (*kv, first + j), block=block, stack_index=j)
+                x, kv = layer(x, ctx, None if kv is None else (*kv, first + j), block=block,
+                              stack_index=j if stacked else None)
                 return (x, kv), None
 
             (x, kv_all), _ = jax.lax.scan(body, (x, kv_all), (state, jnp.arange(n)))

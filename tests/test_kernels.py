@@ -225,6 +225,8 @@ def test_dispatch_selects_by_platform_and_override():
         ops.selected_impl("pallas")  # no Pallas backend on CPU
     with pytest.raises(ValueError):
         ops.selected_impl("cuda")
+    # Whole layer stacks go to every implementation but compiled Mosaic TPU (see its docstring).
+    assert [ops.indexes_layer_stacks(i) for i in ops.IMPLS] == [True, False, True, True, True]
 
 
 @pytest.mark.parametrize("impl", ["xla", "interpret_gpu", "interpret_tpu"])
