@@ -99,6 +99,19 @@ def test_think_call_result_answer_cycle(tokenizer):
     assert "".join(e.text for e in events if isinstance(e, ContentDelta)) == "It is 42."
 
 
+def test_reasoning_of_a_later_turn_is_reasoning_despite_think_tags_in_the_prompt(tokenizer):
+    # Spec §7.4.7: every earlier assistant turn renders as <think></think> in the prompt; a parser
+    # that looked for </think> in prompt ids would route the new turn's reasoning to content.
+    rt = runtime(tokenizer, [answer("Hi.", "Greet."), answer("Bye.", "Say goodbye.")])
+    conv = Conversation(rt, tools=builtin_tools())
+    conv.send("Hello", lambda e: None)
+    events = []
+    result = conv.send("Goodbye", events.append)
+    assert "</think>" in tokenizer.decode(rt.engine.prompts[1])
+    assert result.content == "Bye."
+    assert "".join(e.text for e in events if isinstance(e, ReasoningDelta)) == "Say goodbye."
+
+
 @pytest.mark.parametrize("name, args, message", [
     ("no_such_tool", "{}", "unknown tool 'no_such_tool'"),
     ("calculator", "{not json", "not valid JSON"),
