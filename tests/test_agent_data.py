@@ -1,21 +1,17 @@
 """The synthetic agent data: deterministic, replayable tool calls, K2 ids, a clean held-out split."""
 
-import importlib.util
 import itertools
 import json
-import pathlib
 import re
 
 import pytest
+from scripts_loader import load_script
 
 from kimi_jax.chat import ChatTemplate, format_output
 from kimi_jax.chat.tokenizer import K2_SPECIAL_TOKENS
 from kimi_jax.tools import TABLES, builtin_tools
 
-SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "make_agent_data.py"
-_spec = importlib.util.spec_from_file_location("make_agent_data", SCRIPT)
-mad = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(mad)
+mad = load_script("make_agent_data")
 
 
 @pytest.fixture(scope="module")

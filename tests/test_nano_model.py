@@ -2,10 +2,10 @@
 
 import json
 import os
-import sys
 
 import pytest
 from flax import nnx
+from scripts_loader import load_script
 
 from kimi_jax import generate
 from kimi_jax.agent import Conversation
@@ -14,7 +14,6 @@ from kimi_jax.runtime import Runtime
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NANO = os.path.join(ROOT, "checkpoints", "kimi-k2-nano")
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
 # One held-out task per family that the shipped model solves (a regression check; the success rates
 # over the whole held-out split are in checkpoints/kimi-k2-nano/README.md).
 with open(os.path.join(ROOT, "tests", "data", "nano_heldout.jsonl"), encoding="utf-8") as f:
@@ -39,8 +38,7 @@ def test_shipped_checkpoint_is_small_int4_in_the_official_layout(nano):
 
 @pytest.mark.parametrize("item", HELDOUT, ids=[i["family"] for i in HELDOUT])
 def test_greedy_agent_loop_solves_a_heldout_task(nano, item):
-    from make_agent_data import registry_for
-
+    registry_for = load_script("make_agent_data").registry_for
     names = [t["function"]["name"] for t in item.get("tools") or []]
     conv = Conversation(nano, tools=registry_for(item["id"]), tool_names=names or None, max_steps=6)
     for message in item["messages"]:

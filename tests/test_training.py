@@ -1,25 +1,15 @@
 """The nano training pipeline: QAT trains on exactly the served weights, and the scripts run end to end."""
 
-import importlib.util
 import json
-import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from scripts_loader import load_script
 
 from kimi_jax import generate
 from kimi_jax.quant import Int4Weight, fake_quantize, is_routed_expert, quantize
-
-SCRIPTS = pathlib.Path(__file__).resolve().parents[1] / "scripts"
-
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize("shape,group", [((64, 48), 32), ((3, 96, 16), 32), ((32, 8), 16)])
