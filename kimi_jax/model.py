@@ -22,6 +22,7 @@ from kimi_jax.config import Config
 from kimi_jax.layers import MLP, ones, param, rms_norm
 from kimi_jax.mla import MLA, AttnContext, attend
 from kimi_jax.moe import MoE
+from kimi_jax.quant import is_routed_expert
 
 DEFAULT_KV_BLOCK = 256  # key slots per attention block; caches are allocated in whole blocks
 
@@ -61,11 +62,6 @@ class DecoderLayer(nnx.Module):
         h = rms_norm(x, self.post_attention_norm[...], cfg.rms_norm_eps)
         x = x + (self.mlp(h, stack_index) if isinstance(self.mlp, MoE) else self.mlp(h))
         return x, kv
-
-
-def _has_experts_axis(path, var) -> bool:
-    """nnx filter: the routed experts' weights, the parameters with a leading `experts` axis."""
-    return tuple(var.get_metadata().get("axes", ()))[:1] == ("experts",)
 
 
 def _stack(n: int, make, rngs: nnx.Rngs):
@@ -109,7 +105,7 @@ class KimiK2(nnx.Module):
         # stacks, the routed experts: those stay whole and each layer's MoE indexes the stack
         # itself, so the kernels read only the chosen experts' rows instead of a per-layer copy of
         # all of them (moe.expert_ffn, ops.indexes_layer_stacks).
-        whole = _has_experts_axis if ops.indexes_layer_stacks() else nnx.Nothing
+        whole = is_routed_expert if ops.indexes_layer_stacks() else nnx.Nothing
         for stack, first in self._stacks():
             graphdef, experts, state = nnx.split(stack, whole, ...)
             n = jax.tree.leaves(state)[0].shape[0]

@@ -122,7 +122,7 @@ def plan(cfg, *, devices, mesh_text: str | None, max_len: int, batch: int, chunk
             timings[name] = round(time.perf_counter() - t0, 1)
     weights = sum(_shard_bytes(x) for x in jax.tree.leaves(state))
     experts = sum(_shard_bytes(x) for p, v in nnx.to_flat_state(state)
-                  if is_routed_expert(p)
+                  if is_routed_expert(p, v)
                   for x in jax.tree.leaves(v.get_value()))
     cache_bytes = _shard_bytes(cache.c_kv) + _shard_bytes(cache.k_pe)
     for name in ("prefill", "decode"):

@@ -75,14 +75,12 @@ def fake_quantize(w_in_out: jax.Array, group_size: int) -> jax.Array:
     return w_in_out + jax.lax.stop_gradient(deq.astype(w_in_out.dtype) - w_in_out)
 
 
-EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
-
-
-def is_routed_expert(path) -> bool:
-    """Whether a model state path names routed-expert weights (the ones K2 ships as INT4):
-    ('moe_layers', 'mlp', 'gate_proj') is; the shared expert's ('moe_layers', 'mlp', 'shared',
-    'gate_proj') and the dense layers' ('dense_layers', 'mlp', 'gate_proj') are not."""
-    return path[0] == "moe_layers" and path[-2] == "mlp" and path[-1] in EXPERT_PROJECTIONS
+def is_routed_expert(path, var) -> bool:
+    """Whether a model parameter is routed-expert weights (the ones K2 ships as INT4): the
+    parameters whose first declared axis is `experts` — not the shared expert, the dense layers'
+    MLP or the router. Takes (path, variable) like the pairs of `nnx.to_flat_state`, so it is also
+    an nnx filter."""
+    return tuple(var.get_metadata().get("axes", ()))[:1] == ("experts",)
 
 
 def quantize_experts(model, group_size: int = 32):
@@ -99,7 +97,7 @@ def quantize_experts(model, group_size: int = 32):
     flat = nnx.to_flat_state(state)
     for path, var in flat:
         value = src[path].get_value()
-        if is_routed_expert(path):
+        if is_routed_expert(path, var):
             value = quantize(np.asarray(jax.device_get(value)), group_size, jnp.bfloat16)
         var.set_value(value)
     return nnx.merge(graphdef, nnx.from_flat_state(flat))

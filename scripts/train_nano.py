@@ -117,7 +117,7 @@ def make_train_step(graphdef, optimizer, group_size):
     def with_fake_quant(state):
         flat = []
         for path, var in nnx.to_flat_state(state):
-            if is_routed_expert(path):
+            if is_routed_expert(path, var):
                 var = var.replace(fake_quantize(var.get_value(), group_size))
             flat.append((path, var))
         return nnx.from_flat_state(flat)

@@ -31,7 +31,7 @@ def int4(fixture_dir):
 def test_routed_experts_stay_packed_at_4_5_bits_per_weight(int4):
     _, model, cfg = int4
     experts = [v.get_value() for p, v in nnx.to_flat_state(nnx.state(model))
-               if is_routed_expert(p)]
+               if is_routed_expert(p, v)]
     assert len(experts) == 3 and all(isinstance(w, Int4Weight) for w in experts)
     assert all(w.packed.dtype == jnp.int32 and w.scale.dtype == jnp.bfloat16 for w in experts)
     n_weights = sum(w.packed.size * 8 for w in experts)

@@ -30,7 +30,7 @@ def test_shipped_checkpoint_is_small_int4_in_the_official_layout(nano):
     assert size <= 30e6
     assert nano.cfg.quantization is not None and nano.cfg.quantization.group_size == 32
     experts = [v.get_value() for p, v in nnx.to_flat_state(nnx.state(nano.model))
-               if is_routed_expert(p)]
+               if is_routed_expert(p, v)]
     assert experts and all(isinstance(w, Int4Weight) for w in experts)
     rendered = nano.template.render([{"role": "user", "content": "hi"}])
     assert rendered.endswith("<|im_user|>user<|im_middle|>hi<|im_end|><|im_assistant|>assistant<|im_middle|>")

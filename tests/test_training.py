@@ -48,7 +48,7 @@ def test_data_tokenizer_training_and_export_run_end_to_end(tmp_path, capsys):
     from kimi_jax.checkpoint import load_model
 
     model, cfg = load_model(str(out), progress=False)
-    experts = [v.get_value() for p, v in nnx.to_flat_state(nnx.state(model)) if is_routed_expert(p)]
+    experts = [v.get_value() for p, v in nnx.to_flat_state(nnx.state(model)) if is_routed_expert(p, v)]
     assert len(experts) == 3 and all(isinstance(w, Int4Weight) for w in experts)
     assert generate.main(["--checkpoint", str(out), "--prompt", "What is 2 + 2?", "--max-new-tokens", "4",
                           "--json"]) == 0
