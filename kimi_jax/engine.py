@@ -143,10 +143,9 @@ class Generation:
         self.engine = engine
         self.sampling = sampling
         self.batch = len(prompts)
-        start = 0 if cache is None else int(to_host(cache.length))
         t0 = time.perf_counter()
         logits, self.cache = engine.prefill(prompts, cache)
-        self.cached_len = start + max(len(p) for p in prompts)
+        self.cached_len = int(to_host(self.cache.length))
         self._knobs = sampling.arrays(self.batch)
         self._key = jax.random.key(sampling.seed)
         self._next = engine._sample(logits, jax.random.fold_in(self._key, 0), self._knobs)
