@@ -38,6 +38,23 @@ def tpu_supports(k: int, group: int) -> bool:
     return group > 0 and k % group == 0 and group % NIBBLES_PER_WORD == 0
 
 
+_SUPPORTS = {"gpu": (gpu_supports, "a power-of-two group size dividing k"),
+             "tpu": (tpu_supports, "a group size dividing k that is a multiple of 8")}
+
+
+def supports(backend: str, k: int, group: int) -> bool:
+    """Whether the `backend` kernels handle inputs of width k in groups of `group`."""
+    return _SUPPORTS[backend][0](k, group)
+
+
+def check_supported(backend: str, k: int, group: int):
+    """Raise ValueError naming the requirement when the `backend` kernels cannot take this shape."""
+    if backend not in _SUPPORTS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {sorted(_SUPPORTS)}")
+    if not supports(backend, k, group):
+        raise ValueError(f"the {backend} kernels need {_SUPPORTS[backend][1]}; got k={k}, group size {group}")
+
+
 def dequant_tile_gpu(p, s, *, group: int, dtype, mode: str = "f32"):
     """p int32 [bn, w], s [bn, 8w/group] -> [bn, 8w] in `dtype` (checkpoint column order).
 
@@ -177,14 +194,6 @@ def dequantize_int4(packed, scale, *, k: int, dtype=jnp.bfloat16, backend: str =
     group = k // scale.shape[-1]
     p2 = packed.reshape(-1, packed.shape[-1])
     s2 = scale.reshape(-1, scale.shape[-1])
-    if backend == "gpu":
-        if not gpu_supports(k, group):
-            raise ValueError(f"GPU dequant needs a power-of-two group size dividing k, got {group}")
-        out = _dequant_gpu(p2, s2, k, group, dtype, interpret)
-    elif backend == "tpu":
-        if not tpu_supports(k, group):
-            raise ValueError(f"TPU dequant needs a group size that is a multiple of 8, got {group}")
-        out = _dequant_tpu(p2, s2, k, group, dtype, interpret)
-    else:
-        raise ValueError(f"unknown backend {backend!r}")
-    return out.reshape(*lead, k)
+    check_supported(backend, k, group)
+    dequant = _dequant_gpu if backend == "gpu" else _dequant_tpu
+    return dequant(p2, s2, k, group, dtype, interpret).reshape(*lead, k)

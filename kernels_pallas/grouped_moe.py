@@ -21,10 +21,10 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from kernels_pallas.dequant import check_supported
 from kernels_pallas.int4 import dequantize_int4_ref
 from kernels_pallas.int4_matmul import (
     DOT_NT,
-    check_supported,
     gpu_config,
     gpu_grouped_call,
     gpu_tiles,

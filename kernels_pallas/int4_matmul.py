@@ -26,11 +26,10 @@ from jax.experimental import pallas as pl
 
 from kernels_pallas.dequant import (
     aligned_divisor,
+    check_supported,
     dequant_planes_tpu,
     dequant_tile_gpu,
-    gpu_supports,
     spread_matrix,
-    tpu_supports,
 )
 from kernels_pallas.int4 import NIBBLES_PER_WORD, dequantize_int4_ref
 
@@ -275,12 +274,6 @@ def tpu_grouped_call(x, weights, group_sizes, *, swiglu, block_m, block_n=512, i
 
 
 # ---------------------------------------------------------------------------------------------
-
-
-def check_supported(backend: str, k: int, group: int):
-    ok = {"gpu": gpu_supports, "tpu": tpu_supports}[backend](k, group)
-    if not ok:
-        raise ValueError(f"the {backend} kernel does not support k={k} with group size {group}")
 
 
 def int4_matmul(x, packed, scale, *, backend: str = "gpu", block_m=None, block_n=None, block_k=None,

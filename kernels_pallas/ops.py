@@ -109,14 +109,10 @@ def _kernel_args(impl: str):
     return backend, True
 
 
-def _supported(backend, k, group) -> bool:
-    return {"gpu": _dequant.gpu_supports, "tpu": _dequant.tpu_supports}[backend](k, group)
-
-
 def int4_matmul(x, packed, scale, *, impl: str | None = None):
     """x [M, K] @ dequant(packed [N, K/8], scale [N, K/g])^T -> [M, N] in x.dtype."""
     args = _kernel_args(selected_impl(impl))
-    if args is None or not _supported(args[0], x.shape[-1], x.shape[-1] // scale.shape[-1]):
+    if args is None or not _dequant.supports(args[0], x.shape[-1], x.shape[-1] // scale.shape[-1]):
         return int4_matmul_ref(x, packed, scale)
     return _int4_matmul_kernel(x, packed, scale, backend=args[0], interpret=args[1])
 
@@ -126,7 +122,7 @@ def grouped_int4_swiglu(x, gate_packed, gate_scale, up_packed, up_scale, group_s
     """silu(x @ Wg[b+e]^T) * (x @ Wu[b+e]^T) for rows sorted by expert e, b = expert_base;
     [M, K] -> [M, I] in x.dtype."""
     args = _kernel_args(selected_impl(impl))
-    if args is None or not _supported(args[0], x.shape[-1], x.shape[-1] // gate_scale.shape[-1]):
+    if args is None or not _dequant.supports(args[0], x.shape[-1], x.shape[-1] // gate_scale.shape[-1]):
         return _grouped.grouped_int4_swiglu_ref(x, gate_packed, gate_scale, up_packed, up_scale, group_sizes,
                                                 expert_base)
     return _grouped.grouped_int4_swiglu(x, gate_packed, gate_scale, up_packed, up_scale, group_sizes,
@@ -136,7 +132,7 @@ def grouped_int4_swiglu(x, gate_packed, gate_scale, up_packed, up_scale, group_s
 def grouped_int4_matmul(h, packed, scale, group_sizes, *, expert_base=0, impl: str | None = None):
     """h @ W[b+e]^T for rows sorted by expert e, b = expert_base; [M, I] -> [M, D] in h.dtype."""
     args = _kernel_args(selected_impl(impl))
-    if args is None or not _supported(args[0], h.shape[-1], h.shape[-1] // scale.shape[-1]):
+    if args is None or not _dequant.supports(args[0], h.shape[-1], h.shape[-1] // scale.shape[-1]):
         return _grouped.grouped_int4_matmul_ref(h, packed, scale, group_sizes, expert_base)
     return _grouped.grouped_int4_matmul(h, packed, scale, group_sizes, backend=args[0], interpret=args[1],
                                         expert_base=expert_base)
@@ -145,6 +141,6 @@ def grouped_int4_matmul(h, packed, scale, group_sizes, *, expert_base=0, impl: s
 def dequantize_int4(packed, scale, k: int, dtype=jnp.bfloat16, *, impl: str | None = None):
     """packed [..., N, K/8], scale [..., N, K/g] -> [..., N, k] in dtype."""
     args = _kernel_args(selected_impl(impl))
-    if args is None or not _supported(args[0], k, k // scale.shape[-1]):
+    if args is None or not _dequant.supports(args[0], k, k // scale.shape[-1]):
         return dequantize_int4_ref(packed, scale, k, dtype)
     return _dequant.dequantize_int4(packed, scale, k=k, dtype=dtype, backend=args[0], interpret=args[1])

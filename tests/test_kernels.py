@@ -257,3 +257,8 @@ def test_unsupported_group_size_falls_back_to_the_reference():
         got = ops.int4_matmul(x, packed, scale)
     want = int4_matmul_ref(x, packed, scale)
     np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    # Called directly, the kernels refuse with the requirement named.
+    with pytest.raises(ValueError, match="power-of-two group size"):
+        int4_matmul(x, packed, scale, backend="gpu", interpret=True)
+    with pytest.raises(ValueError, match="unknown backend 'cuda'"):
+        dequantize_int4(packed, scale, k=48, backend="cuda")
