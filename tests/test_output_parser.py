@@ -155,6 +155,15 @@ def test_stream_holds_back_only_possible_marker_prefixes():
     assert parser.finish() == []
 
 
+def test_untagged_text_is_held_until_a_close_tag_or_the_end_says_what_it_was():
+    parser = StreamParser()
+    assert parser.feed("Let me ") == [] and parser.feed("think.") == []
+    assert parser.feed("</think>Answer") == [ReasoningDelta("Let me think."), ContentDelta("Answer")]
+    parser = StreamParser()
+    assert parser.feed("Just an answer.") == []
+    assert parser.finish() == [ContentDelta("Just an answer.")]
+
+
 def test_feed_after_finish_is_an_error():
     parser = StreamParser()
     parser.finish()

@@ -17,7 +17,13 @@ import copy
 import json
 from dataclasses import dataclass
 
-from kimi_jax.chat.parser import ContentDelta, ParseWarning, ToolCallArgumentsDelta, ToolCallEnd, ToolCallStart
+from kimi_jax.chat.parser import (
+    ContentDelta,
+    ParseWarning,
+    ToolCallArgumentsDelta,
+    ToolCallEnd,
+    ToolCallStart,
+)
 
 
 def k2_call_id(name: str, index: int) -> str:

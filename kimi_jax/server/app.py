@@ -20,10 +20,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
-from kimi_jax.chat import ContentDelta, ReasoningDelta, ToolCallArgumentsDelta, ToolCallStart
 from kimi_jax.server.errors import APIError, bad_request
 from kimi_jax.server.metrics import Counters, prometheus_text
 from kimi_jax.server.requests import parse_chat, parse_completion
+from kimi_jax.server.responses import chat_deltas, chat_message, sse
 from kimi_jax.server.service import Service
 
 log = logging.getLogger("kimi_jax.serve")
@@ -102,38 +102,6 @@ class _EventStream(StreamingResponse):
             self._run.cancel()
 
 
-def _sse(payload) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
-
-
-# ---- chat ---------------------------------------------------------------------------------------
-
-def chat_deltas(events) -> list[dict]:
-    """OpenAI `delta` objects for parser events (warnings and call ends have none)."""
-    deltas = []
-    for e in events:
-        if isinstance(e, ReasoningDelta):
-            deltas.append({"reasoning_content": e.text})
-        elif isinstance(e, ContentDelta):
-            deltas.append({"content": e.text})
-        elif isinstance(e, ToolCallStart):
-            deltas.append({"tool_calls": [{"index": e.index, "id": e.id, "type": "function",
-                                           "function": {"name": e.name, "arguments": ""}}]})
-        elif isinstance(e, ToolCallArgumentsDelta):
-            deltas.append({"tool_calls": [{"index": e.index, "function": {"arguments": e.text}}]})
-    return deltas
-
-
-def chat_message(parsed) -> dict:
-    """The assistant message of a non-streamed response."""
-    message = {"role": "assistant", "content": parsed.content or (None if parsed.tool_calls else ""),
-               "reasoning_content": parsed.reasoning_content}
-    if parsed.tool_calls:
-        message["tool_calls"] = [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
-                                 for c in parsed.tool_calls]
-    return message
-
-
 class Api:
     def __init__(self, service: Service):
         self.service = service
@@ -184,7 +152,7 @@ class Api:
     async def _chat_chunks(self, run, head: dict, include_usage: bool):
         def chunk(delta, finish_reason=None):
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-            return _sse({**head, "object": "chat.completion.chunk", "choices": [choice]})
+            return sse({**head, "object": "chat.completion.chunk", "choices": [choice]})
 
         yield chunk({"role": "assistant", "content": ""})
         try:
@@ -192,14 +160,14 @@ class Api:
                 for delta in chat_deltas(events):
                     yield chunk(delta)
         except APIError as e:  # a later phase could not be queued; the status line is long gone
-            yield _sse(e.body())
+            yield sse(e.body())
             return
         if run.finish_reason is None:
             return
         self._log_warnings(head["id"], run.warnings)
         yield chunk({}, run.finish_reason)
         if include_usage:
-            yield _sse({**head, "object": "chat.completion.chunk", "choices": [], "usage": run.usage()})
+            yield sse({**head, "object": "chat.completion.chunk", "choices": [], "usage": run.usage()})
         yield "data: [DONE]\n\n"
 
     # ---- completions --------------------------------------------------------------------------
@@ -223,7 +191,7 @@ class Api:
     async def _text_chunks(self, run, head: dict, include_usage: bool):
         def chunk(text, finish_reason=None):
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-            return _sse({**head, "object": "text_completion", "choices": [choice]})
+            return sse({**head, "object": "text_completion", "choices": [choice]})
 
         async for text in run.texts():
             if text:
@@ -232,7 +200,7 @@ class Api:
             return
         yield chunk("", run.finish_reason)
         if include_usage:
-            yield _sse({**head, "object": "text_completion", "choices": [], "usage": run.usage()})
+            yield sse({**head, "object": "text_completion", "choices": [], "usage": run.usage()})
         yield "data: [DONE]\n\n"
 
     # ---- the rest -----------------------------------------------------------------------------
