@@ -149,7 +149,7 @@ def _marker_prefix_start(buf: str, pos: int) -> int:
     return len(buf)
 
 
-def _name_from_id(call_id: str) -> tuple[str, bool]:
+def name_from_id(call_id: str) -> tuple[str, bool]:
     """(function name, whether the id ends in :IDX)."""
     name = call_id.removeprefix("functions.")
     head, colon, index = name.rpartition(":")
@@ -307,7 +307,7 @@ class StreamParser:
             call_id = "".join(self._id.split())
             if kind == _ARGS_BEGIN:
                 self._start_call(call_id)
-            elif kind == _CALL_END and _name_from_id(call_id)[0]:
+            elif kind == _CALL_END and name_from_id(call_id)[0]:
                 self._warn("tool call without <|tool_call_argument_begin|>: empty arguments")
                 self._start_call(call_id)
                 self._end_call()
@@ -340,7 +340,7 @@ class StreamParser:
             self._state = _SECTION
 
     def _start_call(self, call_id: str):
-        name, indexed = _name_from_id(call_id)
+        name, indexed = name_from_id(call_id)
         if not call_id:
             self._abandon_call("tool call without an id")
             return

@@ -88,6 +88,7 @@ class ToolCallResolver:
 
     def __init__(self, tools: list[dict] | None, first_index: int = 0):
         self._parameters = {t["function"]["name"]: t["function"].get("parameters") for t in tools or ()}
+        self.declared = frozenset(self._parameters)
         self.first_index = first_index
         self.calls: list[str] = []  # names of the calls passed on, in order
         self._index: dict[int, int | None] = {}  # parser's call index -> ours (None: pending)

@@ -25,6 +25,7 @@ import secrets
 from typing import AsyncIterator
 
 from kimi_jax.batching import QueueFull
+from kimi_jax.chat.parser import name_from_id
 from kimi_jax.chat.prompt import encode_chat
 from kimi_jax.chat.tool_calls import k2_call_id, normalize_history
 from kimi_jax.errors import KimiError
@@ -37,6 +38,8 @@ log = logging.getLogger("kimi_jax.serve")
 
 SECTION_BEGIN, SECTION_END = "<|tool_calls_section_begin|>", "<|tool_calls_section_end|>"
 CALL_BEGIN, ARGS_BEGIN, CALL_END = "<|tool_call_begin|>", "<|tool_call_argument_begin|>", "<|tool_call_end|>"
+# A function name the model picks for tool_choice 'required' ends within this many tokens, or never.
+_MAX_NAME_TOKENS = 64
 
 
 @dataclasses.dataclass
@@ -53,8 +56,10 @@ class _Phase:
     """One engine request of a chat completion: the tokens that end it, and what comes next."""
 
     stops: frozenset[int]  # besides the model's end-of-turn tokens
-    header: str | None = None  # text the server writes before a next phase, or None: no next phase
+    header: str | None = None  # text the server writes before the next phase; None: no next phase
     only_without_calls: bool = False  # the next phase runs only if no call was made yet
+    picks_name: bool = False  # generates a function name only, shown to the client only if declared
+    max_new: int | None = None
     next: _Phase | None = None
 
 
@@ -200,27 +205,32 @@ class ChatRun(_Run):
             return _Phase(call_starts)
         if choice.mode == "function":
             call_id = k2_call_id(choice.name, self.output.resolver.first_index)
-            header = f"{SECTION_BEGIN}{CALL_BEGIN}{call_id}{ARGS_BEGIN}"
-            return _Phase(call_starts, header, next=_Phase(frozenset({tid(CALL_END)})))
+            return _Phase(call_starts, f"{SECTION_BEGIN}{CALL_BEGIN}{call_id}{ARGS_BEGIN}",
+                          next=_Phase(frozenset({tid(CALL_END)})))
         if choice.mode == "required":
-            return _Phase(one_call, f"{SECTION_BEGIN}{CALL_BEGIN}functions.", only_without_calls=True,
+            pick = _Phase(frozenset({tid(ARGS_BEGIN)}), ARGS_BEGIN, picks_name=True, max_new=_MAX_NAME_TOKENS,
                           next=_Phase(one_call))
+            return _Phase(one_call, f"{SECTION_BEGIN}{CALL_BEGIN}functions.", only_without_calls=True, next=pick)
         return _Phase(one_call)
 
     async def events(self) -> AsyncIterator[list]:
         """Lists of parser events (kimi_jax.chat) as they come; afterwards finish_reason and usage are set."""
-        prompt, phase, call_end = self.prompt_ids, self._phase, self.service.tokenizer.token_id(CALL_END)
+        tok = self.service.tokenizer
+        call_end = tok.token_id(CALL_END)
+        prompt, phase, unshown = self.prompt_ids, self._phase, ""
         call = self._call or self.submit(prompt, phase.stops)
         while True:
             generated, stop_token, fed_before = [], None, self.output.n_tokens
             async for tokens in call.batches():
                 if prompt is self.prompt_ids:
                     self.cached_tokens = call.request.cached_tokens
-                for i, tok in enumerate(tokens):
-                    if tok in call.request.sampling.stop_ids:
-                        stop_token, tokens = tok, tokens[:i]
+                for i, t in enumerate(tokens):
+                    if t in call.request.sampling.stop_ids:
+                        stop_token, tokens = t, tokens[:i]
                         break
                 generated += tokens
+                if phase.picks_name:
+                    continue
                 events = self.output.feed(tokens)
                 if self.output.stopped:
                     self.cancel()
@@ -235,20 +245,32 @@ class ChatRun(_Run):
             else:
                 self.completion_tokens += len(generated) + (stop_token is not None)
             ended_by_model = reason == "stop" and not self.output.stopped
-            if ended_by_model and stop_token == call_end:
+            if phase.picks_name:
+                name = name_from_id("functions." + "".join(tok.decode(generated).split()))[0]
+                ended_by_model = stop_token == tok.token_id(ARGS_BEGIN) and name in self.output.resolver.declared
+                unshown += tok.decode(generated)
+                if not ended_by_model:
+                    self.warnings.append("tool_choice 'required': the model named no declared function")
+                    reason = "length" if self.completion_tokens >= self.max_tokens else "stop"
+            elif ended_by_model and stop_token == call_end:
                 # One call was asked for: close it and its section as the model would have.
                 yield self.output.feed([call_end]) + self.output.feed_text(SECTION_END)
-            elif ended_by_model and self._continues(phase, prompt, generated):
-                prompt = prompt + generated + self.service.tokenizer.encode(phase.header, allow_special=True)
-                yield self.output.feed_text(phase.header)
+                ended_by_model = False
+            if ended_by_model and self._continues(phase, prompt, generated):
+                prompt = prompt + generated + tok.encode(phase.header, allow_special=True)
+                unshown += phase.header
+                if not phase.next.picks_name:
+                    yield self.output.feed_text(unshown)
+                    unshown = ""
                 phase = phase.next
-                call = self.submit(prompt, phase.stops, self.max_tokens - self.completion_tokens)
+                call = self.submit(prompt, phase.stops, min(self.max_tokens - self.completion_tokens,
+                                                             phase.max_new or self.max_tokens))
                 continue
             events = self.output.finish()
             if events:
                 yield events
             self.finish_reason = "tool_calls" if self.output.n_calls and reason == "stop" else reason
-            self.warnings = self.output.message().warnings
+            self.warnings += self.output.message().warnings
             return
 
     def _continues(self, phase: _Phase, prompt: list[int], generated: list[int]) -> bool:
