@@ -92,6 +92,9 @@ def assert_clean(message: dict):
 
 def test_models_health_and_metrics(server, client):
     assert [m.id for m in client.models.list().data] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-9")
     with urllib.request.urlopen(server.url + "/health", timeout=10) as r:
         assert json.loads(r.read()) == {"status": "ok"}
     with urllib.request.urlopen(server.url + "/metrics", timeout=10) as r:
@@ -347,6 +350,9 @@ def test_bodies_that_are_not_json_or_too_large_are_refused(server):
     assert (status, answer["error"]["param"]) == (400, "prompt")
     status, answer = post(server, "/v1/nothing", b"{}")
     assert status == 404 and answer["error"]["code"] == "not_found"
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(server.url + "/v1/chat/completions", timeout=10)  # a GET
+    assert e.value.code == 405 and "GET is not allowed" in json.loads(e.value.read())["error"]["message"]
 
 
 def test_the_client_sees_errors_as_its_own_exceptions_and_the_server_keeps_serving(client):
