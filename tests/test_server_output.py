@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kimi_jax.chat import Tokenizer, byte_level_ranks, format_output, write_tokenizer_files
+from kimi_jax.chat import format_output
 from kimi_jax.server.output import ChatOutput, StopMatcher, TextOutput
 
 
@@ -18,6 +18,7 @@ def run_matcher(stops, chunks):
 def test_a_stop_string_split_across_pieces_is_found_and_cut():
     assert run_matcher(["END"], ["abc E", "N", "Dxyz"]) == ("abc ", True)
     assert run_matcher(["xx", "b"], ["a", "xb"]) == ("ax", True)  # the earliest match wins
+    assert run_matcher(["D", "EDD"], ["EDD"]) == ("E", True)  # the first to complete, however split
 
 
 def test_held_text_that_never_becomes_a_stop_string_comes_out():
@@ -28,18 +29,16 @@ def test_held_text_that_never_becomes_a_stop_string_comes_out():
 @settings(max_examples=400, deadline=None)
 @given(text=st.text("abE ND", max_size=40), stops=st.lists(st.text("abEND", min_size=1, max_size=4), max_size=4),
        cuts=st.lists(st.integers(0, 100), max_size=10))
-def test_any_split_gives_the_text_before_the_first_match(text, stops, cuts):
+def test_any_split_cuts_before_the_match_that_completes_first(text, stops, cuts):
     bounds = sorted({c % (len(text) + 1) for c in cuts})
     chunks = [text[a:b] for a, b in zip([0, *bounds], [*bounds, len(text)], strict=True)]
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    assert run_matcher(stops, chunks) == ((text[:min(hits)], True) if hits else (text, False))
+    hits = [(i + len(s), i) for s in stops if (i := text.find(s)) >= 0]
+    assert run_matcher(stops, chunks) == ((text[:min(hits)[1]], True) if hits else (text, False))
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tok")
-    write_tokenizer_files(path, byte_level_ranks())
-    return Tokenizer.from_dir(path)
+@pytest.fixture
+def tokenizer(byte_tokenizer):
+    return byte_tokenizer
 
 
 def test_chat_output_counts_tokens_up_to_the_stop_string(tokenizer):

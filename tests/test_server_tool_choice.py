@@ -2,12 +2,13 @@
 model): which engine requests are made, what prompt each continues, and what the client gets."""
 
 import asyncio
-import dataclasses
 import threading
+import types
 
 import pytest
 
-from kimi_jax.chat import ChatTemplate, Tokenizer, byte_level_ranks, write_tokenizer_files
+from kimi_jax.chat import ChatTemplate
+from kimi_jax.runtime import Runtime
 from kimi_jax.server.requests import parse_chat
 from kimi_jax.server.service import Service, Settings
 
@@ -52,30 +53,16 @@ class ScriptedEngine:
         return request
 
 
-@dataclasses.dataclass
-class FakeRuntime:
-    tokenizer: Tokenizer
-    template: ChatTemplate
-    cfg: object = None
-
-    def require_chat(self):
-        pass
-
-    def stop_ids(self):
-        return self.tokenizer.stop_ids
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tok")
-    write_tokenizer_files(path, byte_level_ranks())
-    return Tokenizer.from_dir(path)
+@pytest.fixture
+def tokenizer(byte_tokenizer):
+    return byte_tokenizer
 
 
 def chat(tokenizer, outputs, **body):
     """Run one chat request; returns (message, finish_reason, run, engine)."""
     engine = ScriptedEngine(tokenizer, outputs)
-    rt = FakeRuntime(tokenizer, ChatTemplate.default(), cfg=type("Cfg", (), {"vocab_size": tokenizer.n_vocab}))
+    cfg = types.SimpleNamespace(vocab_size=tokenizer.n_vocab, eos_token_id=None)
+    rt = Runtime(cfg, None, None, tokenizer, ChatTemplate.default(), "scripted")
     service = Service(rt, engine, Settings(model_name="m", max_tokens=1000))
     run = service.chat(parse_chat({"messages": [{"role": "user", "content": "hi"}], "tools": TOOLS, **body}))
 

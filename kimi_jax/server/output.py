@@ -16,7 +16,7 @@ from kimi_jax.chat.tool_calls import ToolCallResolver
 
 
 class StopMatcher:
-    """Finds the first of several stop strings in text that arrives in pieces. `feed` returns the
+    """Finds the first stop string to complete in text that arrives in pieces. `feed` returns the
     text that is safe to pass on; a tail that could still grow into a stop string is held back."""
 
     def __init__(self, stops=()):
@@ -30,10 +30,12 @@ class StopMatcher:
         if not self.stops:
             return text
         buf = self._held + text
-        hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
+        # The match that completes first wins (then the longer one): that is what a stream sees
+        # first, so the cut cannot depend on how the text was split.
+        hits = [(i + len(s), i) for s in self.stops if (i := buf.find(s)) >= 0]
         if hits:
             self.matched, self._held = True, ""
-            return buf[:min(hits)]
+            return buf[:min(hits)[1]]
         keep = self._partial_len(buf)
         self._held = buf[len(buf) - keep:]
         return buf[:len(buf) - keep]
@@ -51,11 +53,11 @@ class StopMatcher:
         return 0
 
 
-class TextOutput:
-    """Output of a raw completion: detokenized text (control tokens dropped) cut at stop strings."""
+class _Decoded:
+    """Token ids to text, cut at the first stop string; counts the tokens the text is made of."""
 
-    def __init__(self, tokenizer, stops=()):
-        self._decoder = tokenizer.stream_decoder(skip_special=True)
+    def __init__(self, decoder, stops):
+        self._decoder = decoder
         self._stop = StopMatcher(stops)
         self.n_tokens = 0  # tokens that made up the output, up to and including a stop string's end
 
@@ -63,7 +65,7 @@ class TextOutput:
     def stopped(self) -> bool:
         return self._stop.matched
 
-    def feed(self, token_ids) -> str:
+    def _text(self, token_ids) -> str:
         out = []
         for tok in token_ids:
             if self._stop.matched:
@@ -72,49 +74,48 @@ class TextOutput:
             out.append(self._stop.feed(self._decoder.add(tok)))
         return "".join(out)
 
-    def finish(self) -> str:
+    def _held(self) -> str:
+        """Whatever the decoder and the stop matcher still hold."""
         return self._stop.feed(self._decoder.flush()) + self._stop.flush()
 
 
-class ChatOutput:
+class TextOutput(_Decoded):
+    """Output of a raw completion: detokenized text (control tokens dropped) cut at stop strings."""
+
+    def __init__(self, tokenizer, stops=()):
+        super().__init__(tokenizer.stream_decoder(skip_special=True), stops)
+
+    def feed(self, token_ids) -> str:
+        return self._text(token_ids)
+
+    def finish(self) -> str:
+        return self._held()
+
+
+class ChatOutput(_Decoded):
     """Output of a chat completion, as parser events with tool calls resolved against the request's
     tools and numbered from `first_index`. `feed_text` adds text the server wrote into the
     assistant turn itself (a forced tool-call header), parsed as if the model had written it."""
 
     def __init__(self, tokenizer, *, tools=None, first_index: int = 0, stops=()):
-        self._tokenizer = tokenizer
-        self._decoder = tokenizer.stream_decoder()
-        self._stop = StopMatcher(stops)
+        super().__init__(tokenizer.stream_decoder(), stops)
         self._parser = StreamParser()
         self.resolver = ToolCallResolver(tools, first_index)
         self.events: list = []  # every event so far, for the non-streamed message
-        self.n_tokens = 0
-
-    @property
-    def stopped(self) -> bool:
-        return self._stop.matched
 
     @property
     def n_calls(self) -> int:
         return len(self.resolver.calls)
 
     def feed(self, token_ids) -> list:
-        text = []
-        for tok in token_ids:
-            if self._stop.matched:
-                break
-            self.n_tokens += 1
-            text.append(self._stop.feed(self._decoder.add(tok)))
-        return self._parse(self._parser.feed("".join(text)))
+        return self._parse(self._parser.feed(self._text(token_ids)))
 
     def feed_text(self, text: str) -> list:
-        """Server-written text: the decoder's held bytes and the stop matcher's held text go first."""
-        before = self._stop.feed(self._decoder.flush()) + self._stop.flush()
-        return self._parse(self._parser.feed(before + text))
+        """Server-written text: what the decoder and the stop matcher hold goes first."""
+        return self._parse(self._parser.feed(self._held() + text))
 
     def finish(self) -> list:
-        tail = self._stop.feed(self._decoder.flush()) + self._stop.flush()
-        return self._parse(self._parser.feed(tail) + self._parser.finish())
+        return self._parse(self._parser.feed(self._held()) + self._parser.finish())
 
     def _parse(self, events: list) -> list:
         events = self.resolver.process(events)
