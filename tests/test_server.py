@@ -375,3 +375,12 @@ def test_with_an_api_key_every_request_needs_the_bearer_token(server):
             openai.OpenAI(base_url=srv.url + "/v1", api_key="wrong", max_retries=0).models.list()
         good = openai.OpenAI(base_url=srv.url + "/v1", api_key="s3cret", max_retries=0)
         assert good.chat.completions.create(**GOOD).choices[0].finish_reason in ("stop", "length")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--checkpoint", "/nonexistent"], "checkpoint directory '/nonexistent' not found"),
+    (["--max-batch", "0"], "--max-batch must be >= 1, got 0"),
+])
+def test_the_command_line_reports_bad_flags_in_one_line(capsys, argv, message):
+    assert serve.main(argv) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: {message}"
