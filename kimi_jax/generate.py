@@ -69,25 +69,6 @@ def _parse_ids(text: str) -> list[int]:
     return ids
 
 
-def _sampling_defaults(checkpoint: str) -> dict:
-    """Sampling defaults from the checkpoint's generation_config.json (greedy when absent)."""
-    path = os.path.join(checkpoint, "generation_config.json")
-    try:
-        with open(path, encoding="utf-8") as f:
-            gen = json.load(f)
-    except (OSError, json.JSONDecodeError):
-        return {}
-    out = {}
-    if gen.get("do_sample") is False:
-        out["temperature"] = 0.0
-    elif isinstance(gen.get("temperature"), (int, float)):
-        out["temperature"] = float(gen["temperature"])
-    for key in ("top_p", "top_k", "max_new_tokens"):
-        if isinstance(gen.get(key), (int, float)):
-            out[key] = gen[key]
-    return out
-
-
 def run(args) -> int:
     from kimi_jax import distributed
 
@@ -102,7 +83,7 @@ def run(args) -> int:
             sys.stdout = open(os.devnull, "w")  # one answer per run: only process 0 prints
             args.json = True  # and no progress bars from the others
     from kimi_jax.runtime import Runtime
-    from kimi_jax.sampling import SamplingParams
+    from kimi_jax.sampling import SamplingParams, checkpoint_defaults
 
     checkpoint = args.checkpoint or DEFAULT_CHECKPOINT
     if not os.path.isdir(checkpoint):
@@ -112,7 +93,7 @@ def run(args) -> int:
         raise KimiError("empty prompt")
     if args.prompt_ids is None and args.prompt is None and (args.raw or not sys.stdin.isatty()):
         raise KimiError("give --prompt TEXT or --prompt-ids IDS (interactive chat needs a terminal)")
-    defaults = _sampling_defaults(checkpoint)
+    defaults = checkpoint_defaults(checkpoint)
     pick = lambda flag, key, fallback: flag if flag is not None else defaults.get(key, fallback)  # noqa: E731
     sampling = SamplingParams(
         temperature=float(pick(args.temperature, "temperature", 0.0)),

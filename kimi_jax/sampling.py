@@ -7,6 +7,8 @@ server can mix requests with different settings in one batch.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -50,6 +52,26 @@ def row_keys(seeds: jax.Array, positions: jax.Array) -> jax.Array:
     """One key per row: its request's seed folded with the position of the token being drawn, so a
     request samples the same tokens whatever else shares its batch."""
     return jax.vmap(lambda s, p: jax.random.fold_in(jax.random.key(s), p))(seeds, positions)
+
+
+def checkpoint_defaults(checkpoint: str) -> dict:
+    """Sampling defaults from the checkpoint's generation_config.json (greedy when absent): keys
+    temperature, top_p, top_k, max_new_tokens, each only when the file sets it."""
+    path = os.path.join(checkpoint, "generation_config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            gen = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return {}
+    out = {}
+    if gen.get("do_sample") is False:
+        out["temperature"] = 0.0
+    elif isinstance(gen.get("temperature"), (int, float)):
+        out["temperature"] = float(gen["temperature"])
+    for key in ("top_p", "top_k", "max_new_tokens"):
+        if isinstance(gen.get(key), (int, float)):
+            out[key] = gen[key]
+    return out
 
 
 def _filtered_logits(logits, temperature, top_k, top_p):
