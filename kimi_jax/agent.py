@@ -3,7 +3,7 @@
 A `Conversation` holds the OpenAI-style message list. Each model step renders the whole
 conversation through the chat template and submits it to the engine, whose prefix cache
 (kimi_jax/pages.py) recognizes the pages it already holds — appending a tool result costs the tool
-result, not the history. (When a finished turn's reasoning is dropped from history, spec §6.4, the
+result, not the history. (When a finished turn's reasoning is dropped from history, docs/k2-format.md §6.4, the
 shared prefix ends where the rendering changed and the rest is recomputed: correctness first, reuse
 where it is exact.)
 
@@ -155,7 +155,7 @@ class Conversation:
     @staticmethod
     def _assistant_message(parsed) -> dict:
         message = {"role": "assistant", "content": parsed.content}
-        if parsed.reasoning_content:  # never pass None back: the template would print it (spec §7.4.8)
+        if parsed.reasoning_content:  # never pass None back: the template would print it (docs/k2-format.md §7.4.8)
             message["reasoning_content"] = parsed.reasoning_content
         if parsed.tool_calls:
             message["tool_calls"] = [{"id": c.id, "type": "function",

@@ -1,4 +1,4 @@
-"""Multi-head latent attention (spec §4.2, §4.5), always in the weight-absorbed form.
+"""Multi-head latent attention (docs/k2-format.md §4.2, §4.5), always in the weight-absorbed form.
 
 Per token the layer keeps only c_kv (the kv_a_layernorm'ed latent, r = kv_lora_rank) and the
 rotated shared rope key k_pe (p = qk_rope_head_dim), side by side in one cache row of r + p values.

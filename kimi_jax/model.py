@@ -1,4 +1,4 @@
-"""The Kimi K2 / DeepSeek-V3 decoder as a Flax NNX module (spec §4.1).
+"""The Kimi K2 / DeepSeek-V3 decoder as a Flax NNX module (docs/k2-format.md §4.1).
 
     h = embed[tokens]
     for each layer: h += MLA(norm(h)); h += FFN(norm(h))   FFN = dense SwiGLU (first k) or MoE

@@ -1,4 +1,4 @@
-"""Routed mixture of experts with a shared expert (spec §4.6).
+"""Routed mixture of experts with a shared expert (docs/k2-format.md §4.6).
 
 Routing: sigmoid scores; `e_score_correction_bias` is added only to *choose* experts (optionally
 within the best `topk_group` of `n_group` groups); the mixing weights come from the unbiased scores,

@@ -1,4 +1,4 @@
-"""INT4 weights as data: `Int4Weight` mirrors compressed-tensors `pack-quantized` (spec §3).
+"""INT4 weights as data: `Int4Weight` mirrors compressed-tensors `pack-quantized` (docs/k2-format.md §3).
 
 The packed words and scales stay exactly as the checkpoint stores them — [..., out, in/8] int32 and
 [..., out, in/group] scales — so loading is a copy, not a conversion, and a device never holds the

@@ -76,7 +76,7 @@ class Runtime:
         return cls(cfg, model, engine, tokenizer, template, checkpoint, device_mesh)
 
     def stop_ids(self) -> tuple[int, ...]:
-        """<|im_end|> and [EOS] from the tokenizer (spec §8), plus config.json's eos_token_id."""
+        """<|im_end|> and [EOS] from the tokenizer (docs/k2-format.md §8), plus config.json's eos_token_id."""
         ids = set(self.tokenizer.stop_ids) if self.tokenizer is not None else set()
         if self.cfg.eos_token_id is not None:
             ids.add(self.cfg.eos_token_id)

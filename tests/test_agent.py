@@ -110,7 +110,7 @@ def test_think_call_result_answer_cycle(tokenizer):
 
 
 def test_reasoning_of_a_later_turn_is_reasoning_despite_think_tags_in_the_prompt(tokenizer):
-    # Spec §7.4.7: every earlier assistant turn renders as <think></think> in the prompt; a parser
+    # docs/k2-format.md §7.4.7: every earlier assistant turn renders as <think></think> in the prompt; a parser
     # that looked for </think> in prompt ids would route the new turn's reasoning to content.
     rt = runtime(tokenizer, [answer("Hi.", "Greet."), answer("Bye.", "Say goodbye.")])
     conv = Conversation(rt, tools=builtin_tools())

@@ -9,8 +9,6 @@ import json
 import re
 from pathlib import Path
 
-import pytest
-
 from kimi_jax.chat import render_chat
 from kimi_jax.chat.tokenizer import K2_SPECIAL_TOKENS, PAT_STR
 from kimi_jax.config import K2_THINKING, Int4Quant
@@ -79,8 +77,6 @@ def test_every_cited_section_exists_in_the_format_doc():
     assert not missing, "sections cited but absent from docs/k2-format.md:\n" + "\n".join(missing)
 
 
-@pytest.mark.xfail(strict=True, reason="comments still cite the shared spec outside the repository; they are "
-                                       "rewritten to 'docs/k2-format.md §N' at merge, and then this mark goes")
 def test_nothing_cites_the_spec_outside_the_repository():
     stale = [f"{path}:{number}: {line.strip()}" for path, number, line in _citing_lines() if OLD_SPEC_REF.search(line)]
     assert not stale, "cite docs/k2-format.md instead:\n" + "\n".join(stale)

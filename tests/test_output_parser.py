@@ -1,4 +1,4 @@
-"""Output parser: one table of raw outputs (spec §7.1 variants, §7.4 bugs), checked whole and streamed."""
+"""Output parser: one table of raw outputs (docs/k2-format.md §7.1 variants, §7.4 bugs), checked whole and streamed."""
 
 import pytest
 from hypothesis import given, settings

@@ -1,4 +1,4 @@
-"""Split K2 Thinking output into reasoning, content and tool calls (spec §7).
+"""Split K2 Thinking output into reasoning, content and tool calls (docs/k2-format.md §7).
 
 Input is the generated text after the generation prompt, decoded with special tokens kept:
 
@@ -387,7 +387,7 @@ def parse_output(text: str, *, thinking: bool = True) -> ParsedMessage:
 
 def format_output(message: dict) -> str:
     """The text a model emits for an OpenAI-style assistant message — the inverse of
-    `parse_output`, ending with `<|im_end|>`. It is the grammar of spec §7.1 and equals the
+    `parse_output`, ending with `<|im_end|>`. It is the grammar of docs/k2-format.md §7.1 and equals the
     template's rendering of an assistant turn inside a running tool loop (a test holds the two
     together); training targets and tests build model outputs with it."""
     parts = [THINK_START, message.get("reasoning_content") or "", THINK_END, message.get("content") or ""]

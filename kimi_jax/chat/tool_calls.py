@@ -1,7 +1,7 @@
 """Tool calls as API clients need them: ids in K2's own form, and only calls to declared functions.
 
 K2 was trained on ids `functions.NAME:IDX` where IDX counts every tool call of the conversation from
-0 (spec §6.1); ids of any other form in the history make it write malformed ids of its own (spec
+0 (docs/k2-format.md §6.1); ids of any other form in the history make it write malformed ids of its own (spec
 §7.4.3). So the history a client sends back is renumbered into that form (`normalize_history`), and
 the calls of a new output are numbered on from there (`ToolCallResolver`).
 

@@ -182,7 +182,7 @@ def _message(message, i: int) -> dict:
         calls = _get(message, "tool_calls", list, [], param=f"{param}.tool_calls")
         if content is None and not calls:
             raise bad_request(f"'{param}' needs 'content' or 'tool_calls'", f"{param}.content")
-        # None is dropped, never passed on: a template that prints it would write "None" (spec §7.4.8).
+        # None is dropped, never passed on: a template that prints it would write "None" (docs/k2-format.md §7.4.8).
         reasoning = _get(message, "reasoning_content", str, param=f"{param}.reasoning_content")
         if reasoning is not None:
             out["reasoning_content"] = reasoning
