@@ -11,8 +11,8 @@ instructions per weight as possible and apply the group scales in registers:
   * A packed word is shifted so that nibble j lands at mantissa bit 12 (even j) or 16 (odd j), and
     OR-ed with the exponent of 128.0: the float is 128 + u/16 or 128 + u exactly, with no
     int->float conversion (issued at a fraction of the FMA rate). One shift serves two nibbles.
-  * x is read plane by plane (x[8w + j] for the words w of a block, a stride-8 load) and the
-    even planes are scaled by 16, so every product f * x' = 128 x' + u x is one FMA, and the
+  * x is read plane by plane (x[8w + j] for the words w of a block; XLA lays x out plane-major
+    first, a tiny copy of the activations) and the even planes are scaled by 16, so every product f * x' = 128 x' + u x is one FMA, and the
     constant part sum(128 x' + 8 x) per group, which depends on x only, is subtracted once per
     group: sum_k (u_k - 8) x_k. Its cancellation costs ~2^-11 relative per term, far below the
     bf16 rounding of the result.
@@ -60,7 +60,7 @@ def gemv_config(rows: float, m: int, n: int, k: int, group: int) -> dict:
     block_m = 1 if rows <= 1.25 else min(GEMV_MAX_ROWS, pl.next_power_of_2(math.ceil(rows)))
     n_groups = k // group
     cfg = dict(block_m=block_m, block_n=32 if block_m <= 2 else 16,
-               block_groups=min(16, pl.next_power_of_2(n_groups)), num_warps=4, num_stages=3)
+               block_groups=min(16, pl.next_power_of_2(n_groups)), num_warps=4, num_stages=3, x_planes=True)
     cfg["block_n"] = min(cfg["block_n"], max(16, pl.next_power_of_2(n)))
     cfg["split_k"] = _split_k(pl.cdiv(m, block_m), pl.cdiv(n, cfg["block_n"]),
                               pl.cdiv(n_groups, cfg["block_groups"]))
@@ -108,7 +108,7 @@ _X_SCALE = [16.0 if j % 2 == 0 else 1.0 for j in range(NIBBLES_PER_WORD)]  # pla
 _X_CONST = [128.0 * s + 8.0 for s in _X_SCALE]  # sum(f * x') - sum(u * x) + 8 sum(x), per plane
 
 
-def _gemv_kernel(te_ref, r0_ref, r1_ref, x_ref, *refs, bm, bn, bg, n_splits, swiglu):
+def _gemv_kernel(te_ref, r0_ref, r1_ref, x_ref, *refs, bm, bn, bg, n_splits, swiglu, x_planes):
     from jax.experimental.pallas import triton as plgpu
 
     *w_refs, o_ref = refs
@@ -134,9 +134,10 @@ def _gemv_kernel(te_ref, r0_ref, r1_ref, x_ref, *refs, bm, bn, bg, n_splits, swi
             for r in range(bm):
                 planes, const = [], None
                 for j in range(NIBBLES_PER_WORD):
-                    # A static index would do, but the interpreter's load rule wants an array.
-                    xj = plgpu.load(x_ref.at[r0 + r, pl.ds(i * bg, bg), :, jnp.int32(j)], mask=row_ok[r] & x_ok,
-                                    other=0).astype(jnp.float32)
+                    # (A static plane index would do, but the interpreter's load rule wants an array.)
+                    at = (x_ref.at[r0 + r, jnp.int32(j), pl.ds(i * bg, bg), :] if x_planes
+                          else x_ref.at[r0 + r, pl.ds(i * bg, bg), :, jnp.int32(j)])
+                    xj = plgpu.load(at, mask=row_ok[r] & x_ok, other=0).astype(jnp.float32)
                     planes.append(xj * _X_SCALE[j])
                     c = xj.sum(axis=1) * _X_CONST[j]
                     const = c if const is None else const + c
@@ -171,9 +172,13 @@ def _gemv_kernel(te_ref, r0_ref, r1_ref, x_ref, *refs, bm, bn, bg, n_splits, swi
 
 
 def gemv_call(x, weights, tiles, *, swiglu, block_m, block_n, block_groups, num_warps, num_stages,
-              split_k=1, interpret=False):
+              split_k=1, x_planes=True, interpret=False):
     """x [M, K]; weights [(packed [E, N, K8], scale [E, N, G]), ...]; tiles from `expert_row_tiles`
-    with block_m rows -> [M, N] (rows no tile covers are left unwritten)."""
+    with block_m rows -> [M, N] (rows no tile covers are left unwritten).
+
+    x_planes: XLA first lays x out plane-major, [M, 8, G, words], so each plane is a contiguous,
+    vectorizable load (one small extra op per call); else the kernel reads each plane with a
+    stride-8 load, which moves ~8x the bytes through L1."""
     from jax.experimental.pallas import triton as plgpu
 
     m, k = x.shape
@@ -185,13 +190,15 @@ def gemv_call(x, weights, tiles, *, swiglu, block_m, block_n, block_groups, num_
     for p, s in weights:
         flat += [p.reshape(n_exp, n, n_groups, gw), s]
     x4 = x.reshape(m, n_groups, gw, NIBBLES_PER_WORD)
+    if x_planes:
+        x4 = x4.transpose(0, 3, 1, 2)
     split_k = max(1, min(split_k, pl.cdiv(n_groups, block_groups)))
     if split_k == 1:
         out_shape = jax.ShapeDtypeStruct((m, n), x.dtype)
     else:
         out_shape = jax.ShapeDtypeStruct((split_k, len(weights), m, n), jnp.float32)
     kernel = functools.partial(_gemv_kernel, bm=block_m, bn=block_n, bg=block_groups, n_splits=split_k,
-                               swiglu=swiglu)
+                               swiglu=swiglu, x_planes=x_planes)
     out = pl.pallas_call(
         kernel,
         out_shape=out_shape,

@@ -128,7 +128,7 @@ def test_gemv_nibble_floats_are_128_plus_the_nibble_without_a_conversion():
 
 @pytest.mark.parametrize("kernel,kwargs", [
     ("gemv", {}),  # M = 3 rows: one tile of block_m = 4 with a masked row
-    ("gemv", dict(block_m=1, block_n=16, block_groups=2, split_k=3)),  # 1-row tiles; K steps split 2+2+0
+    ("gemv", dict(block_m=1, block_n=16, block_groups=2, split_k=3, x_planes=False)),  # K split 2+2+0 steps
     ("mma", dict(block_m=16, block_n=16, block_k=64, split_k=1)),  # several K steps and column blocks
     ("mma", dict(block_k=64, split_k=3)),
     ("tpu", {}),

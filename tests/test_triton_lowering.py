@@ -49,7 +49,8 @@ def test_grouped_int4_kernels(m, inter, kernel):
     assert (swiglu, down) == ([f"int4_swiglu_{kernel}"], [f"int4_matmul_{kernel}"])
 
 
-@pytest.mark.parametrize("overrides", [dict(block_m=2), dict(block_m=4, block_n=16), dict(block_groups=8, split_k=4)])
+@pytest.mark.parametrize("overrides", [dict(block_m=2), dict(block_m=4, block_n=16), dict(block_groups=8, split_k=4),
+                                       dict(x_planes=False)])
 def test_gemv_variants_the_gpu_session_times(overrides):
     e = 64
     got = triton_kernels(lambda x, g, u, s: int4_gpu.grouped_int4_swiglu_gpu(x, *g, *u, s, kernel="gemv", **overrides),
