@@ -11,14 +11,13 @@ shapes through `impl`, so the script stays testable; CPU figures are not targets
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
 
 import jax
 import jax.numpy as jnp
-from bench_common import Budget, copy_bandwidth, device_time, log, markdown, rel_err
+from bench_common import Budget, arg_parser, copy_bandwidth, device_time, log, markdown, rel_err
 
 from kernels_pallas import ops
 from kernels_pallas.paged_attention import paged_attention_ref
@@ -121,12 +120,9 @@ CHECK_COLUMNS = [("check", "check", ""), ("context", "context", "d"), ("rel err"
 
 def main(argv=None) -> int:
     on_gpu = jax.default_backend() == "gpu"
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--impl", default=ops.impl_for_platform(jax.default_backend()), choices=ops.IMPLS)
+    ap = arg_parser(__doc__, reps_on_gpu=20)
     ap.add_argument("--json", help="write all numbers here")
-    ap.add_argument("--variants", action="store_true", help="also time tiling variants (GPU kernel impls)")
-    ap.add_argument("--reps", type=int, default=20 if on_gpu else 3)
-    ap.add_argument("--tiny", action="store_true", help="tiny shapes (a smoke run)")
+    ap.add_argument("--variants", action="store_true", help="also time tiling variants at the longest context")
     args = ap.parse_args(argv)
     shapes = TINY if args.tiny else K2 if on_gpu else SMALL
     budget = Budget(1e9)

@@ -6,6 +6,7 @@ Scripts import it as a sibling (`python scripts/x.py` puts scripts/ first on sys
 
 from __future__ import annotations
 
+import argparse
 import time
 
 import jax
@@ -13,6 +14,19 @@ import jax.numpy as jnp
 import numpy as np
 
 T_START = time.perf_counter()
+
+
+def arg_parser(doc: str, reps_on_gpu: int) -> argparse.ArgumentParser:
+    """The options every kernel benchmark takes: --impl, --reps, --tiny."""
+    from kernels_pallas import ops
+
+    on_gpu = jax.default_backend() == "gpu"
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--impl", default=ops.impl_for_platform(jax.default_backend()), choices=ops.IMPLS,
+                    help="kernel implementation (default: the one for this platform)")
+    ap.add_argument("--reps", type=int, default=reps_on_gpu if on_gpu else 3, help="timed calls per measurement")
+    ap.add_argument("--tiny", action="store_true", help="tiny shapes (a smoke run)")
+    return ap
 
 
 def log(row: dict):

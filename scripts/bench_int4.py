@@ -13,7 +13,6 @@ inside one device lease.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
 import json
@@ -22,7 +21,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-from bench_common import Budget, copy_bandwidth, device_time, log, markdown, random_int4, rel_err
+from bench_common import Budget, arg_parser, copy_bandwidth, device_time, log, markdown, random_int4, rel_err
 
 from kernels_pallas import int4_gpu, ops
 from kernels_pallas.dequant import dequantize_int4_gpu
@@ -255,15 +254,12 @@ CHECK_COLUMNS = [("check", "check", ""), ("M", "m", "d"), ("K", "k", "d"), ("N",
 
 def main(argv=None) -> int:
     on_gpu = jax.default_backend() == "gpu"
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--impl", default=ops.impl_for_platform(jax.default_backend()), choices=ops.IMPLS)
+    ap = arg_parser(__doc__, reps_on_gpu=10)
     ap.add_argument("--json", help="write all numbers here")
     ap.add_argument("--variants", action="store_true", help="also time GPU kernel variants at 1 and 16 tokens")
     ap.add_argument("--budget-s", type=float, default=1e9, help="skip sections that no longer fit")
     ap.add_argument("--check-only", action="store_true",
                     help="only the kernel checks (on CPU: the GPU kernels interpreted, small shapes)")
-    ap.add_argument("--reps", type=int, default=10 if on_gpu else 3)
-    ap.add_argument("--tiny", action="store_true", help="tiny shapes (a smoke run)")
     args = ap.parse_args(argv)
     shapes = TINY if args.tiny else K2 if on_gpu else SMALL
     budget = Budget(args.budget_s)

@@ -21,7 +21,6 @@ after each section), session.json (every number), profile.md, decode.log and wha
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -36,9 +35,7 @@ import bench_attention as attn
 import bench_int4 as int4
 import jax
 import profile_table
-from bench_common import Budget, copy_bandwidth, log, markdown
-
-from kernels_pallas import ops
+from bench_common import Budget, arg_parser, copy_bandwidth, log, markdown
 
 # The whole-step benchmark, run last with the time left; {out} is the output directory. The lead
 # adapts scripts/bench_decode.py to the new engine (and its --profile); adjust the flags here.
@@ -80,9 +77,8 @@ class Session:
 
 
 def run(args) -> int:
-    on_gpu = jax.default_backend() == "gpu"
     shapes, ashapes = (int4.TINY, attn.TINY) if args.tiny else (int4.K2, attn.K2)
-    impl, reps = args.impl, args.reps or (10 if on_gpu else 2)
+    impl, reps = args.impl, args.reps
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     s = Session(out, Budget(args.budget_s))
@@ -212,13 +208,10 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--impl", default=ops.impl_for_platform(jax.default_backend()), choices=ops.IMPLS)
+    ap = arg_parser(__doc__, reps_on_gpu=10)
     ap.add_argument("--out", default=os.environ.get("OUT", "gpu_session_out"))
     ap.add_argument("--budget-s", type=float, default=540.0)
-    ap.add_argument("--reps", type=int, default=0, help="timed calls per measurement (default 10 on GPU)")
-    ap.add_argument("--tiny", action="store_true", help="tiny shapes: a CPU rehearsal of every section")
-    ap.add_argument("--max-variants", type=int, default=99)
+    ap.add_argument("--max-variants", type=int, default=99, help="time at most this many variants of each list")
     ap.add_argument("--hook", default=DECODE_HOOK, help="python arguments of the whole-step benchmark")
     ap.add_argument("--only", help="comma-separated sections: copy,checks,grouped,attention,layer,profile,"
                                    "variants,hook (default: all)")
