@@ -147,6 +147,15 @@ def test_int4_matmul(kernel, kwargs):
     assert_close(int4_matmul_ref(x, packed, scale), dense_oracle(x, [(packed[None], scale[None])], [m], False))
 
 
+@pytest.mark.parametrize("group", [8, 16])
+def test_gemv_takes_groups_of_one_or_two_packed_words(group):
+    rng = np.random.default_rng(group)
+    packed, scale = int4_weights(rng, (24, 128), group)
+    x = activations(rng, (2, 128))
+    got = int4_gpu.int4_matmul_gpu(x, packed, scale, kernel="gemv", interpret=True)
+    assert_close(got, int4_matmul_ref(x, packed, scale))
+
+
 SIZES = [3, 0, 17, 1, 0]  # empty experts, a group straddling a 16-row block, 3 padding rows (M = 24)
 DECODE_SIZES = [1, 0, 2, 1, 0, 0, 1, 0]  # decode: a row or two per chosen expert, 2 padding rows (M = 7)
 

@@ -82,3 +82,9 @@ def test_paged_decode_attention(rows, heads, queries, context, split):
     extra = {} if split else dict(n_splits=1)
     got = triton_kernels(lambda *a: paged_attention_gpu(*a, scale=0.1, **extra), *specs)
     assert got == (["mla_paged_decode", "mla_paged_decode_combine"] if split else ["mla_paged_decode"])
+
+
+@pytest.mark.parametrize("group", [8, 16, 128])
+def test_gemv_with_other_group_sizes(group):
+    p, s = spec((INTER, HIDDEN // 8), jnp.int32), spec((INTER, HIDDEN // group))
+    assert triton_kernels(int4_gpu.int4_matmul_gpu, spec((1, HIDDEN)), p, s) == ["int4_matmul_gemv"]
