@@ -4,7 +4,7 @@ kernel for many, and the entry points that choose between them by the static row
 Both read the checkpoint layout unchanged (packed [E, N, K/8] int32, scale [E, N, K/g]; a row is
 contiguous along K) and run over `expert_row_tiles`: a tile is (expert e, rows [r0, r1)) with at
 most block_m rows of one expert, so each tile streams its expert's weights once and experts
-without rows cost nothing. Grid axes: tiles, column blocks, K splits; idle tiles exit at once.
+without rows cost nothing. The grid spans tiles, column blocks and K splits; idle tiles exit at once.
 
 GEMV (decode: 1-4 rows per expert). Bound by the bytes it streams, so it must spend as few
 instructions per weight as possible and apply the group scales in registers:
@@ -12,10 +12,10 @@ instructions per weight as possible and apply the group scales in registers:
     OR-ed with the exponent of 128.0: the float is 128 + u/16 or 128 + u exactly, with no
     int->float conversion (issued at a fraction of the FMA rate). One shift serves two nibbles.
   * x is read plane by plane (x[8w + j] for the words w of a block; XLA lays x out plane-major
-    first, a tiny copy of the activations) and the even planes are scaled by 16, so every product f * x' = 128 x' + u x is one FMA, and the
-    constant part sum(128 x' + 8 x) per group, which depends on x only, is subtracted once per
-    group: sum_k (u_k - 8) x_k. Its cancellation costs ~2^-11 relative per term, far below the
-    bf16 rounding of the result.
+    first, a tiny copy of the activations) and the even planes are scaled by 16, so every product
+    f * x' = 128 x' + u x is one FMA, and the constant part sum(128 x' + 8 x) per group, which
+    depends on x only, is subtracted once per group: sum_k (u_k - 8) x_k. The cancellation costs
+    ~2^-11 relative per term, far below the bf16 rounding of the result.
   * Each group's sum is multiplied by its scale and accumulated per (row, group) in float32; the
     groups are summed once at the end. gate and up share one pass over x; silu(g) * u is fused.
 Few programs (8 experts x one token, or N split over tensor-parallel devices) split K as well,
@@ -84,7 +84,7 @@ def mma_config(rows: float, m: int, n: int, k: int, group: int) -> dict:
     return cfg
 
 
-def _finish(out, n_weights, swiglu, dtype):
+def _finish(out, swiglu, dtype):
     """Sum float32 K-split partials [split, weights, M, N] and apply the epilogue."""
     if out.ndim == 2:
         return out
@@ -105,7 +105,7 @@ def _plane_floats(p, j: int):
 
 
 _X_SCALE = [16.0 if j % 2 == 0 else 1.0 for j in range(NIBBLES_PER_WORD)]  # planes at bit 12 read u/16
-_X_CONST = [128.0 * s + 8.0 for s in _X_SCALE]  # sum(f * x') - sum(u * x) + 8 sum(x), per plane
+_X_CONST = [128.0 * s + 8.0 for s in _X_SCALE]  # sum((u - 8) x) = sum(f x') - _X_CONST[j] sum(x)
 
 
 def _gemv_kernel(te_ref, r0_ref, r1_ref, x_ref, *refs, bm, bn, bg, n_splits, swiglu, x_planes):
@@ -208,7 +208,7 @@ def gemv_call(x, weights, tiles, *, swiglu, block_m, block_n, block_groups, num_
         interpret=interpret,
         name="int4_swiglu_gemv" if swiglu else "int4_matmul_gemv",
     )(*tiles, x4, *flat)
-    return _finish(out, len(weights), swiglu, x.dtype)
+    return _finish(out, swiglu, x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,7 +287,7 @@ def mma_call(x, weights, tiles, *, swiglu, block_m, block_n, block_k, num_warps,
         interpret=interpret,
         name="int4_swiglu_mma" if swiglu else "int4_matmul_mma",
     )(*tiles, x, *[a for pair in weights for a in pair])
-    return _finish(out, len(weights), swiglu, x.dtype)
+    return _finish(out, swiglu, x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
