@@ -49,8 +49,11 @@ K2 = Shapes(7168, 2048, 384, 8, 64, (1, 4, 16, 64, 256), 4 << 30)
 SMALL = Shapes(512, 256, 32, 8, 8, (1, 4, 16), 64 << 20)  # CPU runs
 TINY = Shapes(128, 64, 8, 2, 4, (1, 4), 1 << 20, dense_tokens=(1,), batches=(1, 8))  # smoke tests
 
-GEMV_VARIANTS = [dict(x_planes=False), dict(block_n=16), dict(block_n=64), dict(block_groups=8),
-                 dict(block_groups=32), dict(num_warps=8), dict(num_stages=4), dict(block_m=2)]
+# At 1 token per expert the default grid is 8 experts x N/32 programs (512 at batch 1), light ones:
+# more K splits buy more bytes in flight per SM; the rest probe tile shape, warps and pipelining.
+GEMV_VARIANTS = [dict(split_k=2), dict(split_k=4), dict(x_planes=False), dict(block_n=16), dict(block_n=64),
+                 dict(block_groups=8), dict(block_groups=32), dict(num_warps=8), dict(num_stages=4),
+                 dict(block_m=2)]
 MMA_VARIANTS = [dict(block_k=256), dict(block_n=64, block_k=256), dict(dequant="bf16"), dict(dequant="join")]
 
 
