@@ -36,6 +36,7 @@ from kimi_jax.cache import DISCARD_PAGE, PagedCache, pages_for
 from kimi_jax.distributed import global_array, to_host
 from kimi_jax.engine import decode_step, prefill_step, put_rows
 from kimi_jax.errors import KimiError
+from kimi_jax.model import default_impl
 from kimi_jax.pages import PagePool
 from kimi_jax.sampling import SamplingParams, knob_arrays
 
@@ -82,7 +83,8 @@ class Request:
 class BatchEngine:
     def __init__(self, model, *, max_batch: int = 8, max_len: int = 4096, chunk: int = 128,
                  page_size: int = DEFAULT_PAGE_SIZE, n_pages: int | None = None, prefill_rows: int = 1,
-                 max_queue: int = 64, mesh=None):
+                 max_queue: int = 64, mesh=None, impl: str | None = None):
+        """`impl`: the kernels (kernels_pallas.ops IMPLS); default: the best for the mesh's devices."""
         if max_batch < 1 or chunk < 1 or prefill_rows < 1:
             raise KimiError("max_batch, chunk and prefill_rows must be >= 1")
         data = mesh.shape["data"] if mesh is not None else 1
@@ -92,6 +94,7 @@ class BatchEngine:
         self.max_batch, self.max_len, self.chunk, self.prefill_rows = max_batch, max_len, chunk, prefill_rows
         self.max_queue = max_queue
         self.mesh = mesh
+        self.impl = impl or default_impl(mesh.devices.flat[0].platform if mesh is not None else None)
         self.graphdef, self.state = nnx.split(model)
         per_seq = pages_for(max_len, page_size)
         # Room for every slot at full length plus as much again for cached prefixes, split evenly
@@ -289,7 +292,7 @@ class BatchEngine:
         self._sync()
         with self._mesh():
             sampled, _, self.cache = prefill_step(self.graphdef, self.state, self.cache, tokens, slots, q_start,
-                                                  n_valid, self._knobs_dev)
+                                                  n_valid, self._knobs_dev, impl=self.impl)
         done = [i for i, r in enumerate(rows) if r._written == len(r.prompt_ids)]
         if done:
             mask = np.zeros(n, bool)
@@ -321,7 +324,7 @@ class BatchEngine:
         self._sync()
         with self._mesh():
             self._tokens, _, self.cache = decode_step(self.graphdef, self.state, self.cache, self._tokens,
-                                                      self._active.copy(), self._knobs_dev)
+                                                      self._active.copy(), self._knobs_dev, impl=self.impl)
         batch = []
         for s in slots:
             r = self._slots[s]

@@ -8,7 +8,8 @@ cache and the per-slot sampling settings are arrays, so nothing recompiles betwe
     prefill_step — R rows of C tokens, each row continuing one slot of the cache from its length
     decode_step  — one token for every slot of the cache; inactive slots compute and discard
 
-The cache is donated: each layer's page pool is updated in place. Sampling happens inside both
+The cache is donated: each layer's page pool is updated in place. `impl` (static) names the
+kernels (kernels_pallas.ops), resolved once by the caller from its devices' platform. Sampling happens inside both
 programs (one key per row: the row's seed folded with the position drawn), so a step is a single
 dispatch and its tokens never need the host.
 """
@@ -40,8 +41,8 @@ def _replicated(x):
     return x if mesh.empty else jax.lax.with_sharding_constraint(x, P())
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
-def prefill_step(graphdef, state, cache: PagedCache, tokens, slots, q_start, n_valid, knobs):
+@functools.partial(jax.jit, static_argnames=("graphdef", "impl"), donate_argnames=("cache",))
+def prefill_step(graphdef, state, cache: PagedCache, tokens, slots, q_start, n_valid, knobs, *, impl: str):
     """Write R chunks into the cache and sample each row's next token.
 
     tokens [R, C]: row i continues slot slots[i] from position q_start[i] (its current length) with
@@ -50,7 +51,7 @@ def prefill_step(graphdef, state, cache: PagedCache, tokens, slots, q_start, n_v
     logits [R, V] float32, cache with the rows' lengths advanced)."""
     model = nnx.merge(graphdef, state)
     batch = cache.chunk_batch(model.cfg, slots, q_start, n_valid, tokens.shape[1])
-    h, cache = model.forward_cached(tokens, batch, cache)
+    h, cache = model.forward_cached(tokens, batch, cache, impl=impl)
     last = jnp.take_along_axis(h, jnp.maximum(n_valid - 1, 0)[:, None, None], axis=1)[:, 0]
     logits = model.logits(last)
     lengths = cache.lengths.at[slots].set(q_start + n_valid, mode="drop")
@@ -58,14 +59,14 @@ def prefill_step(graphdef, state, cache: PagedCache, tokens, slots, q_start, n_v
     return next_tokens, logits, dataclasses.replace(cache, lengths=lengths)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "want_logits"), donate_argnames=("cache",))
-def decode_step(graphdef, state, cache: PagedCache, tokens, active, knobs, want_logits: bool = False):
+@functools.partial(jax.jit, static_argnames=("graphdef", "impl", "want_logits"), donate_argnames=("cache",))
+def decode_step(graphdef, state, cache: PagedCache, tokens, active, knobs, *, impl: str, want_logits: bool = False):
     """Feed tokens [S] (one per slot) at each active slot's length and sample the next ones.
 
     Returns (next tokens [S], logits [S, V] float32 or None, cache with active slots one longer)."""
     model = nnx.merge(graphdef, state)
     batch = cache.decode_batch(model.cfg, active)
-    h, cache = model.forward_cached(tokens[:, None], batch, cache)
+    h, cache = model.forward_cached(tokens[:, None], batch, cache, impl=impl)
     logits = model.logits(h[:, 0])
     lengths = cache.lengths + active.astype(jnp.int32)
     slots = jnp.arange(cache.slots, dtype=jnp.int32)

@@ -21,7 +21,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
+from kernels_pallas.paged_attention import paged_attention_ref
 from kimi_jax import rope
 from kimi_jax.config import Config
 from kimi_jax.layers import ones, param, rms_norm
@@ -88,22 +90,43 @@ class MLA(nnx.Module):
         o = jnp.einsum("bchr,hvr->bchv", o_lat.astype(self.v_b_proj.dtype), self.v_b_proj[...])
         return jnp.einsum("bchv,dhv->bcd", o, self.o_proj[...])
 
-    def __call__(self, x: jax.Array, batch: AttnBatch, pages: jax.Array | None):
+    def __call__(self, x: jax.Array, batch: AttnBatch, pages: jax.Array | None, impl: str):
         """x [b,c,d] normalized -> (attention output [b,c,d], this layer's page pool updated).
 
         With `pages` None the chunk attends causally to itself only (training, scoring): its own
-        cache rows serve as one page per row."""
-        from kernels_pallas import ops
-
+        cache rows serve as one page per row, through the reference (differentiable: a fixed
+        single key block). `impl` picks the attention kernel (kernels_pallas.ops)."""
         q_lat, q_pe, rows = self.project(x, batch.cos, batch.sin)
         scale = rope.softmax_scale(self.cfg)
         if pages is None:
             b, c = x.shape[:2]
-            o_lat = ops.paged_attention(q_lat, q_pe, rows, jnp.arange(b, dtype=jnp.int32)[:, None],
+            o_lat = paged_attention_ref(q_lat, q_pe, rows, jnp.arange(b, dtype=jnp.int32)[:, None],
                                         jnp.zeros((b,), jnp.int32), jnp.full((b,), c, jnp.int32), scale=scale,
                                         block_pages=1, n_blocks=1)
         else:
             pages = pages.at[batch.write_page, batch.write_slot].set(rows.astype(pages.dtype))
-            o_lat = ops.paged_attention(q_lat, q_pe, pages, batch.page_table, batch.q_start, batch.kv_len,
-                                        scale=scale)
+            o_lat = _paged_attention(q_lat, q_pe, pages, batch, scale, impl)
         return self.output(o_lat), pages
+
+
+def _paged_attention(q_lat, q_pe, pages, batch: AttnBatch, scale: float, impl: str):
+    """`ops.paged_attention` over the cache; under a mesh, kernels run per device in a shard_map:
+    rows (and their part of the pool) over `data`, heads over `tensor`."""
+    from kernels_pallas import ops
+
+    args = (q_lat, q_pe, pages, batch.page_table, batch.q_start, batch.kv_len)
+    mesh = jax.sharding.get_abstract_mesh()
+    if impl == "xla" or mesh.empty:
+        return ops.paged_attention(*args, scale=scale, impl=impl)
+    data = "data" if q_lat.shape[0] % mesh.shape["data"] == 0 else None
+    heads = "tensor" if q_lat.shape[2] % mesh.shape["tensor"] == 0 else None
+    q_spec = P(data, None, heads, None)
+
+    def local(q_lat, q_pe, pages, table, q_start, kv_len):
+        # Page numbers are global; this device holds pages [first, first + n) of the pool.
+        first = jax.lax.axis_index("data") * pages.shape[0] if data else 0
+        table = jnp.clip(table - first, 0, pages.shape[0] - 1)
+        return ops.paged_attention(q_lat, q_pe, pages, table, q_start, kv_len, scale=scale, impl=impl)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, q_spec, P(data), P(data), P(data), P(data)),
+                         out_specs=q_spec, check_vma=False)(*args)

@@ -35,15 +35,18 @@ class DecoderLayer(nnx.Module):
         self.post_attention_norm = ones((d,), ("embed",), dtype)
         self.mlp = MoE(cfg, dtype, rngs) if moe else MLP(d, cfg.intermediate_size, dtype, rngs)
 
-    def __call__(self, x, batch: AttnBatch, pages):
+    def __call__(self, x, batch: AttnBatch, pages, impl: str):
         """x [b,c,d] -> (x, this layer's page pool). `pages` None: attend within the chunk only."""
         eps = self.cfg.rms_norm_eps
         with jax.named_scope("attention"):
-            a, pages = self.attn(rms_norm(x, self.input_norm[...], eps), batch, pages)
+            a, pages = self.attn(rms_norm(x, self.input_norm[...], eps), batch, pages, impl)
         x = x + a
-        with jax.named_scope("moe" if isinstance(self.mlp, MoE) else "mlp"):
-            x = x + self.mlp(rms_norm(x, self.post_attention_norm[...], eps))
-        return x, pages
+        h = rms_norm(x, self.post_attention_norm[...], eps)
+        if isinstance(self.mlp, MoE):
+            with jax.named_scope("moe"):
+                return x + self.mlp(h, impl), pages
+        with jax.named_scope("mlp"):
+            return x + self.mlp(h), pages
 
 
 class KimiK2(nnx.Module):
@@ -59,34 +62,35 @@ class KimiK2(nnx.Module):
         self.lm_head = param(rngs, (v, d), ("vocab", "embed"), dtype)
 
     # ---- forward ------------------------------------------------------------------------------
-    def __call__(self, tokens: jax.Array, batch: AttnBatch, pages: tuple | None):
+    def __call__(self, tokens: jax.Array, batch: AttnBatch, pages: tuple | None, *, impl: str):
         """Run tokens [b,c] through every layer. `batch` says where each token sits (cache.py);
         `pages` holds each layer's page pool (written in place and returned), or None to attend
-        within the chunk only. Returns the final hidden states [b,c,d] before the last norm."""
+        within the chunk only; `impl` names the kernels (kernels_pallas.ops: "xla", "pallas_gpu",
+        ...). Returns the final hidden states [b,c,d] before the last norm."""
         x = jnp.take(self.embed[...], tokens, axis=0)
         new_pages = []
         for i, layer in enumerate(self.layers):
             with jax.named_scope(f"layer_{i}"):
-                x, p = layer(x, batch, None if pages is None else pages[i])
+                x, p = layer(x, batch, None if pages is None else pages[i], impl)
             new_pages.append(p)
         return x, (None if pages is None else tuple(new_pages))
 
-    def forward_cached(self, tokens: jax.Array, batch: AttnBatch, cache: PagedCache):
+    def forward_cached(self, tokens: jax.Array, batch: AttnBatch, cache: PagedCache, *, impl: str):
         """A chunk through the cache: hidden states [b,c,d] and the cache with its pools updated
         (lengths and page table are the caller's to advance)."""
-        x, pages = self(tokens, batch, cache.pages)
+        x, pages = self(tokens, batch, cache.pages, impl=impl)
         return x, PagedCache(pages=pages, page_table=cache.page_table, lengths=cache.lengths)
 
-    def forward_no_cache(self, tokens: jax.Array) -> jax.Array:
+    def forward_no_cache(self, tokens: jax.Array, *, impl: str | None = None) -> jax.Array:
         """Causal forward over whole sequences [b,t] without a cache (training, scoring): float32
-        logits [b,t,v]. Differentiable."""
+        logits [b,t,v]. Differentiable. `impl` defaults to the best kernels for the default backend."""
         b, t = tokens.shape
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         cos, sin = rope.rope_angles(self.cfg, positions)
         zeros = jnp.zeros((b,), jnp.int32)
         batch = AttnBatch(cos=cos, sin=sin, page_table=zeros[:, None], q_start=zeros, kv_len=zeros + t,
                           write_page=positions * 0, write_slot=positions)
-        x, _ = self(tokens, batch, None)
+        x, _ = self(tokens, batch, None, impl=impl or default_impl())
         return self.logits(x)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
@@ -94,6 +98,13 @@ class KimiK2(nnx.Module):
         with jax.named_scope("lm_head"):
             h = rms_norm(hidden, self.norm[...], self.cfg.rms_norm_eps)
             return jnp.einsum("...d,vd->...v", h, self.lm_head[...], preferred_element_type=jnp.float32)
+
+
+def default_impl(platform: str | None = None) -> str:
+    """The kernels for devices of `platform` (default: JAX's default backend)."""
+    from kernels_pallas import ops
+
+    return ops.impl_for_platform(platform or jax.default_backend())
 
 
 def abstract_model(cfg: Config, dtype=jnp.bfloat16):

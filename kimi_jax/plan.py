@@ -78,7 +78,7 @@ def plan(cfg, *, devices, mesh_text: str | None, max_len: int, batch: int, chunk
 
     from kimi_jax.cache import PagedCache, pages_for
     from kimi_jax.engine import decode_step, prefill_step
-    from kimi_jax.model import abstract_model
+    from kimi_jax.model import abstract_model, default_impl
     from kimi_jax.quant import is_routed_expert
     from kimi_jax.sharding import MeshSpec, default_mesh_spec, make_mesh, placed_abstract
 
@@ -98,10 +98,13 @@ def plan(cfg, *, devices, mesh_text: str | None, max_len: int, batch: int, chunk
              "top_p": sds((batch,), jnp.float32, sharding=rep), "seed": sds((batch,), jnp.uint32, sharding=rep)}
     out = {"config": cfg.model_type, "mesh": str(spec), "devices": len(devices), "device_kind": devices[0].device_kind,
            "batch": batch, "max_len": max_len, "page_size": page_size, "pages": n_pages, "dtype": jdtype.name}
+    impl = default_impl(devices[0].platform)  # Mosaic kernels for a TPU target, the XLA path on CPU
+    out["kernels"] = impl
     steps = {
-        "prefill": lambda: prefill_step.lower(graphdef, state, cache, ints(1, chunk), ints(1), ints(1), ints(1), knobs),
+        "prefill": lambda: prefill_step.lower(graphdef, state, cache, ints(1, chunk), ints(1), ints(1), ints(1), knobs,
+                                              impl=impl),
         "decode": lambda: decode_step.lower(graphdef, state, cache, ints(batch), sds((batch,), jnp.bool_, sharding=rep),
-                                            knobs),
+                                            knobs, impl=impl),
     }
     timings = {}
     with jax.set_mesh(mesh):

@@ -16,9 +16,10 @@ class Rows:
     """A fresh paged cache with one slot per prompt; pages handed out in a scrambled order so that
     a sequence's pages are never contiguous."""
 
-    def __init__(self, model, n_rows: int, max_len: int, *, page_size: int = 4, mesh=None, seed: int = 0):
+    def __init__(self, model, n_rows: int, max_len: int, *, page_size: int = 4, mesh=None, seed: int = 0,
+                 impl: str = "xla"):
         self.graphdef, self.state = nnx.split(model)
-        self.mesh = mesh
+        self.mesh, self.impl = mesh, impl
         per = pages_for(max_len, page_size)
         shards = mesh.shape["data"] if mesh is not None else 1
         n_pages = -(-(1 + n_rows * per) // shards) * shards
@@ -50,7 +51,7 @@ class Rows:
                     slots[b], n_valid[b] = b, len(part)
             with self._ctx():
                 _, logits, self.cache = prefill_step(self.graphdef, self.state, self.cache, tokens, slots,
-                                                     self.lengths.copy(), n_valid, self.knobs)
+                                                     self.lengths.copy(), n_valid, self.knobs, impl=self.impl)
             logits = np.asarray(logits)
             for b in range(n):
                 if n_valid[b] and c0 + n_valid[b] == len(prompts[b]):
@@ -62,7 +63,8 @@ class Rows:
         """Feed one token per row; the next-token logits [n, V]."""
         with self._ctx():
             _, logits, self.cache = decode_step(self.graphdef, self.state, self.cache, np.asarray(tokens, np.int32),
-                                                np.ones(self.n_rows, bool), self.knobs, want_logits=True)
+                                                np.ones(self.n_rows, bool), self.knobs, impl=self.impl,
+                                                want_logits=True)
         self.lengths += 1
         return np.asarray(logits)
 

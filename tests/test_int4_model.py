@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 from jax.extend.core import Var
+from paged import Rows
 from reference import load_reference, reference_greedy, reference_logits
 
 from kimi_jax import export, fixtures, generate
@@ -52,15 +53,21 @@ def test_int4_logits_and_greedy_tokens_match_transformers_with_compressed_tensor
     assert engine.generate([prompt], SamplingParams(max_new_tokens=32))[0].tokens == reference_greedy(ref, prompt, 32)
 
 
-def test_interpreted_pallas_kernels_give_the_reference_logits(int4):
-    from kernels_pallas import ops
-
+@pytest.mark.parametrize("impl", ["interpret_gpu", "interpret_tpu"])
+def test_interpreted_pallas_kernels_give_the_reference_logits(int4, impl):
+    # The INT4 expert kernels and the paged decode attention, through prefill and decode steps. The
+    # GEMV kernel applies scales to float32 sums instead of rounding each dequantized weight to bf16
+    # as the reference (and compressed-tensors) do, so the two differ by about that rounding (2^-9
+    # relative per matmul), not more.
     _, model, cfg = int4
-    tokens = jnp.asarray(np.random.default_rng(4).integers(0, cfg.vocab_size - 256, (1, 6)))
-    xla = np.asarray(nnx.jit(lambda m, t: m.forward_no_cache(t))(model, tokens))
-    with ops.use_impl("interpret_gpu"):
-        kernel = np.asarray(nnx.jit(lambda m, t: m.forward_no_cache(t))(model, tokens))
-    assert np.abs(kernel - xla).max() <= 1e-3
+    prompt = np.random.default_rng(4).integers(0, cfg.vocab_size - 256, 6).tolist()
+    logits = {}
+    for name in ("xla", impl):
+        rows = Rows(model, 1, 16, impl=name)
+        first = rows.prefill([prompt], chunk=8)
+        logits[name] = np.concatenate([first, rows.decode([int(first[0].argmax())])])
+    assert np.abs(logits[impl] - logits["xla"]).max() <= 2e-2 * np.abs(logits["xla"]).max()
+    assert (logits[impl].argmax(-1) == logits["xla"].argmax(-1)).all()
 
 
 _CALLS = ("jit", "pjit", "shard_map", "closed_call", "custom_jvp_call", "custom_vjp_call")
@@ -89,7 +96,6 @@ def test_decode_step_reads_every_weight_where_it_lies(int4, impl):
     # every GEMM and kernel (on a GPU as costly as reading them). Each matrix must go straight into
     # a matmul or a kernel, vectors (norms, router bias) into elementwise ops; only the embedding is
     # gathered (one row per token).
-    from kernels_pallas import ops
 
     _, model, cfg = int4
     graphdef, state = nnx.split(model)
@@ -98,10 +104,9 @@ def test_decode_step_reads_every_weight_where_it_lies(int4, impl):
              "seed": jnp.zeros(2, jnp.uint32)}
 
     def step(state, cache):
-        return decode_step(graphdef, state, cache, jnp.zeros(2, jnp.int32), jnp.ones(2, bool), knobs)
+        return decode_step(graphdef, state, cache, jnp.zeros(2, jnp.int32), jnp.ones(2, bool), knobs, impl=impl)
 
-    with ops.use_impl(impl):
-        closed = jax.make_jaxpr(step)(state, cache)
+    closed = jax.make_jaxpr(step)(state, cache)
     paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(state)]
     weights = set(closed.jaxpr.invars[:len(paths)])
     embed = closed.jaxpr.invars[next(i for i, p in enumerate(paths) if p.startswith("['embed']"))]
