@@ -17,6 +17,12 @@ Each `step()` is one iteration of the scheduler:
      to their requests, finish those that stopped, and free their slots and pages at once.
 
 The engine sees token ids only; stop strings, chat formatting and tool calls live above it.
+
+Several hosts. Every process runs the same scheduler on the same inputs, so their decisions agree
+and each host drives its own devices through the same compiled steps. Either every process submits
+the same requests itself (the CLI), or, with `mirror=True` (the server), only process 0 takes
+requests: at the start of each iteration it sends the new ones and the cancellations to the others,
+which run `follow()` until process 0 stops.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ import numpy as np
 from flax import nnx
 
 from kimi_jax.cache import DISCARD_PAGE, PagedCache, pages_for
-from kimi_jax.distributed import global_array, to_host
+from kimi_jax.distributed import broadcast_from_main, global_array, is_main, to_host
 from kimi_jax.engine import decode_step, prefill_step, put_rows
 from kimi_jax.errors import KimiError
 from kimi_jax.model import default_impl
@@ -83,8 +89,9 @@ class Request:
 class BatchEngine:
     def __init__(self, model, *, max_batch: int = 8, max_len: int = 4096, chunk: int = 128,
                  page_size: int = DEFAULT_PAGE_SIZE, n_pages: int | None = None, prefill_rows: int = 1,
-                 max_queue: int = 64, mesh=None, impl: str | None = None):
-        """`impl`: the kernels (kernels_pallas.ops IMPLS); default: the best for the mesh's devices."""
+                 max_queue: int = 64, mesh=None, impl: str | None = None, mirror: bool = False):
+        """`impl`: the kernels (kernels_pallas.ops IMPLS); default: the best for the mesh's devices.
+        `mirror`: process 0's requests are replayed on every other process (several hosts)."""
         if max_batch < 1 or chunk < 1 or prefill_rows < 1:
             raise KimiError("max_batch, chunk and prefill_rows must be >= 1")
         data = mesh.shape["data"] if mesh is not None else 1
@@ -122,6 +129,8 @@ class BatchEngine:
         self._step_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._running = False
+        self.mirror = mirror and jax.process_count() > 1
+        self._stopped = False
         self.stats = collections.Counter()
         self._recent = collections.deque(maxlen=256)  # (time, generated tokens) per read
 
@@ -184,9 +193,15 @@ class BatchEngine:
         while True:
             with self._lock:
                 while self._running and not self._inbox and not self._busy():
-                    self._wake.wait()
-                if not self._running:
-                    return
+                    # Mirrored: the other processes wait in a collective for every iteration, so
+                    # even an idle engine steps now and then to keep them from timing out.
+                    if not self._wake.wait(timeout=1.0) and self.mirror:
+                        break
+                running = self._running
+            if not running:
+                if self.mirror:
+                    self.step()  # tells the other processes to stop
+                return
             self.step()
 
     def metrics(self) -> dict:
@@ -210,8 +225,12 @@ class BatchEngine:
         """One scheduler iteration. Returns whether any work remains."""
         with self._step_lock:
             with self._lock:
-                self._waiting.extend(self._inbox)
-                self._inbox.clear()
+                new, self._inbox = self._inbox, []
+            if self.mirror:
+                new = self._mirror(new)
+                if new is None:
+                    return False
+            self._waiting.extend(new)
             self._cancel_requested()
             self._admit()
             dispatched = self._prefill_chunk()
@@ -221,6 +240,29 @@ class BatchEngine:
             while len(self._pending) > (1 if dispatched else 0):
                 self._read(*self._pending.popleft())
             return self._busy()
+
+    def _mirror(self, new: list[Request]) -> list[Request] | None:
+        """Process 0's new requests and cancellations, on every process. None: process 0 stopped."""
+        live = [r for r in [*self._slots, *self._waiting, *new] if r is not None]
+        message = broadcast_from_main({
+            "stop": not (self._running or self._thread is None),
+            "new": [(r.id, r.prompt_ids, r.sampling) for r in new],
+            "cancel": [r.id for r in live if r._cancel],
+        })
+        if message["stop"]:
+            self._stopped = True
+            return None
+        if not is_main():
+            new = [Request(prompt, sampling, id=rid) for rid, prompt, sampling in message["new"]]
+            by_id = {r.id: r for r in [*live, *new]}
+            for rid in message["cancel"]:
+                by_id[rid].cancel()
+        return new
+
+    def follow(self) -> None:
+        """On processes other than 0 of a mirrored engine: step in lockstep until process 0 stops."""
+        while not self._stopped:
+            self.step()
 
     def _busy(self) -> bool:
         return bool(self._waiting or self._inbox or self._pending or any(r is not None for r in self._slots))

@@ -19,6 +19,7 @@ import os
 import sys
 import time
 
+from kimi_jax import distributed
 from kimi_jax.errors import KimiError
 
 DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -50,11 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     p.add_argument("--mesh", help="device mesh, e.g. data=1,expert=4,tensor=2 (default: all local devices)")
     p.add_argument("--chunk", type=int, default=128, help="prefill chunk size in tokens")
-    multi = p.add_argument_group("several hosts (or KIMI_COORDINATOR_ADDRESS, KIMI_NUM_PROCESSES, KIMI_PROCESS_ID)")
-    multi.add_argument("--coordinator", help="HOST:PORT of process 0; every process runs the same command")
-    multi.add_argument("--num-processes", type=int)
-    multi.add_argument("--process-id", type=int)
-    multi.add_argument("--coordinator-timeout", type=int, default=120, help="seconds to wait for all processes")
+    distributed.add_arguments(p)
     p.add_argument("--json", action="store_true", help="print one JSON object and nothing else on stdout")
     return p
 
@@ -70,10 +67,7 @@ def _parse_ids(text: str) -> list[int]:
 
 
 def run(args) -> int:
-    from kimi_jax import distributed
-
-    if distributed.initialize(args.coordinator, args.num_processes, args.process_id,
-                              timeout_s=args.coordinator_timeout):
+    if distributed.initialize_from(args):
         # Native collective libraries write to file descriptor 1; keep stdout for our own output.
         sys.stdout.flush()
         ours = os.dup(1)

@@ -32,7 +32,7 @@ class Runtime:
     @classmethod
     def load(cls, checkpoint: str, *, dtype="bfloat16", max_len: int | None = None, mesh: str | None = None,
              chunk: int = 128, max_batch: int = 1, page_size: int | None = None, n_pages: int | None = None,
-             max_queue: int = 64, progress: bool = True) -> "Runtime":
+             max_queue: int = 64, mirror: bool = False, progress: bool = True) -> "Runtime":
         """Load weights onto the devices and build the engine: `max_batch` decode slots of up to
         `max_len` tokens each, over a paged cache (`page_size` tokens a page, `n_pages` pages)."""
         from kimi_jax import convert
@@ -72,7 +72,8 @@ class Runtime:
 
             template = ChatTemplate.from_dir(checkpoint)
         engine = BatchEngine(model, max_batch=max_batch, max_len=max_len, chunk=chunk, mesh=device_mesh,
-                             n_pages=n_pages, max_queue=max_queue, **({"page_size": page_size} if page_size else {}))
+                             n_pages=n_pages, max_queue=max_queue, mirror=mirror,
+                             **({"page_size": page_size} if page_size else {}))
         return cls(cfg, model, engine, tokenizer, template, checkpoint, device_mesh)
 
     def stop_ids(self) -> tuple[int, ...]:

@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 
+from kimi_jax import distributed
 from kimi_jax.errors import KimiError
 from kimi_jax.generate import DEFAULT_CHECKPOINT
 
@@ -45,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mesh", help="device mesh, e.g. data=1,expert=4,tensor=2 (default: all local devices)")
     p.add_argument("--no-warmup", action="store_true", help="skip compiling the engine before listening")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    distributed.add_arguments(p)
     return p
 
 
@@ -53,8 +55,10 @@ def _positive(value, flag: str):
         raise KimiError(f"{flag} must be >= 1, got {value}")
 
 
-def build_service(args):
-    """Load the checkpoint and start the engine: (Service, BatchEngine). The caller stops the engine."""
+def build_service(args, *, mirror: bool = False):
+    """Load the checkpoint and start the engine: (Service, BatchEngine). The caller stops the engine.
+    `mirror`: a multi-process run, where process 0 serves and the others follow its engine; only
+    process 0 starts it."""
     from kimi_jax.runtime import Runtime
     from kimi_jax.sampling import SamplingParams, checkpoint_defaults
     from kimi_jax.server.service import Service, Settings
@@ -66,13 +70,15 @@ def build_service(args):
         hint = "" if args.checkpoint else " (the bundled default model is missing; pass --checkpoint DIR)"
         raise KimiError(f"checkpoint directory '{checkpoint}' not found{hint}")
     rt = Runtime.load(checkpoint, dtype=args.dtype, max_len=args.max_len, mesh=args.mesh, chunk=args.chunk,
-                      max_batch=args.max_batch, max_queue=args.max_queue, progress=False)
+                      max_batch=args.max_batch, max_queue=args.max_queue, mirror=mirror, progress=False)
     rt.require_chat()
     engine, max_len = rt.engine, rt.engine.max_len
     settings = Settings(model_name=args.served_model_name or os.path.basename(os.path.abspath(checkpoint)),
                         max_tokens=min(args.max_tokens or max_len, max_len), api_key=args.api_key or None,
                         max_body_bytes=args.max_body_bytes, defaults=checkpoint_defaults(checkpoint))
     service = Service(rt, engine, settings)
+    if not distributed.is_main():
+        return service, engine
     engine.start()
     if not args.no_warmup:
         _warm_up(engine, SamplingParams(max_new_tokens=2))
@@ -131,10 +137,17 @@ def main(argv=None) -> int:
         log.warning("listening on %s without --api-key: anyone who can reach it can use it", args.host)
     try:
         t0 = time.perf_counter()
-        service, engine = build_service(args)
+        mirror = distributed.initialize_from(args)
+        service, engine = build_service(args, mirror=mirror)
     except KimiError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if not distributed.is_main():
+        import jax
+
+        log.info("process %d follows process 0's engine", jax.process_index())
+        engine.follow()
+        return 0
     log.info("serving %s as '%s' (max_len %d, max_batch %d) after %.1fs on http://%s:%d/v1",
              service.runtime.checkpoint, service.settings.model_name, service.max_len, args.max_batch,
              time.perf_counter() - t0, args.host, args.port)
