@@ -19,7 +19,7 @@ import os
 import sys
 import time
 
-from kimi_jax import distributed
+from kimi_jax import compile_cache, distributed
 from kimi_jax.errors import KimiError
 
 DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mesh", help="device mesh, e.g. data=1,expert=4,tensor=2 (default: all local devices)")
     p.add_argument("--chunk", type=int, default=128, help="prefill chunk size in tokens")
     distributed.add_arguments(p)
+    compile_cache.add_arguments(p)
     p.add_argument("--json", action="store_true", help="print one JSON object and nothing else on stdout")
     return p
 
@@ -78,6 +79,8 @@ def run(args) -> int:
             args.json = True  # and no progress bars from the others
     from kimi_jax.runtime import Runtime
     from kimi_jax.sampling import SamplingParams, checkpoint_defaults
+
+    compile_cache.enable_from(args)
 
     checkpoint = args.checkpoint or DEFAULT_CHECKPOINT
     if not os.path.isdir(checkpoint):

@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 
-from kimi_jax import distributed
+from kimi_jax import compile_cache, distributed
 from kimi_jax.errors import KimiError
 from kimi_jax.generate import DEFAULT_CHECKPOINT
 
@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-warmup", action="store_true", help="skip compiling the engine before listening")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     distributed.add_arguments(p)
+    compile_cache.add_arguments(p)
     return p
 
 
@@ -138,6 +139,7 @@ def main(argv=None) -> int:
     try:
         t0 = time.perf_counter()
         mirror = distributed.initialize_from(args)
+        compile_cache.enable_from(args)
         service, engine = build_service(args, mirror=mirror)
     except KimiError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -5,9 +5,12 @@ Checkpoint fixtures are written once per session and shared: every jit compile c
 """
 
 import os
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Command-line tools run in-process enable JAX's persistent compilation cache: keep it out of $HOME.
+os.environ.setdefault("KIMI_JAX_COMPILE_CACHE", tempfile.mkdtemp(prefix="kimi_jax_xla_"))
 
 import pytest  # noqa: E402
 

@@ -1,6 +1,7 @@
 """The generate CLI: JSON output, and bad input as one readable line with a non-zero exit."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -66,3 +67,17 @@ def test_module_entry_point_reports_bad_config_without_traceback(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert "field 'n_group'" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_compiled_programs_are_kept_for_the_next_run_unless_turned_off(ckpt, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("KIMI_JAX_COMPILE_CACHE", str(tmp_path / "unused"))
+    args = ["--checkpoint", ckpt, "--prompt-ids", "5,6,7", "--max-new-tokens", "2", "--json"]
+    assert generate.main(args + ["--no-compile-cache"]) == 0 and not (tmp_path / "unused").exists()
+    env = dict(os.environ)
+    base = [sys.executable, "-m", "kimi_jax.generate", *args]
+    on = subprocess.run(base + ["--compile-cache", str(tmp_path / "xla")], env=env, capture_output=True, text=True,
+                        timeout=300)
+    assert on.returncode == 0 and len(os.listdir(tmp_path / "xla")) >= 2  # prefill and decode at least
+    again = subprocess.run(base + ["--compile-cache", str(tmp_path / "xla")], env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert json.loads(again.stdout)["token_ids"] == json.loads(on.stdout)["token_ids"]
