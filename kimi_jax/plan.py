@@ -148,6 +148,48 @@ def fits(p, hbm_bytes: float, batches=(1, 2, 4, 8, 16, 32, 64)):
     return result
 
 
+def _targets(p, args) -> dict[str, float]:
+    """HBM per device to fit against: --hbm-gb, the TPU's own, or the GPU hosts of that size."""
+    if args.hbm_gb:
+        return {f"{args.hbm_gb:g} GB": args.hbm_gb * 1e9}
+    if args.target != "cpu":
+        return {p["device_kind"]: TPU_HBM[p["device_kind"]]} if p["device_kind"] in TPU_HBM else {}
+    return {name: hbm for name, (n, hbm) in GPU_HOSTS.items() if n == p["devices"]}
+
+
+def _add_fits(p, args) -> None:
+    batches = sorted({1, 2, 4, 8, 16, 32, 64, args.batch})
+    p["fits"] = {name: fits(p, hbm, batches) for name, hbm in _targets(p, args).items()}
+
+
+def _best_plan(cfg, devices, args):
+    """Plan every mesh the devices can form; return the one leaving the longest context at
+    --batch on the first HBM target (the least weight memory per device when there is none),
+    with a summary of all in `candidates`."""
+    from kimi_jax.errors import KimiError
+    from kimi_jax.sharding import mesh_candidates
+
+    plans = []
+    for spec in mesh_candidates(cfg, len(devices), args.batch):
+        try:
+            p = plan(cfg, devices=devices, mesh_text=str(spec), max_len=args.max_len, batch=args.batch,
+                     chunk=args.chunk, dtype=args.dtype)
+        except KimiError as e:  # a dimension this mesh cannot split
+            print(f"mesh {spec}: skipped ({e})", file=sys.stderr)
+            continue
+        _add_fits(p, args)
+        first = next(iter(p["fits"].values()), None)
+        p["context"] = first[args.batch] if first is not None else None
+        print(f"mesh {spec}: planned", file=sys.stderr)
+        plans.append(p)
+    if not plans:
+        raise KimiError(f"no mesh of {len(devices)} devices can shard this config")
+    best = max(plans, key=lambda p: (p["context"] or 0, -p["weight_bytes"]))
+    best["candidates"] = [{"mesh": p["mesh"], "weight_bytes": p["weight_bytes"], "context": p["context"]}
+                          for p in plans]
+    return best
+
+
 def _gb(x) -> str:
     return f"{x / 1e9:,.2f} GB"
 
@@ -159,7 +201,8 @@ def main(argv=None) -> int:
     ap.add_argument("--target", default="cpu", help="'cpu' (fake host devices; XLA:CPU upcasts bf16 weights to "
                                                   "f32, inflating temporaries) or a TPU topology such as "
                                                   "v5p:2x2x1 or v6e:2x4 (needs libtpu)")
-    ap.add_argument("--mesh", help="data=..,expert=..,tensor=.. (default: all devices, experts first)")
+    ap.add_argument("--mesh", help="data=..,expert=..,tensor=.. (default: try every split of the devices and "
+                                   "report the one that leaves the longest context)")
     ap.add_argument("--hbm-gb", type=float, default=None, help="HBM per device in GB to fit against")
     ap.add_argument("--max-len", type=int, default=262144, help="cache capacity in tokens")
     ap.add_argument("--batch", type=int, default=1)
@@ -180,21 +223,23 @@ def main(argv=None) -> int:
 
         cfg = Config.from_hf(args.config) if os.path.exists(args.config) else get_preset(args.config)
         devices = target_devices(args.target, args.devices)
-        p = plan(cfg, devices=devices, mesh_text=args.mesh, max_len=args.max_len, batch=args.batch,
-                 chunk=args.chunk, dtype=args.dtype)
+        if args.mesh:
+            p = plan(cfg, devices=devices, mesh_text=args.mesh, max_len=args.max_len, batch=args.batch,
+                     chunk=args.chunk, dtype=args.dtype)
+            _add_fits(p, args)
+        else:
+            p = _best_plan(cfg, devices, args)
     except KimiError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.hbm_gb:
-        targets = {f"{args.hbm_gb:g} GB": args.hbm_gb * 1e9}
-    elif args.target != "cpu":
-        targets = {p["device_kind"]: TPU_HBM[p["device_kind"]]} if p["device_kind"] in TPU_HBM else {}
-    else:
-        targets = {name: hbm for name, (n, hbm) in GPU_HOSTS.items() if n == p["devices"]}
-    p["fits"] = {name: fits(p, hbm) for name, hbm in targets.items()}
     if args.json:
         print(json.dumps(p))
         return 0
+    for c in p.get("candidates", []):
+        print(f"mesh {c['mesh']}: weights {_gb(c['weight_bytes'])}/device, "
+              + (f"longest context at batch {args.batch}: {c['context']:,} tokens" if c["context"] is not None
+                 else "no HBM size to fit against")
+              + ("  <- best" if c["mesh"] == p["mesh"] else ""))
     print(f"{args.config} on {p['devices']} x {p['device_kind']}, mesh {p['mesh']}, batch {p['batch']}, cache {p['max_len']:,} "
           f"tokens ({p['dtype']})")
     print("| per device | bytes |\n|---|---|")

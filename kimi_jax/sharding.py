@@ -132,3 +132,20 @@ def default_mesh_spec(cfg, n_devices: int) -> MeshSpec:
     rest = n_devices // expert
     tensor = math.gcd(rest, cfg.num_attention_heads)
     return MeshSpec(data=rest // tensor, expert=expert, tensor=tensor)
+
+
+def mesh_candidates(cfg, n_devices: int, batch: int = 1) -> list[MeshSpec]:
+    """Every (data, expert, tensor) split of n_devices that could shard this config: data divides
+    the batch, expert the routed experts, tensor the heads. Finer checks (every sharded dimension
+    divisible) happen when weights are placed."""
+    out = []
+    for data in range(1, n_devices + 1):
+        if n_devices % data or batch % data:
+            continue
+        for expert in range(1, n_devices // data + 1):
+            if (n_devices // data) % expert or (expert > 1 and (not cfg.n_moe_layers or cfg.n_routed_experts % expert)):
+                continue
+            tensor = n_devices // (data * expert)
+            if cfg.num_attention_heads % tensor == 0:
+                out.append(MeshSpec(data, expert, tensor))
+    return out
