@@ -79,8 +79,7 @@ def time_ours(path, prompt_len, new_tokens, batches, reps):
 def time_reference(path, prompt_len, new_tokens, batches, reps):
     import torch
 
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-    from reference import load_reference
+    from kimi_jax.reference import load_reference
 
     model = load_reference(path)
     rng = np.random.default_rng(0)

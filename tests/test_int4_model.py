@@ -9,7 +9,6 @@ import pytest
 from flax import nnx
 from jax.extend.core import Var
 from paged import Rows
-from reference import load_reference, reference_greedy, reference_logits
 
 from kimi_jax import export, fixtures, generate
 from kimi_jax.batching import BatchEngine
@@ -19,6 +18,7 @@ from kimi_jax.config import TINY, Int4Quant
 from kimi_jax.engine import decode_step
 from kimi_jax.errors import CheckpointError
 from kimi_jax.quant import Int4Weight, is_routed_expert
+from kimi_jax.reference import load_reference, reference_greedy, reference_logits
 from kimi_jax.sampling import SamplingParams
 
 CFG = fixtures.with_fixture_token_ids(TINY.replace(quantization=Int4Quant(group_size=16)))

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 from flax import nnx
 from paged import Rows
-from reference import load_reference, reference_greedy, reference_logits
 
 from kimi_jax import engine
 from kimi_jax.batching import BatchEngine
@@ -20,6 +19,7 @@ from kimi_jax.checkpoint import load_model
 from kimi_jax.config import TINY, Yarn
 from kimi_jax.errors import KimiError
 from kimi_jax.fixtures import with_fixture_token_ids
+from kimi_jax.reference import load_reference, reference_greedy, reference_logits
 from kimi_jax.sampling import SamplingParams
 
 VARIANTS = {

@@ -1,4 +1,7 @@
-"""The independent reference: transformers' DeepseekV3ForCausalLM on the same checkpoint directory."""
+"""The independent reference: transformers' DeepseekV3ForCausalLM on the same checkpoint directory.
+
+Used by the parity tests and scripts/bench_cpu.py; needs the `test` extra (torch, transformers,
+compressed-tensors), which the runtime itself never imports."""
 
 import numpy as np
 import torch
