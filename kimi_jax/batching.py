@@ -156,8 +156,16 @@ class BatchEngine:
         return request
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams) -> list[Request]:
-        """Run prompts to completion and return their requests (token ids in `.tokens`)."""
-        requests = [self.submit(p, sampling) for p in prompts]
+        """Run prompts to completion and return their requests (token ids in `.tokens`). Any number
+        of prompts: while the queue is full, the oldest running request is finished first."""
+        requests = []
+        for prompt in prompts:
+            while True:
+                try:
+                    requests.append(self.submit(prompt, sampling))
+                    break
+                except QueueFull:
+                    self._advance(next(r for r in requests if not r.done.is_set()))
         self.wait(requests)
         return requests
 

@@ -147,3 +147,11 @@ def test_bad_prompts_raise_readable_errors(case):
         case.engine.submit([1] * 96, SamplingParams())
     with pytest.raises(KimiError, match="outside the vocabulary"):
         case.engine.submit([case.cfg.vocab_size], SamplingParams())
+
+
+def test_more_prompts_than_slots_and_queue_all_finish_in_order(case):
+    small = BatchEngine(case.model, max_batch=2, max_len=32, chunk=8, page_size=4, max_queue=1)
+    prompts = _prompts(case, 3, 5, 4, 6, 2)
+    done = small.generate(prompts, SamplingParams(max_new_tokens=3))
+    assert [r.prompt_ids for r in done] == prompts and all(len(r.tokens) == 3 for r in done)
+    assert [r.tokens for r in done] == [r.tokens for r in case.engine.generate(prompts, SamplingParams(max_new_tokens=3))]
