@@ -9,6 +9,7 @@ Group e uses weight matrix `expert_base + e` of the W >= E given. A model passes
 slicing would make XLA copy that layer's whole expert slab (8.4 GB for K2) before the kernel could
 read it, on every decode step; the kernel instead reads only the rows it needs out of the stack.
 
+The references also read the "tpu" layout (layout.py; `layout="tpu"`, kernels in int4_tpu.py).
 Rows past sum(sizes) are padding and come back as zeros. The kernels (int4_matmul.py) read each
 selected expert's weights once per row tile and never touch experts with no rows. The references
 loop over the same group-aligned row tiles, dequantizing one expert at a time: they are the CPU
@@ -22,7 +23,6 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from kernels_pallas.dequant import check_supported
-from kernels_pallas.int4 import dequantize_int4_ref
 from kernels_pallas.int4_matmul import (
     DOT_NT,
     gpu_config,
@@ -32,6 +32,7 @@ from kernels_pallas.int4_matmul import (
     tpu_block_m,
     tpu_grouped_call,
 )
+from kernels_pallas.layout import dequantize, features
 
 __all__ = ["grouped_int4_swiglu", "grouped_int4_matmul", "grouped_int4_swiglu_ref",
            "grouped_int4_matmul_ref"]
@@ -51,10 +52,10 @@ def _mask_padding(out, group_sizes):
 # References (pure jnp)
 
 
-def _grouped_ref(x, weights, group_sizes, swiglu, expert_base=0):
+def _grouped_ref(x, weights, group_sizes, swiglu, expert_base=0, layout="ct"):
     weights = [(jnp.asarray(p), jnp.asarray(s)) for p, s in weights]
     m, k = x.shape
-    n = weights[0][0].shape[1]
+    n = features(*weights[0], layout)[0]
     bm = int(min(256, max(8, pl.next_power_of_2(int(-(-m // max(1, min(group_sizes.shape[0], m))))))))
     experts, first, end = gpu_tiles(group_sizes, m, bm)
     x_pad = jnp.pad(x, ((0, bm), (0, 0)))  # a tile may run past row m; keep its window in bounds
@@ -64,7 +65,7 @@ def _grouped_ref(x, weights, group_sizes, swiglu, expert_base=0):
 
         def compute(out):
             xs = lax.dynamic_slice_in_dim(x_pad, r0, bm)
-            ys = [lax.dot_general(xs, dequantize_int4_ref(p[e], s[e], k, x.dtype), DOT_NT,
+            ys = [lax.dot_general(xs, dequantize(p[e], s[e], layout, x.dtype, k), DOT_NT,
                                   preferred_element_type=jnp.float32) for p, s in weights]
             y = (silu_mul(*ys) if swiglu else ys[0]).astype(out.dtype)
             mine = r0 + lax.broadcasted_iota(jnp.int32, (bm, 1), 0) < r1
@@ -77,13 +78,14 @@ def _grouped_ref(x, weights, group_sizes, swiglu, expert_base=0):
     return out[:m]
 
 
-def grouped_int4_swiglu_ref(x, gate_packed, gate_scale, up_packed, up_scale, group_sizes, expert_base=0):
+def grouped_int4_swiglu_ref(x, gate_packed, gate_scale, up_packed, up_scale, group_sizes, expert_base=0,
+                            layout="ct"):
     return _grouped_ref(x, [(gate_packed, gate_scale), (up_packed, up_scale)], group_sizes, swiglu=True,
-                        expert_base=expert_base)
+                        expert_base=expert_base, layout=layout)
 
 
-def grouped_int4_matmul_ref(h, packed, scale, group_sizes, expert_base=0):
-    return _grouped_ref(h, [(packed, scale)], group_sizes, swiglu=False, expert_base=expert_base)
+def grouped_int4_matmul_ref(h, packed, scale, group_sizes, expert_base=0, layout="ct"):
+    return _grouped_ref(h, [(packed, scale)], group_sizes, swiglu=False, expert_base=expert_base, layout=layout)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -31,7 +31,8 @@ from kernels_pallas.dequant import (
     dequant_tile_gpu,
     spread_matrix,
 )
-from kernels_pallas.int4 import NIBBLES_PER_WORD, dequantize_int4_ref
+from kernels_pallas.int4 import NIBBLES_PER_WORD
+from kernels_pallas.layout import dequantize
 
 __all__ = ["int4_matmul", "int4_matmul_ref", "gpu_config", "gpu_tiles", "tpu_visits"]
 
@@ -39,9 +40,10 @@ DOT_NT = (((1,), (1,)), ((), ()))  # contract the last dims: x [m, k] . w [n, k]
 GPU_TARGET_PROGRAMS = 512  # ~4 programs per SM on a 132-SM H100: enough bytes in flight
 
 
-def int4_matmul_ref(x, packed, scale):
-    """x [M, K] @ W^T for W = dequant(packed [N, K8], scale [N, K/g]) -> [M, N] in x.dtype (pure jnp)."""
-    w = dequantize_int4_ref(packed, scale, x.shape[-1], x.dtype)
+def int4_matmul_ref(x, packed, scale, layout="ct"):
+    """x [M, K] @ W^T for W = dequant(packed [N, K8], scale [N, K/g]) -> [M, N] in x.dtype (pure jnp).
+    `layout`: where packed and scale keep the words (layout.py; "tpu": [K8, N] and [K/g, N])."""
+    w = dequantize(packed, scale, layout, x.dtype, x.shape[-1])
     return lax.dot_general(x, w, DOT_NT, preferred_element_type=jnp.float32).astype(x.dtype)
 
 
