@@ -12,7 +12,9 @@ temporaries from the compiled memory analysis.
     python scripts/tpu_compile_check.py --target tpu7x:2x2x1 --config k2 --layout ct --kv-layout rows
 
 --layout ct / --kv-layout rows compile the checkpoint layout and the row-per-token pages instead,
-the "before" of this check.
+the "before" of this check. --schedule DIR keeps libtpu's dumps in DIR and prints, per Mosaic
+kernel, the static schedule of its innermost loop body (VLIW bundles and the slots they fill): the
+compiler's own count of what a step costs, the nearest thing to a timing without a TPU.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile for the TPU, run nothin
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 COPYING_OPS = ("copy", "copy-start", "transpose", "bitcast-convert")
+KERNELS = ("int4_swiglu_tpu_layout", "int4_matmul_tpu_layout", "int4_swiglu_tpu", "int4_matmul_tpu",
+           "paged_mla_attention_tpu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,6 +208,30 @@ def check(target: str, mesh_text: str, dims: Dims, layout: str = "tpu", kv_layou
     return out
 
 
+_BUNDLE = re.compile(r"^\s*0x[0-9a-f]+\s+(?:LH|LB|LE|PB|PF|CT)?:?\s*(>*)")
+
+
+def schedule_summary(dump_dir: str, kernel: str) -> dict | None:
+    """`kernel`'s bundles by loop nesting depth (a body's bundles run once per iteration) and, over
+    the whole kernel, slot use against capacity, from libtpu's final bundle and utilization dumps."""
+    import glob
+
+    bundles = [p for p in glob.glob(os.path.join(dump_dir, f"*-{kernel}.*final_bundles.txt"))
+               if "schedule-analysis" not in p]
+    usage = glob.glob(os.path.join(dump_dir, f"*-{kernel}.*final_hlo-static-per-bundle-utilization.txt"))
+    if not bundles or not usage:
+        return None
+    depths = [len(m.group(1)) for m in map(_BUNDLE.match, open(bundles[0])) if m]
+    text = open(usage[0]).read()
+    names = [n.strip() for n in text.split("\n")[1].split(",")]
+    capacity = [int(v) for v in text.split("\n")[2].split()]
+    rows = [[int(v) for v in line.split()] for line in text.split("== UTILIZATION:")[1].strip().splitlines()
+            if line.strip() and line.split()[0].isdigit()]
+    used = [sum(col) for col in zip(*rows)]
+    return {"bundles_by_loop_depth": {d: depths.count(d) for d in sorted(set(depths))},
+            "slot_use": {n: round(u / (c * len(rows)), 2) for n, u, c in zip(names, used, capacity) if u}}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--target", default="v5p:2x2x2", help="a TPU topology, e.g. v5p:2x2x2 or tpu7x:2x2x1")
@@ -211,9 +239,15 @@ def main(argv=None) -> int:
     ap.add_argument("--config", choices=sorted(CONFIGS), default="k2")
     ap.add_argument("--layout", choices=("tpu", "ct"), default="tpu", help="expert layout")
     ap.add_argument("--kv-layout", choices=("lanes", "rows"), default="lanes", help="cache page layout")
+    ap.add_argument("--schedule", metavar="DIR", help="keep libtpu's dumps here; print the kernels' schedules")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
+    if args.schedule:  # read when libtpu starts, so before anything compiles
+        os.environ["LIBTPU_INIT_ARGS"] = (os.environ.get("LIBTPU_INIT_ARGS", "") +
+                                          f" --xla_jf_dump_to={args.schedule} --xla_jf_dump_llo_text=true")
     r = check(args.target, args.mesh, CONFIGS[args.config], args.layout, args.kv_layout)
+    if args.schedule:
+        r["schedule"] = {k: schedule_summary(args.schedule, k) for k in KERNELS}
     if args.json:
         print(json.dumps(r))
         return 0
@@ -229,6 +263,9 @@ def main(argv=None) -> int:
           f" MB), {len(att['copies'])} pool-shaped copies, compile {att['compile_seconds']} s")
     for c in att["copies"]:
         print(f"  {c}")
+    for name, sched in r.get("schedule", {}).items():
+        if sched:
+            print(f"{name}: bundles by loop depth {sched['bundles_by_loop_depth']}; slot use {sched['slot_use']}")
     return 0
 
 
