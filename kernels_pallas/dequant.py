@@ -19,18 +19,19 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from kernels_pallas.int4 import NIBBLES_PER_WORD, dequantize_int4_ref
+from kernels_pallas.int4 import NIBBLES_PER_WORD
 
-__all__ = ["dequantize_int4", "dequantize_int4_ref", "dequant_tile_gpu", "dequant_planes_tpu",
-           "gpu_supports", "tpu_supports"]
+__all__ = ["dequantize_int4_gpu", "dequantize_int4_tpu", "dequant_tile_gpu", "dequant_planes_tpu",
+           "check_supported", "unsupported_reason"]
 
 _MAGIC_F32 = 0x4B000000  # float32 2**23: OR-ing a nibble u into its mantissa gives 2**23 + u exactly
 _MAGIC_BF16 = 0x4300  # bfloat16 128: likewise 128 + u, exact for u < 16
 
 
 def gpu_supports(k: int, group: int) -> bool:
-    """Triton tensors have power-of-two shapes, so a tile must hold whole power-of-two groups."""
-    return group > 0 and k % group == 0 and group & (group - 1) == 0
+    """Triton tensors have power-of-two shapes, so a tile must hold whole power-of-two groups, and
+    the GEMV kernel reads whole packed words per group."""
+    return group >= NIBBLES_PER_WORD and k % group == 0 and group & (group - 1) == 0
 
 
 def tpu_supports(k: int, group: int) -> bool:
@@ -38,21 +39,23 @@ def tpu_supports(k: int, group: int) -> bool:
     return group > 0 and k % group == 0 and group % NIBBLES_PER_WORD == 0
 
 
-_SUPPORTS = {"gpu": (gpu_supports, "a power-of-two group size dividing k"),
+_SUPPORTS = {"gpu": (gpu_supports, "a power-of-two group size of at least 8 dividing k"),
              "tpu": (tpu_supports, "a group size dividing k that is a multiple of 8")}
 
 
-def supports(backend: str, k: int, group: int) -> bool:
-    """Whether the `backend` kernels handle inputs of width k in groups of `group`."""
-    return _SUPPORTS[backend][0](k, group)
+def unsupported_reason(backend: str, k: int, group: int) -> str | None:
+    """Why the `backend` kernels cannot take inputs of width k in groups of `group`, or None."""
+    if backend not in _SUPPORTS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {sorted(_SUPPORTS)}")
+    ok, need = _SUPPORTS[backend]
+    return None if ok(k, group) else f"the {backend} kernels need {need}; got k={k}, group size {group}"
 
 
 def check_supported(backend: str, k: int, group: int):
     """Raise ValueError naming the requirement when the `backend` kernels cannot take this shape."""
-    if backend not in _SUPPORTS:
-        raise ValueError(f"unknown backend {backend!r}; expected one of {sorted(_SUPPORTS)}")
-    if not supports(backend, k, group):
-        raise ValueError(f"the {backend} kernels need {_SUPPORTS[backend][1]}; got k={k}, group size {group}")
+    reason = unsupported_reason(backend, k, group)
+    if reason:
+        raise ValueError(reason)
 
 
 def dequant_tile_gpu(p, s, *, group: int, dtype, mode: str = "f32"):
@@ -184,16 +187,22 @@ def _dequant_tpu(p2, s2, k, group, dtype, interpret, block_rows=256):
     return planes.transpose(1, 2, 0).reshape(rows, k8 * NIBBLES_PER_WORD)[:, :k]
 
 
-def dequantize_int4(packed, scale, *, k: int, dtype=jnp.bfloat16, backend: str = "gpu",
-                    interpret=False):
-    """Pallas dequant: packed [..., N, K8] int32, scale [..., N, G] -> [..., N, k] in `dtype`.
-
-    backend: "gpu" (Triton lowering) or "tpu" (Mosaic lowering). `interpret` runs the kernel on any
-    platform (True, or a `pltpu.InterpretParams` for the TPU kernel)."""
+def _dequantize(kernel, backend, packed, scale, k, dtype, interpret):
+    """Flatten the leading dims to rows, run `kernel` on [rows, K8] / [rows, G], restore them."""
     lead = packed.shape[:-1]
     group = k // scale.shape[-1]
+    check_supported(backend, k, group)
     p2 = packed.reshape(-1, packed.shape[-1])
     s2 = scale.reshape(-1, scale.shape[-1])
-    check_supported(backend, k, group)
-    dequant = _dequant_gpu if backend == "gpu" else _dequant_tpu
-    return dequant(p2, s2, k, group, dtype, interpret).reshape(*lead, k)
+    return kernel(p2, s2, k, group, dtype, interpret).reshape(*lead, k)
+
+
+def dequantize_int4_gpu(packed, scale, k: int, dtype=jnp.bfloat16, *, interpret=False):
+    """Triton dequant: packed [..., N, K8] int32, scale [..., N, G] -> [..., N, k] in `dtype`,
+    bit-identical to `dequantize_int4_ref`. `interpret=True` runs it on any platform."""
+    return _dequantize(_dequant_gpu, "gpu", packed, scale, k, dtype, interpret)
+
+
+def dequantize_int4_tpu(packed, scale, k: int, dtype=jnp.bfloat16, *, interpret=False):
+    """Mosaic dequant, as `dequantize_int4_gpu`; `interpret` takes a `pltpu.InterpretParams`."""
+    return _dequantize(_dequant_tpu, "tpu", packed, scale, k, dtype, interpret)

@@ -40,7 +40,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from kernels_pallas.dequant import aligned_divisor
-from kernels_pallas.int4_matmul import silu_mul, tpu_visits
+from kernels_pallas.grouped_moe import mask_padding_rows, rows_per_expert, silu_mul
+from kernels_pallas.int4_matmul import tpu_visits
 from kernels_pallas.layout import TILE_GROUPS, features
 
 __all__ = ["grouped_int4_swiglu_tpu", "grouped_int4_matmul_tpu", "int4_matmul_tpu", "tpu_layout_call",
@@ -267,7 +268,7 @@ def tpu_layout_call(x, weights, group_sizes, *, swiglu, block_m=None, block_n=No
 
     m, k, n, group = _check_shapes(x, weights, group_sizes)
     k8, n_groups = weights[0][0].shape[1], weights[0][1].shape[1]
-    bm = block_m or layout_block_m(m / max(1, min(group_sizes.shape[0], m)))
+    bm = block_m or layout_block_m(rows_per_expert(m, group_sizes.shape[0]))
     bn = block_n or layout_block_n(n, k8)
     if n % bn or bn % LANES:
         raise ValueError(f"block_n={bn} must divide N={n} and be a multiple of {LANES}")
@@ -305,8 +306,7 @@ def tpu_layout_call(x, weights, group_sizes, *, swiglu, block_m=None, block_n=No
         interpret=interpret,
         name="int4_swiglu_tpu_layout" if swiglu else "int4_matmul_tpu_layout",
     )(*visits, x_pad, xsum, *[a for pair in weights for a in pair])
-    row = lax.broadcasted_iota(jnp.int32, (m, 1), 0)
-    return jnp.where(row < jnp.sum(group_sizes), out[:m], jnp.zeros((), x.dtype))
+    return mask_padding_rows(out[:m], group_sizes)
 
 
 def grouped_int4_swiglu_tpu(x, gate_packed, gate_scale, up_packed, up_scale, group_sizes, *, block_m=None,

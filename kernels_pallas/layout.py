@@ -39,7 +39,7 @@ import jax.numpy as jnp
 from kernels_pallas.int4 import NIBBLES_PER_WORD, dequantize_int4_ref
 
 __all__ = ["LAYOUTS", "BACKEND_LAYOUTS", "layout_for", "check_layout", "to_layout", "from_layout",
-           "features", "dequantize", "TILE_GROUPS"]
+           "features", "scale_groups", "dequantize", "TILE_GROUPS"]
 
 LAYOUTS = ("ct", "tpu")
 # The layout each platform's kernels read. The GPU kernels stream "ct" rows along K as they are.
@@ -128,6 +128,12 @@ def features(packed, scale, layout: str) -> tuple[int, int]:
     if layout == "ct":
         return packed.shape[-2], packed.shape[-1] * NIBBLES_PER_WORD
     return packed.shape[-1], packed.shape[-2] * NIBBLES_PER_WORD
+
+
+def scale_groups(scale, layout: str) -> int:
+    """Scale groups per row (K / group size) of scales held in `layout`."""
+    check_layout(layout)
+    return scale.shape[-1] if layout == "ct" else scale.shape[-2]
 
 
 def dequantize(packed, scale, layout: str, dtype=jnp.float32, k: int | None = None):

@@ -1,146 +1,199 @@
-"""The one dispatch point for the INT4 ops: Pallas on TPU and GPU, the XLA reference elsewhere.
+"""The one dispatch point for the kernels: a table from each op's implementation names to kernels.
 
-    ops.int4_matmul(x, packed, scale)
-    ops.grouped_int4_swiglu(x, gate_packed, gate_scale, up_packed, up_scale, group_sizes, expert_base=0)
-    ops.grouped_int4_matmul(h, packed, scale, group_sizes, expert_base=0)
-    ops.dequantize_int4(packed, scale, k, dtype)
+    impl = ops.impl_for_platform(mesh.devices.flat[0].platform)   # once, by whoever builds the step
+    h = ops.grouped_int4_swiglu(x, gate_packed, gate_scale, up_packed, up_scale, group_sizes, impl=impl)
 
-Implementations: "xla" (pure jnp reference), "pallas_tpu", "pallas_gpu", "interpret_tpu" (the TPU
-kernel under TPU interpret mode, which simulates VMEM/DMA and poisons uninitialized memory),
-"interpret_gpu" (the GPU kernel under the generic interpreter). Aliases: "pallas" = the kernel of
-the running platform, "interpret" = "interpret_gpu" (the quicker interpreter), "auto" = pallas on
-TPU/GPU, else xla. Choose with `impl=` on a call or `with ops.use_impl(...)`; `selected_impl()`
-names what a call would run. A kernel that does not support a shape (e.g. a group size that is not
-a power of two on GPU) falls back to the reference.
+Every op takes `impl=` explicitly; nothing is read from the platform, the mesh or a context at
+call time, so an AOT compile for a TPU topology on a CPU host, a test that forces the interpreted
+GPU kernels, and a benchmark that compares implementations all say what they run.
 
-Kernels take unsharded arrays: under a mesh, call them inside `jax.shard_map(..., check_vma=False)`.
+Implementations (`IMPLS`):
+  "xla"            the pure-jnp reference: the CPU production path and every kernel's oracle
+  "pallas_gpu"     Pallas Triton kernels (NVIDIA)
+  "pallas_tpu"     Pallas Mosaic kernels
+  "interpret_gpu"  the GPU kernels under Pallas' interpreter, on any platform
+  "interpret_tpu"  the TPU kernels under TPU interpret mode (simulated VMEM/DMA, NaN-poisoned memory)
+
+Ops (shapes as in each reference's docstring):
+  int4_matmul(x [M, K], packed [N, K/8], scale [N, K/g], *, layout) -> [M, N]
+  grouped_int4_swiglu(x [M, K], gate_packed, gate_scale, up_packed, up_scale [E, I, ...], group_sizes [E],
+                      *, layout)
+  grouped_int4_matmul(h [M, I], packed [E, D, I/8], scale [E, D, I/g], group_sizes [E], *, layout) -> [M, D]
+  grouped_matmul(x [M, K], w [E, N, K], group_sizes [E]) -> [M, N]     dense experts (`ragged_dot`)
+  dequantize_int4(packed [..., N, K/8], scale [..., N, K/g], k, dtype) -> [..., N, k]
+  paged_attention(q_lat, q_pe, kv_pages, page_table, q_start, kv_len, *, scale, kv_layout)
+      -> o_lat [R, C, H, r]
+
+`layout` (INT4 ops, default "ct"): where the expert words and scales sit (layout.py); the shapes
+above are "ct"'s, "tpu" holds [.., K/8, N] and [.., K/g, N]. The GPU kernels read "ct", the TPU
+kernels both ("tpu" without copies: `layout.layout_for(platform)`). `kv_layout` (default "rows"):
+the cache pages, [P, S, r + p] or "lanes" [P, r + p, S] (paged_attention.py), the GPU kernel reads
+"rows", the TPU kernel both ("lanes" with S a multiple of 128 without copies).
+
+When an op has no kernel for `impl`, or its kernel's support predicate rejects the arguments (a
+group size that is not a power of two, a head width Triton cannot tile), the reference runs
+instead and the first such fallback per (op, impl, reason) is logged. Kernels take unsharded
+arrays: under a mesh, call them inside `jax.shard_map(..., check_vma=False)`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import threading
+import dataclasses
+import functools
+import logging
+from typing import Callable
 
-import jax
-import jax.numpy as jnp
-
-from kernels_pallas import dequant as _dequant
-from kernels_pallas import grouped_moe as _grouped
+# Module aliases: the ops below take the names of int4_matmul and paged_attention.
+from kernels_pallas import dequant, int4_gpu, int4_tpu, paged_attention_gpu, paged_attention_tpu
+from kernels_pallas import grouped_moe as grouped
+from kernels_pallas import int4_matmul as int4_matmul_module
+from kernels_pallas import paged_attention as paged_attention_module
 from kernels_pallas.int4 import dequantize_int4_ref
+from kernels_pallas.layout import features, scale_groups
 
-# By function: the package re-exports `int4_matmul`, which shadows the module of the same name.
-from kernels_pallas.int4_matmul import int4_matmul as _int4_matmul_kernel
-from kernels_pallas.int4_matmul import int4_matmul_ref
+__all__ = ["IMPLS", "impl_for_platform", "Op", "Kernel", "int4_matmul", "grouped_int4_swiglu",
+           "grouped_int4_matmul", "grouped_matmul", "dequantize_int4", "paged_attention"]
 
-IMPLS = ("xla", "pallas_tpu", "pallas_gpu", "interpret_tpu", "interpret_gpu")
-ALIASES = ("auto", "pallas", "interpret")
-
-_state = threading.local()
-
-
-@contextlib.contextmanager
-def use_impl(impl: str):
-    """Force an implementation inside the block (tests, benchmarks). Nests; thread-local."""
-    _check(impl)
-    prev = getattr(_state, "impl", None)
-    _state.impl = impl
-    try:
-        yield
-    finally:
-        _state.impl = prev
+IMPLS = ("xla", "pallas_gpu", "pallas_tpu", "interpret_gpu", "interpret_tpu")
+_PLATFORM_IMPL = {"cpu": "xla", "gpu": "pallas_gpu", "cuda": "pallas_gpu", "rocm": "pallas_gpu",
+                  "tpu": "pallas_tpu"}
+_log = logging.getLogger(__name__)
+_logged: set = set()
 
 
-def _check(impl):
-    if impl not in IMPLS + ALIASES:
-        raise ValueError(f"unknown impl {impl!r}; expected one of {IMPLS + ALIASES}")
+def impl_for_platform(platform: str) -> str:
+    """The implementation that runs best on devices of `platform` (a jax Device.platform)."""
+    if platform not in _PLATFORM_IMPL:
+        raise ValueError(f"no kernel implementation for platform {platform!r}; "
+                         f"expected one of {sorted(_PLATFORM_IMPL)}")
+    return _PLATFORM_IMPL[platform]
 
 
-def selected_impl(impl: str | None = None) -> str:
-    """The concrete implementation an op would use now: argument > `use_impl` > platform."""
-    name = impl or getattr(_state, "impl", None) or "auto"
-    _check(name)
-    platform = target_platform()
-    kind = "tpu" if platform == "tpu" else "gpu" if platform in ("gpu", "cuda", "rocm") else None
-    if name == "auto":
-        return f"pallas_{kind}" if kind else "xla"
-    if name == "pallas":
-        if kind is None:
-            raise RuntimeError(f"no Pallas kernel for platform {platform!r}; use 'interpret' or 'xla'")
-        return f"pallas_{kind}"
-    if name == "interpret":
-        return "interpret_gpu"
-    return name
+def _always(*args, **kwargs) -> None:
+    return None
 
 
-def target_platform() -> str:
-    """The platform being compiled for: the context mesh's devices when a mesh is set (an AOT
-    compile for a TPU topology runs on a CPU host), else the default backend."""
-    mesh = jax.sharding.get_abstract_mesh()
-    device = None if mesh.empty else getattr(mesh, "abstract_device", None)
-    return device.platform if device is not None else jax.default_backend()
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+    """One implementation of an op: `fn` has the reference's signature; `unsupported` returns why
+    it cannot take these arguments, or None."""
+    fn: Callable
+    unsupported: Callable[..., str | None] = _always
 
 
-def indexes_layer_stacks(impl: str | None = None) -> bool:
-    """Whether a model should pass the grouped ops its whole layer stack of expert weights with an
-    `expert_base` (True), or slice out one layer's experts for each call (False).
+class Op:
+    """An op's reference and its kernels by implementation name; call it with `impl=`."""
 
-    GPU, CPU and the interpreters: the stack. There, slicing a layer out of a parameter makes
-    XLA copy the slice — all of the layer's experts, 8.4 GB for K2 — before a custom call reads it.
-    Mosaic TPU: one layer, for now. XLA:TPU keeps arrays whose minor dimension is not a multiple
-    of 128 (the scales, K/32 = 224 columns; down_proj split over `tensor`, 32 words) in a
-    transposed layout and copies them to the row-major layout the kernel reads; over the whole
-    stack that copy holds every layer at once (135 GB per device for K2 at tensor=8, measured by
-    the TPU compiler), over a slice only one. The lasting fix is a TPU storage layout for the
-    experts whose minor dimension is wide (UNVERIFIED on hardware; no TPU has run these kernels)."""
-    return selected_impl(impl) != "pallas_tpu"
+    def __init__(self, name: str, reference: Callable, kernels: dict[str, Kernel]):
+        unknown = set(kernels) - set(IMPLS)
+        if unknown:
+            raise ValueError(f"op {name}: unknown implementations {sorted(unknown)}")
+        self.name, self.reference, self.kernels = name, reference, kernels
+        self.__doc__ = reference.__doc__
 
+    def choose(self, impl: str, *args, **kwargs) -> tuple[str, Callable]:
+        """(implementation that will run, its function) for these arguments under `impl`."""
+        if impl not in IMPLS:
+            raise ValueError(f"unknown impl {impl!r} for {self.name}; expected one of {IMPLS}")
+        kernel = self.kernels.get(impl)
+        if impl == "xla":
+            return "xla", self.reference
+        reason = "no kernel" if kernel is None else kernel.unsupported(*args, **kwargs)
+        if reason is None:
+            return impl, kernel.fn
+        if (self.name, impl, reason) not in _logged:
+            _logged.add((self.name, impl, reason))
+            _log.warning("%s: %s falls back to the XLA reference (%s)", self.name, impl, reason)
+        return "xla", self.reference
 
-def _kernel_args(impl: str):
-    """-> (backend, interpret) for a kernel impl, None for the reference."""
-    if impl == "xla":
-        return None
-    backend = impl.split("_")[1]
-    if not impl.startswith("interpret"):
-        return backend, False
-    if backend == "tpu":
-        from jax.experimental.pallas import tpu as pltpu
+    def __call__(self, *args, impl: str, **kwargs):
+        return self.choose(impl, *args, **kwargs)[1](*args, **kwargs)
 
-        return backend, pltpu.InterpretParams()
-    return backend, True
-
-
-def int4_matmul(x, packed, scale, *, impl: str | None = None):
-    """x [M, K] @ dequant(packed [N, K/8], scale [N, K/g])^T -> [M, N] in x.dtype."""
-    args = _kernel_args(selected_impl(impl))
-    if args is None or not _dequant.supports(args[0], x.shape[-1], x.shape[-1] // scale.shape[-1]):
-        return int4_matmul_ref(x, packed, scale)
-    return _int4_matmul_kernel(x, packed, scale, backend=args[0], interpret=args[1])
+    def __repr__(self):
+        return f"<op {self.name}: {', '.join(['xla', *self.kernels])}>"
 
 
-def grouped_int4_swiglu(x, gate_packed, gate_scale, up_packed, up_scale, group_sizes, *, expert_base=0,
-                        impl: str | None = None):
-    """silu(x @ Wg[b+e]^T) * (x @ Wu[b+e]^T) for rows sorted by expert e, b = expert_base;
-    [M, K] -> [M, I] in x.dtype."""
-    args = _kernel_args(selected_impl(impl))
-    if args is None or not _dequant.supports(args[0], x.shape[-1], x.shape[-1] // gate_scale.shape[-1]):
-        return _grouped.grouped_int4_swiglu_ref(x, gate_packed, gate_scale, up_packed, up_scale, group_sizes,
-                                                expert_base)
-    return _grouped.grouped_int4_swiglu(x, gate_packed, gate_scale, up_packed, up_scale, group_sizes,
-                                        backend=args[0], interpret=args[1], expert_base=expert_base)
+def _tpu_interpret():
+    from jax.experimental.pallas import tpu as pltpu
+
+    return pltpu.InterpretParams()
 
 
-def grouped_int4_matmul(h, packed, scale, group_sizes, *, expert_base=0, impl: str | None = None):
-    """h @ W[b+e]^T for rows sorted by expert e, b = expert_base; [M, I] -> [M, D] in h.dtype."""
-    args = _kernel_args(selected_impl(impl))
-    if args is None or not _dequant.supports(args[0], h.shape[-1], h.shape[-1] // scale.shape[-1]):
-        return _grouped.grouped_int4_matmul_ref(h, packed, scale, group_sizes, expert_base)
-    return _grouped.grouped_int4_matmul(h, packed, scale, group_sizes, backend=args[0], interpret=args[1],
-                                        expert_base=expert_base)
+def _pallas(gpu=None, tpu=None, gpu_unsupported=_always, tpu_unsupported=_always) -> dict[str, Kernel]:
+    """The compiled and interpreted variants of a GPU and a TPU kernel taking `interpret=`."""
+    table = {}
+    if gpu is not None:
+        table["pallas_gpu"] = Kernel(functools.partial(gpu, interpret=False), gpu_unsupported)
+        table["interpret_gpu"] = Kernel(functools.partial(gpu, interpret=True), gpu_unsupported)
+    if tpu is not None:
+        table["pallas_tpu"] = Kernel(functools.partial(tpu, interpret=False), tpu_unsupported)
+        table["interpret_tpu"] = Kernel(lambda *a, **kw: tpu(*a, interpret=_tpu_interpret(), **kw),
+                                        tpu_unsupported)
+    return table
 
 
-def dequantize_int4(packed, scale, k: int, dtype=jnp.bfloat16, *, impl: str | None = None):
-    """packed [..., N, K/8], scale [..., N, K/g] -> [..., N, k] in dtype."""
-    args = _kernel_args(selected_impl(impl))
-    if args is None or not _dequant.supports(args[0], k, k // scale.shape[-1]):
-        return dequantize_int4_ref(packed, scale, k, dtype)
-    return _dequant.dequantize_int4(packed, scale, k=k, dtype=dtype, backend=args[0], interpret=args[1])
+def _read_layout(kernel: Callable, keyword: str, default: str, kernels: dict[str, Callable]) -> Callable:
+    """One kernel per layout behind one callable: `keyword` (its value, else `default`) picks it;
+    a kernel that reads only the default layout is called without the keyword."""
+    def call(*args, **kwargs):
+        value = kwargs.pop(keyword, default)
+        return kernels.get(value, kernel)(*args, **kwargs)
+    return call
+
+
+def _int4_support(backend: str, weights: Callable):
+    """Support predicate of the `backend` INT4 kernels; `weights(*args)` -> (K, packed, scale)."""
+    def unsupported(*args, layout="ct", **kwargs):
+        k, packed, scale = weights(*args)
+        if layout == "tpu":
+            if backend != "tpu":
+                return f"the {backend} kernels read layout 'ct', not 'tpu'"
+            n = features(packed, scale, layout)[0]
+            return None if n % int4_tpu.LANES == 0 else f"N={n} is not a multiple of {int4_tpu.LANES}"
+        n_groups = scale_groups(scale, layout)
+        return dequant.unsupported_reason(backend, k, k // n_groups if n_groups else 0)
+    return unsupported
+
+
+def _int4_op(name, reference, gpu, tpu, tpu_layout, weights) -> Op:
+    tpu = _read_layout(tpu, "layout", "ct", {"tpu": tpu_layout})
+    gpu = _read_layout(gpu, "layout", "ct", {})
+    return Op(name, reference, _pallas(gpu, tpu, _int4_support("gpu", weights), _int4_support("tpu", weights)))
+
+
+int4_matmul = _int4_op("int4_matmul", int4_matmul_module.int4_matmul_ref, int4_gpu.int4_matmul_gpu,
+                       int4_matmul_module.int4_matmul_tpu, int4_tpu.int4_matmul_tpu,
+                       lambda x, packed, scale: (x.shape[-1], packed, scale))
+
+grouped_int4_swiglu = _int4_op(
+    "grouped_int4_swiglu", grouped.grouped_int4_swiglu_ref, int4_gpu.grouped_int4_swiglu_gpu,
+    int4_matmul_module.grouped_int4_swiglu_tpu, int4_tpu.grouped_int4_swiglu_tpu,
+    lambda x, gp, gs, up, us, sizes: (x.shape[-1], gp, gs))
+
+grouped_int4_matmul = _int4_op(
+    "grouped_int4_matmul", grouped.grouped_int4_matmul_ref, int4_gpu.grouped_int4_matmul_gpu,
+    int4_matmul_module.grouped_int4_matmul_tpu, int4_tpu.grouped_int4_matmul_tpu,
+    lambda h, packed, scale, sizes: (h.shape[-1], packed, scale))
+
+_dequant_weights = lambda packed, scale, k, dtype=None: (k, packed, scale)  # noqa: E731
+dequantize_int4 = Op("dequantize_int4", dequantize_int4_ref,
+                     _pallas(dequant.dequantize_int4_gpu, dequant.dequantize_int4_tpu,
+                             _int4_support("gpu", _dequant_weights), _int4_support("tpu", _dequant_weights)))
+
+# Dense experts: GPU and TPU have a native grouped matmul; XLA:CPU would multiply every row by
+# every expert, so the reference gathers experts per row block instead.
+_ragged_dot = Kernel(grouped.grouped_matmul_ragged)
+grouped_matmul = Op("grouped_matmul", grouped.grouped_matmul_ref,
+                    {impl: _ragged_dot for impl in IMPLS if impl != "xla"})
+
+def _gpu_attention_support(*args, kv_layout="rows", **kwargs):
+    if kv_layout != "rows":
+        return f"the GPU attention kernel reads kv_layout 'rows', not {kv_layout!r}"
+    return paged_attention_gpu.unsupported_reason(*args, **kwargs)
+
+
+paged_attention = Op("paged_attention", paged_attention_module.paged_attention_ref,
+                     _pallas(gpu=_read_layout(paged_attention_gpu.paged_attention_gpu, "kv_layout", "rows", {}),
+                             tpu=paged_attention_tpu.paged_attention_tpu,
+                             gpu_unsupported=_gpu_attention_support,
+                             tpu_unsupported=paged_attention_tpu.unsupported_reason))

@@ -37,7 +37,7 @@ from jax.experimental import pallas as pl
 
 from kernels_pallas.paged_attention import page_size
 
-__all__ = ["paged_attention_tpu", "default_pages_per_block"]
+__all__ = ["paged_attention_tpu", "default_pages_per_block", "unsupported_reason"]
 
 # Keys per grid step, ~1.2 MB of K2 cache. libtpu's schedule (v5p, 8 heads, 128-token pages) takes
 # 207, 185 and 174 bundles per page at 4, 8 and 16 pages a step, against ~93 cycles of HBM time.
@@ -47,6 +47,18 @@ DOT_NT = (((1,), (1,)), ((), ()))  # a [m, k] . b [n, k] -> [m, n]
 
 def default_pages_per_block(page: int, table_pages: int) -> int:
     return max(1, min(table_pages, BLOCK_TOKENS // page))
+
+
+def unsupported_reason(q_lat, q_pe, kv_pages, page_table, q_start, kv_len, *, scale, kv_layout="rows",
+                       **config) -> str | None:
+    """Why the kernel cannot take these arguments (page sizes it cannot tile), or None."""
+    page = page_size(kv_pages, kv_layout)
+    need = 128 if kv_layout == "lanes" else 16
+    if page % need:
+        return f"the TPU attention kernel needs {kv_layout!r} pages of a multiple of {need} tokens; got {page}"
+    if config.keys() - {"pages_per_block"}:
+        return f"the TPU attention kernel takes no {sorted(config.keys() - {'pages_per_block'})}"
+    return None
 
 
 def _kernel(table_ref, last_ref, blocks_ref, q_start_ref, kv_len_ref, q_lat_ref, q_pe_ref, *refs, scale,
@@ -116,9 +128,10 @@ def paged_attention_tpu(q_lat, q_pe, kv_pages, page_table, q_start, kv_len, *, s
     if page_table.shape[0] != rows or q_start.shape != (rows,) or kv_len.shape != (rows,):
         raise ValueError(f"page_table {list(page_table.shape)}, q_start {list(q_start.shape)} and kv_len "
                          f"{list(kv_len.shape)} must have the {rows} rows of q_lat")
-    if page % (128 if lanes else 16):
-        raise ValueError(f"the TPU paged attention kernel needs {kv_layout!r} pages of a multiple of "
-                         f"{128 if lanes else 16} tokens; got {page}")
+    reason = unsupported_reason(q_lat, q_pe, kv_pages, page_table, q_start, kv_len, scale=scale,
+                                kv_layout=kv_layout)
+    if reason:
+        raise ValueError(reason)
     bp = pages_per_block or default_pages_per_block(page, t)
     q_start, kv_len = q_start.astype(jnp.int32), kv_len.astype(jnp.int32)
     # Keys any query of the row can see, and the pages and blocks holding them.

@@ -46,6 +46,21 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     return True
 
 
+def add_arguments(parser) -> None:
+    """The command-line flags of a multi-process run (generate and serve share them)."""
+    multi = parser.add_argument_group("several hosts (or KIMI_COORDINATOR_ADDRESS, KIMI_NUM_PROCESSES, "
+                                      "KIMI_PROCESS_ID)")
+    multi.add_argument("--coordinator", help="HOST:PORT of process 0; every process runs the same command")
+    multi.add_argument("--num-processes", type=int)
+    multi.add_argument("--process-id", type=int)
+    multi.add_argument("--coordinator-timeout", type=int, default=120, help="seconds to wait for all processes")
+
+
+def initialize_from(args) -> bool:
+    """`initialize` with the flags of `add_arguments`."""
+    return initialize(args.coordinator, args.num_processes, args.process_id, timeout_s=args.coordinator_timeout)
+
+
 def _wait_for(address: str, timeout_s: float) -> None:
     """Wait until the coordinator accepts connections. The XLA client aborts the whole process
     (no Python exception) when it cannot connect, so we find out first, with a readable error."""
@@ -79,3 +94,18 @@ def global_array(value: np.ndarray, sharding) -> jax.Array:
     """Place a host value that every process holds identically onto a (possibly global) sharding."""
     value = np.asarray(value)
     return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
+def broadcast_from_main(obj):
+    """Process 0's Python value on every process (each process passes its own; only process 0's
+    counts). Values travel pickled, padded to a power-of-two size so a long-running loop compiles
+    the broadcast for a few sizes only."""
+    import pickle
+
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(pickle.dumps(obj), np.uint8) if is_main() else np.zeros(0, np.uint8)
+    size = int(multihost_utils.broadcast_one_to_all(np.int64(data.size)))
+    padded = np.zeros(1 << max(6, (size - 1).bit_length()), np.uint8)
+    padded[:data.size] = data
+    return pickle.loads(np.asarray(multihost_utils.broadcast_one_to_all(padded))[:size].tobytes())

@@ -1,4 +1,4 @@
-"""INT4 weights as data: `Int4Weight` mirrors compressed-tensors `pack-quantized` (spec §3).
+"""INT4 weights as data: `Int4Weight` mirrors compressed-tensors `pack-quantized` (docs/k2-format.md §3).
 
 The packed words and scales stay exactly as the checkpoint stores them — [..., out, in/8] int32 and
 [..., out, in/group] scales — so loading is a copy, not a conversion, and a device never holds the
@@ -47,17 +47,17 @@ class Int4Weight:
 jax.tree_util.register_dataclass(Int4Weight, data_fields=["packed", "scale"], meta_fields=["in_features"])
 
 
-def quantize(w_in_out: np.ndarray, group_size: int, scale_dtype=jnp.bfloat16) -> Int4Weight:
-    """Quantize dense weights stored (in, out) — the model's layout — into the checkpoint layout."""
+def quantize(w_out_in: np.ndarray, group_size: int, scale_dtype=jnp.bfloat16) -> Int4Weight:
+    """Quantize dense weights [..., out, in] (the model's and the checkpoint's orientation)."""
     from kernels_pallas import int4 as int4_layout
 
-    w = np.swapaxes(np.asarray(w_in_out, np.float32), -1, -2)  # -> [..., out, in]
+    w = np.asarray(w_out_in, np.float32)
     packed, scale = int4_layout.quantize_int4(w, group_size, scale_dtype=scale_dtype)
     return Int4Weight(jnp.asarray(packed), jnp.asarray(scale), w.shape[-1])
 
 
-def fake_quantize(w_in_out: jax.Array, group_size: int) -> jax.Array:
-    """What the INT4 export will turn dense (in, out) weights into, with a straight-through gradient.
+def fake_quantize(w_out_in: jax.Array, group_size: int) -> jax.Array:
+    """What the INT4 export will turn dense [..., out, in] weights into, with a straight-through gradient.
 
     Groups run along the input dim, as in the checkpoint. Scale (absmax / 7.5, rounded to bf16),
     rounding and clamping match `kernels_pallas.int4.quantize_int4`, and the product is rounded to
@@ -65,14 +65,14 @@ def fake_quantize(w_in_out: jax.Array, group_size: int) -> jax.Array:
     will be served with. The backward pass treats the rounding as identity (STE)."""
     from kernels_pallas import int4 as int4_layout
 
-    *lead, k, n = w_in_out.shape
-    g = w_in_out.reshape(*lead, k // group_size, group_size, n).astype(jnp.float32)
-    absmax = jnp.max(jnp.abs(g), axis=-2, keepdims=True)
+    *lead, n, k = w_out_in.shape
+    g = w_out_in.reshape(*lead, n, k // group_size, group_size).astype(jnp.float32)
+    absmax = jnp.max(jnp.abs(g), axis=-1, keepdims=True)
     scale = (absmax / ((int4_layout.QMAX - int4_layout.QMIN) / 2)).astype(jnp.bfloat16).astype(jnp.float32)
     scale = jnp.where(scale == 0, jnp.finfo(jnp.bfloat16).eps.astype(jnp.float32), scale)
     q = jnp.clip(jnp.round(g / scale), int4_layout.QMIN, int4_layout.QMAX)
-    deq = (q * scale).astype(jnp.bfloat16).astype(jnp.float32).reshape(w_in_out.shape)
-    return w_in_out + jax.lax.stop_gradient(deq.astype(w_in_out.dtype) - w_in_out)
+    deq = (q * scale).astype(jnp.bfloat16).astype(jnp.float32).reshape(w_out_in.shape)
+    return w_out_in + jax.lax.stop_gradient(deq.astype(w_out_in.dtype) - w_out_in)
 
 
 def is_routed_expert(path, var) -> bool:

@@ -83,18 +83,15 @@ def moe_block(dims: Dims, mesh, layout: str):
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from kernels_pallas import grouped_moe, int4_tpu
+    from kernels_pallas import ops
     from kimi_jax.moe import dispatch
 
     arrays = expert_arrays(dims, layout)
     n_local = dims.experts // mesh.shape["expert"]
 
     def ffn(xs, sizes, gp, gs, up, us, dp, ds):
-        if layout == "tpu":
-            h = int4_tpu.grouped_int4_swiglu_tpu(xs, gp, gs, up, us, sizes)
-            return int4_tpu.grouped_int4_matmul_tpu(h, dp, ds, sizes)
-        h = grouped_moe.grouped_int4_swiglu(xs, gp, gs, up, us, sizes, backend="tpu")
-        return grouped_moe.grouped_int4_matmul(h, dp, ds, sizes, backend="tpu")
+        h = ops.grouped_int4_swiglu(xs, gp, gs, up, us, sizes, layout=layout, impl="pallas_tpu")
+        return ops.grouped_int4_matmul(h, dp, ds, sizes, layout=layout, impl="pallas_tpu")
 
     def body(x, w, idx, *weights):
         offset = jax.lax.axis_index("expert") * n_local
@@ -121,7 +118,7 @@ def attention_block(dims: Dims, mesh, kv_layout: str):
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from kernels_pallas.paged_attention_tpu import paged_attention_tpu
+    from kernels_pallas import ops
 
     rows, width = dims.tokens, dims.lora + dims.rope
     table_pages = dims.context // dims.page
@@ -130,7 +127,8 @@ def attention_block(dims: Dims, mesh, kv_layout: str):
     heads = P(None, None, "tensor", None)
 
     def body(q_lat, q_pe, kv_pages, table, q_start, kv_len):
-        return paged_attention_tpu(q_lat, q_pe, kv_pages, table, q_start, kv_len, scale=0.1, kv_layout=kv_layout)
+        return ops.paged_attention(q_lat, q_pe, kv_pages, table, q_start, kv_len, scale=0.1, kv_layout=kv_layout,
+                                   impl="pallas_tpu")
 
     block = jax.shard_map(body, mesh=mesh, in_specs=(heads, heads, P(), P(), P(), P()), out_specs=heads,
                           check_vma=False)

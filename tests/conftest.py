@@ -5,9 +5,12 @@ Checkpoint fixtures are written once per session and shared: every jit compile c
 """
 
 import os
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Command-line tools run in-process enable JAX's persistent compilation cache: keep it out of $HOME.
+os.environ.setdefault("KIMI_JAX_COMPILE_CACHE", tempfile.mkdtemp(prefix="kimi_jax_xla_"))
 
 import pytest  # noqa: E402
 
@@ -27,3 +30,13 @@ def fixture_dir(tmp_path_factory):
         return made[name]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def byte_tokenizer(tmp_path_factory):
+    """A K2-layout tokenizer over the 256 single bytes: every special token, one id per byte."""
+    from kimi_jax.chat import Tokenizer, byte_level_ranks, write_tokenizer_files
+
+    path = tmp_path_factory.mktemp("byte_tokenizer")
+    write_tokenizer_files(path, byte_level_ranks())
+    return Tokenizer.from_dir(path)

@@ -1,10 +1,12 @@
-"""Every INT4 Pallas kernel, in interpret mode on CPU, against its pure-jnp reference.
+"""Every INT4 kernel, in interpret mode on CPU, against its pure-jnp reference; and the `ops` dispatch.
 
-"gpu" runs the Triton-flavoured kernel under the generic interpreter; "tpu" runs the Mosaic kernel
-under TPU interpret mode (simulated VMEM/DMA, uninitialized memory poisoned with NaN). Grids stay at
-a handful of points; shapes are deliberately not multiples of the block sizes and some groups are
-empty. Data is random and never zero.
+"gpu" kernels run under Pallas' generic interpreter; "tpu" kernels under TPU interpret mode
+(simulated VMEM/DMA, uninitialized memory poisoned with NaN). Grids stay at a handful of points;
+shapes are deliberately not multiples of the block sizes and some groups are empty. Data is random
+and never zero. test_triton_lowering.py lowers the GPU kernels at K2's shapes.
 """
+
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -12,18 +14,25 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels_pallas import ops
-from kernels_pallas.dequant import dequantize_int4
+from kernels_pallas import int4_gpu, ops
+from kernels_pallas.dequant import dequant_tile_gpu, dequantize_int4_gpu, dequantize_int4_tpu
 from kernels_pallas.grouped_moe import (
-    grouped_int4_matmul,
+    expert_row_tiles,
     grouped_int4_matmul_ref,
-    grouped_int4_swiglu,
     grouped_int4_swiglu_ref,
+    grouped_matmul_ref,
+    rows_per_expert,
 )
 from kernels_pallas.int4 import dequantize_int4_ref, quantize_int4
-from kernels_pallas.int4_matmul import gpu_tiles, int4_matmul, int4_matmul_ref, tpu_visits
+from kernels_pallas.int4_matmul import (
+    grouped_int4_matmul_tpu,
+    grouped_int4_swiglu_tpu,
+    int4_matmul_ref,
+    int4_matmul_tpu,
+    tpu_visits,
+)
 
-BACKENDS = {"gpu": True, "tpu": pltpu.InterpretParams()}
+TPU_INTERPRET = pltpu.InterpretParams()
 
 
 def int4_weights(rng, shape, group=32):
@@ -57,24 +66,41 @@ def dense_oracle(x, weights, sizes, swiglu):
     return outs[0]
 
 
+def pallas_call_names(fn, *args):
+    """Names of the Pallas kernels in fn's jaxpr (walking sub-jaxprs)."""
+    names = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "pallas_call":
+                names.append(eqn.params["name"])
+            for param in eqn.params.values():
+                for sub in param if isinstance(param, (list, tuple)) else (param,):
+                    inner = getattr(sub, "jaxpr", sub)
+                    if hasattr(inner, "eqns"):
+                        walk(inner)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return names
+
+
 # ---------------------------------------------------------------------------------------------
+# Dequantization
 
 
-@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+@pytest.mark.parametrize("kernel", [dequantize_int4_gpu, dequantize_int4_tpu])
 @pytest.mark.parametrize("shape,group", [((3, 20, 96), 32), ((40, 64), 8)])
-def test_dequant_kernel_is_bit_exact(backend, shape, group):
+def test_dequant_kernel_is_bit_exact(kernel, shape, group):
     rng = np.random.default_rng(len(shape) + group)
     packed, scale = int4_weights(rng, shape, group)
-    got = dequantize_int4(packed, scale, k=shape[-1], dtype=jnp.bfloat16, backend=backend,
-                          interpret=BACKENDS[backend])
+    interpret = TPU_INTERPRET if kernel is dequantize_int4_tpu else True
+    got = kernel(packed, scale, shape[-1], jnp.bfloat16, interpret=interpret)
     want = dequantize_int4_ref(packed, scale, shape[-1], jnp.bfloat16)
     np.testing.assert_array_equal(np.asarray(got).view(np.uint16), np.asarray(want).view(np.uint16))
 
 
 @pytest.mark.parametrize("mode", ["bf16", "join"])
 def test_gpu_dequant_variants_give_the_same_weights(mode):
-    from kernels_pallas.dequant import dequant_tile_gpu
-
     rng = np.random.default_rng(7)
     packed, scale = int4_weights(rng, (16, 128))
     want = dequant_tile_gpu(packed, scale, group=32, dtype=jnp.bfloat16, mode="f32")
@@ -84,107 +110,160 @@ def test_gpu_dequant_variants_give_the_same_weights(mode):
     np.testing.assert_array_equal(np.asarray(want).view(np.uint16), np.asarray(ref).view(np.uint16))
 
 
-@pytest.mark.parametrize("backend,kwargs", [
-    ("gpu", {}),
-    ("gpu", dict(block_m=16, block_n=16, block_k=64)),  # several K steps and column blocks
-    ("gpu", dict(block_k=64, split_k=3)),
+def test_gemv_nibble_floats_are_128_plus_the_nibble_without_a_conversion():
+    # Every nibble value in every position of a word, sign bit included.
+    words = np.array([sum(((u + j) % 16) << (4 * j) for j in range(8)) for u in range(16)], np.uint32)
+    p = jnp.asarray(words.view(np.int32))
+    for j in range(8):
+        f = np.asarray(int4_gpu._plane_floats(p, j), np.float64)
+        u = (np.arange(16) + j) % 16
+        want = 128 + (u / 16 if j % 2 == 0 else u)
+        np.testing.assert_array_equal(f, want)
+        np.testing.assert_array_equal(f * int4_gpu._X_SCALE[j] - 128 * int4_gpu._X_SCALE[j], u)
+
+
+# ---------------------------------------------------------------------------------------------
+# Matmuls
+
+
+@pytest.mark.parametrize("kernel,kwargs", [
+    ("gemv", {}),  # M = 3 rows: one tile of block_m = 4 with a masked row
+    ("gemv", dict(block_m=1, block_n=16, block_groups=2, split_k=3, x_planes=False)),  # K split 2+2+0 steps
+    ("mma", dict(block_m=16, block_n=16, block_k=64, split_k=1)),  # several K steps and column blocks
+    ("mma", dict(block_k=64, split_k=3)),
     ("tpu", {}),
 ])
-def test_int4_matmul(backend, kwargs):
+def test_int4_matmul(kernel, kwargs):
     rng = np.random.default_rng(11)
-    m, n, k = 21, 40, 256
+    m, n, k = (21 if kernel in ("mma", "tpu") else 3), 40, 256
     packed, scale = int4_weights(rng, (n, k))
     x = activations(rng, (m, k))
-    got = int4_matmul(x, packed, scale, backend=backend, interpret=BACKENDS[backend], **kwargs)
+    if kernel == "tpu":
+        got = int4_matmul_tpu(x, packed, scale, interpret=TPU_INTERPRET)
+    else:
+        got = int4_gpu.int4_matmul_gpu(x, packed, scale, kernel=kernel, interpret=True, **kwargs)
     assert got.shape == (m, n) and got.dtype == x.dtype
     assert_close(got, int4_matmul_ref(x, packed, scale))
-    oracle = dense_oracle(x, [(packed[None], scale[None])], [m], False)
-    assert_close(int4_matmul_ref(x, packed, scale), oracle)
+    assert_close(int4_matmul_ref(x, packed, scale), dense_oracle(x, [(packed[None], scale[None])], [m], False))
+
+
+@pytest.mark.parametrize("group", [8, 16])
+def test_gemv_takes_groups_of_one_or_two_packed_words(group):
+    rng = np.random.default_rng(group)
+    packed, scale = int4_weights(rng, (24, 128), group)
+    x = activations(rng, (2, 128))
+    got = int4_gpu.int4_matmul_gpu(x, packed, scale, kernel="gemv", interpret=True)
+    assert_close(got, int4_matmul_ref(x, packed, scale))
 
 
 SIZES = [3, 0, 17, 1, 0]  # empty experts, a group straddling a 16-row block, 3 padding rows (M = 24)
+DECODE_SIZES = [1, 0, 2, 1, 0, 0, 1, 0]  # decode: a row or two per chosen expert, 2 padding rows (M = 7)
 
 
-def grouped_case(rng, n_out, k, poison_empty=True):
-    e = len(SIZES)
+def grouped_case(rng, n_out, k, sizes=SIZES, m=24, poison_empty=True):
+    e = len(sizes)
     weights = [int4_weights(rng, (e, n_out, k)) for _ in range(2)]
     if poison_empty:  # an expert without rows must not be read: NaN scales would show if it were
-        empty = np.asarray(SIZES) == 0
+        empty = np.asarray(sizes) == 0
         weights = [(p, jnp.where(empty[:, None, None], jnp.nan, s).astype(s.dtype)) for p, s in weights]
-    return activations(rng, (24, k)), weights, jnp.asarray(SIZES, jnp.int32)
+    return activations(rng, (m, k)), weights, jnp.asarray(sizes, jnp.int32)
 
 
-@pytest.mark.parametrize("backend,kwargs", [("gpu", {}), ("gpu", dict(block_n=16, block_k=32)), ("tpu", {})])
-def test_grouped_swiglu(backend, kwargs):
-    rng = np.random.default_rng(5)
-    x, [(gp, gs), (up, us)], sizes = grouped_case(rng, 40, 96)
-    got = grouped_int4_swiglu(x, gp, gs, up, us, sizes, backend=backend, interpret=BACKENDS[backend],
-                              **kwargs)
-    want = grouped_int4_swiglu_ref(x, gp, gs, up, us, sizes)
-    rows = sum(SIZES)
+def check_grouped(got, want, oracle, sizes):
+    rows = sum(sizes)
     assert_close(got[:rows], want[:rows])
     np.testing.assert_array_equal(np.asarray(got[rows:], np.float32), 0.0)
     np.testing.assert_array_equal(np.asarray(want[rows:], np.float32), 0.0)
-    assert_close(want[:rows], dense_oracle(x, [(gp, gs), (up, us)], SIZES, True))
+    assert_close(want[:rows], oracle)
 
 
-@pytest.mark.parametrize("backend", ["gpu", "tpu"])
-def test_grouped_matmul(backend):
+@pytest.mark.parametrize("kernel,kwargs,sizes,m", [
+    ("gemv", {}, DECODE_SIZES, 7),
+    ("gemv", dict(block_m=4, block_groups=2, split_k=2), SIZES, 24),  # masked rows in a tile, K split
+    ("mma", {}, SIZES, 24),
+    ("mma", dict(block_n=16, block_k=32), SIZES, 24),
+    ("tpu", {}, SIZES, 24),
+])
+def test_grouped_swiglu(kernel, kwargs, sizes, m):
+    rng = np.random.default_rng(5)
+    x, [(gp, gs), (up, us)], sizes_arr = grouped_case(rng, 40, 96, sizes, m)
+    if kernel == "tpu":
+        got = grouped_int4_swiglu_tpu(x, gp, gs, up, us, sizes_arr, interpret=TPU_INTERPRET)
+    else:
+        got = int4_gpu.grouped_int4_swiglu_gpu(x, gp, gs, up, us, sizes_arr, kernel=kernel, interpret=True, **kwargs)
+    want = grouped_int4_swiglu_ref(x, gp, gs, up, us, sizes_arr)
+    check_grouped(got, want, dense_oracle(x, [(gp, gs), (up, us)], sizes, True), sizes)
+
+
+@pytest.mark.parametrize("kernel", ["gemv", "mma", "tpu"])
+def test_grouped_down_projection(kernel):
     rng = np.random.default_rng(6)
-    h, [(dp, ds), _], sizes = grouped_case(rng, 72, 64)
-    got = grouped_int4_matmul(h, dp, ds, sizes, backend=backend, interpret=BACKENDS[backend])
-    want = grouped_int4_matmul_ref(h, dp, ds, sizes)
-    rows = sum(SIZES)
-    assert_close(got[:rows], want[:rows])
-    np.testing.assert_array_equal(np.asarray(got[rows:], np.float32), 0.0)
-    assert_close(want[:rows], dense_oracle(h, [(dp, ds)], SIZES, False))
+    sizes, m = (DECODE_SIZES, 7) if kernel == "gemv" else (SIZES, 24)
+    h, [(dp, ds), _], sizes_arr = grouped_case(rng, 72, 64, sizes, m)
+    if kernel == "tpu":
+        got = grouped_int4_matmul_tpu(h, dp, ds, sizes_arr, interpret=TPU_INTERPRET)
+    else:
+        got = int4_gpu.grouped_int4_matmul_gpu(h, dp, ds, sizes_arr, kernel=kernel, interpret=True)
+    want = grouped_int4_matmul_ref(h, dp, ds, sizes_arr)
+    check_grouped(got, want, dense_oracle(h, [(dp, ds)], sizes, False), sizes)
 
 
-@pytest.mark.parametrize("impl", ["xla", "interpret_gpu", "interpret_tpu"])
-def test_expert_base_reads_one_layer_out_of_a_stack_of_layers(impl):
-    # Layer 1 of 3 stacked layers, chosen by a traced base: the other layers' NaN scales must never
-    # be read, and the result equals running that layer's experts on their own.
-    rng = np.random.default_rng(14)
-    x, layer, sizes = grouped_case(rng, 32, 64)
-    e = len(SIZES)
-    stack = [(jnp.concatenate([jnp.zeros_like(p)] + [p] + [jnp.zeros_like(p)]),
-              jnp.concatenate([jnp.full_like(s, jnp.nan), s, jnp.full_like(s, jnp.nan)])) for p, s in layer]
-    (gp, gs), (up, us) = stack
-
-    @jax.jit
-    def run(x, base):
-        return ops.grouped_int4_swiglu(x, gp, gs, up, us, sizes, expert_base=base, impl=impl)
-
-    rows = sum(SIZES)
-    want = grouped_int4_swiglu_ref(x, *layer[0], *layer[1], sizes)
-    assert_close(run(x, jnp.int32(e))[:rows], want[:rows])
-    dp, ds = int4_weights(rng, (2 * e, 48, 32))  # down projection of two stacked layers, the second used
-    got = ops.grouped_int4_matmul(want, dp, ds, sizes, expert_base=e, impl=impl)
-    assert_close(got[:rows], grouped_int4_matmul_ref(want, dp[e:], ds[e:], sizes)[:rows])
-
-
-def test_all_rows_in_one_expert_and_no_rows_at_all():
+@pytest.mark.parametrize("kernel", ["gemv", "mma"])
+def test_all_rows_in_one_expert_and_no_rows_at_all(kernel):
     rng = np.random.default_rng(8)
     e, n, k = 3, 24, 64
     dp, ds = int4_weights(rng, (e, n, k))
-    h = activations(rng, (20, k))
-    for sizes in ([0, 20, 0], [0, 0, 0]):
+    h = activations(rng, (4, k))
+    run = jax.jit(lambda h, sizes: int4_gpu.grouped_int4_matmul_gpu(h, dp, ds, sizes, kernel=kernel, interpret=True))
+    for sizes in ([0, 4, 0], [0, 0, 0]):
         sizes = jnp.asarray(sizes, jnp.int32)
         want = grouped_int4_matmul_ref(h, dp, ds, sizes)
-        got = grouped_int4_matmul(h, dp, ds, sizes, interpret=True)
-        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
-                                   atol=2e-2, rtol=2e-2)
+        got = run(h, sizes)
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=2e-2, rtol=2e-2)
+
+
+def test_gpu_kernel_is_chosen_by_the_static_rows_per_expert():
+    rng = np.random.default_rng(10)
+    e, n, k = 64, 16, 64
+    gp, gs = int4_weights(rng, (e, n, k))
+
+    def names(m):
+        x = jnp.zeros((m, k), jnp.bfloat16)
+        sizes = jnp.full((e,), m // e, jnp.int32)
+        return pallas_call_names(lambda x, s: int4_gpu.grouped_int4_swiglu_gpu(x, gp, gs, gp, gs, s, interpret=True),
+                                 x, sizes)
+
+    assert rows_per_expert(8, 384) < 1.1 and 1.3 < rows_per_expert(256, 384) < 1.5
+    assert names(8) == ["int4_swiglu_gemv"]  # decode: a row per expert
+    assert names(64 * 64) == ["int4_swiglu_mma"]  # prefill: 64 rows per expert
+    with pytest.raises(ValueError, match="no setting"):
+        int4_gpu.grouped_int4_matmul_gpu(jnp.zeros((8, k), jnp.bfloat16), gp, gs, jnp.ones((e,), jnp.int32),
+                                         kernel="gemv", block_k=64)
+
+
+def _all_shapes(jaxpr):
+    """Shapes of every value in a jaxpr and its sub-jaxprs (loop and cond bodies)."""
+    for v in (*jaxpr.invars, *jaxpr.constvars):
+        yield tuple(v.aval.shape)
+    for eqn in jaxpr.eqns:
+        yield from (tuple(v.aval.shape) for v in eqn.outvars if hasattr(v.aval, "shape"))
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else (param,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from _all_shapes(inner)
 
 
 def test_reference_never_dequantizes_all_experts_at_once():
-    e, n, k = 7, 24, 96  # distinct sizes, so an [e, n, k] value would be recognisable in the jaxpr
+    e, n, k = 7, 24, 96  # distinct sizes, so an [e, n, k] value would be recognisable
     rng = np.random.default_rng(9)
-    x, [(gp, gs), (up, us)], sizes = grouped_case(rng, n, k, poison_empty=False)
+    x, [(gp, gs), (up, us)], _ = grouped_case(rng, n, k, poison_empty=False)
     gp, gs, up, us = (jnp.concatenate([a, a[:2]]) for a in (gp, gs, up, us))
     sizes = jnp.asarray(SIZES + [2, 1], jnp.int32)
     assert gp.shape[0] == e
-    text = str(jax.make_jaxpr(grouped_int4_swiglu_ref)(x, gp, gs, up, us, sizes))
-    assert f"[{e},{n},{k}]" not in text and f"[{e},{n},{k // 32},32]" not in text
+    shapes = set(_all_shapes(jax.make_jaxpr(grouped_int4_swiglu_ref)(x, gp, gs, up, us, sizes).jaxpr))
+    assert (n, k) in shapes  # one expert at a time ...
+    assert (e, n, k) not in shapes and (e, n, k // 32, 32) not in shapes  # ... never all of them
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -192,7 +271,7 @@ def test_tile_metadata_covers_each_row_once_and_skips_empty_experts(seed):
     rng = np.random.default_rng(seed)
     sizes = rng.integers(0, 40, 9) * (rng.random(9) < 0.6)
     m = int(sizes.sum()) + 5
-    e, r0, r1 = (np.asarray(a) for a in gpu_tiles(jnp.asarray(sizes, jnp.int32), m, 16))
+    e, r0, r1 = (np.asarray(a) for a in expert_row_tiles(jnp.asarray(sizes, jnp.int32), m, 16))
     owner = np.full(m, -1)
     for ei, a, b in zip(e, r0, r1):
         assert b - a <= 16
@@ -208,25 +287,39 @@ def test_tile_metadata_covers_each_row_once_and_skips_empty_experts(seed):
     assert all((gi, bi) == real[-1] for gi, bi in zip(g[count[0]:], b[count[0]:]))  # no new DMA
 
 
+def test_dense_grouped_matmul_reference_matches_ragged_dot():
+    rng = np.random.default_rng(15)
+    sizes = [5, 0, 9, 1]
+    x = jnp.asarray(rng.normal(size=(18, 24)), jnp.float32)  # 3 padding rows
+    w = jnp.asarray(rng.normal(size=(4, 10, 24)), jnp.float32)  # [experts, out, in]
+    gs = jnp.asarray(sizes, jnp.int32)
+    expert = np.repeat(np.arange(4), sizes)
+    oracle = np.einsum("mk,mnk->mn", np.asarray(x)[:15], np.asarray(w)[expert])
+    for impl in ("xla", "interpret_gpu"):
+        got = np.asarray(ops.grouped_matmul(x, w, gs, impl=impl))
+        np.testing.assert_allclose(got[:15], oracle, rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(got[15:], 0.0)
+    np.testing.assert_allclose(grouped_matmul_ref(x, w, gs), jax.lax.ragged_dot(x, jnp.swapaxes(w, 1, 2), gs),
+                               rtol=1e-6, atol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------
 # The dispatch
 
 
-def test_dispatch_selects_by_platform_and_override():
-    assert ops.selected_impl() == "xla"  # the CPU default
-    assert ops.selected_impl("interpret") == "interpret_gpu"
-    with ops.use_impl("interpret_tpu"):
-        assert ops.selected_impl() == "interpret_tpu"
-        assert ops.selected_impl("xla") == "xla"  # the argument wins over the context
-        with ops.use_impl("xla"):
-            assert ops.selected_impl() == "xla"
-        assert ops.selected_impl() == "interpret_tpu"
-    with pytest.raises(RuntimeError):
-        ops.selected_impl("pallas")  # no Pallas backend on CPU
-    with pytest.raises(ValueError):
-        ops.selected_impl("cuda")
-    # Whole layer stacks go to every implementation but compiled Mosaic TPU (see its docstring).
-    assert [ops.indexes_layer_stacks(i) for i in ops.IMPLS] == [True, False, True, True, True]
+def test_implementation_comes_from_the_platform_or_the_caller():
+    assert [ops.impl_for_platform(p) for p in ("cpu", "gpu", "cuda", "tpu")] == \
+        ["xla", "pallas_gpu", "pallas_gpu", "pallas_tpu"]
+    with pytest.raises(ValueError, match="platform 'metal'"):
+        ops.impl_for_platform("metal")
+    x = jnp.zeros((2, 64), jnp.bfloat16)
+    packed, scale = int4_weights(np.random.default_rng(0), (8, 64))
+    with pytest.raises(TypeError, match="impl"):
+        ops.int4_matmul(x, packed, scale)  # no hidden default: the caller says what runs
+    with pytest.raises(ValueError, match="unknown impl 'cuda'.*pallas_gpu"):
+        ops.int4_matmul(x, packed, scale, impl="cuda")
+    assert ops.int4_matmul.choose("interpret_gpu", x, packed, scale)[0] == "interpret_gpu"
+    assert ops.int4_matmul.choose("xla", x, packed, scale)[0] == "xla"
 
 
 @pytest.mark.parametrize("impl", ["xla", "interpret_gpu", "interpret_tpu"])
@@ -249,16 +342,21 @@ def test_ops_agree_under_jit(impl):
                                   np.asarray(dequantize_int4_ref(gp, gs, 64, jnp.bfloat16), np.float32))
 
 
-def test_unsupported_group_size_falls_back_to_the_reference():
+def test_unsupported_shape_falls_back_to_the_reference_and_says_so_once(caplog):
     rng = np.random.default_rng(13)
     packed, scale = int4_weights(rng, (16, 48), group=24)  # not a power of two: no GPU kernel
     x = activations(rng, (3, 48))
-    with ops.use_impl("interpret_gpu"):
-        got = ops.int4_matmul(x, packed, scale)
-    want = int4_matmul_ref(x, packed, scale)
-    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    with caplog.at_level(logging.WARNING, logger="kernels_pallas.ops"):
+        assert ops.int4_matmul.choose("interpret_gpu", x, packed, scale)[0] == "xla"
+        got = ops.int4_matmul(x, packed, scale, impl="interpret_gpu")
+    np.testing.assert_array_equal(np.asarray(got, np.float32),
+                                  np.asarray(int4_matmul_ref(x, packed, scale), np.float32))
+    fallbacks = [r for r in caplog.records if "int4_matmul: interpret_gpu falls back" in r.getMessage()]
+    assert len(fallbacks) == 1 and "power-of-two group size" in fallbacks[0].getMessage()
+    # The TPU kernels take a group of 24 (whole packed words), so they run.
+    assert ops.int4_matmul.choose("interpret_tpu", x, packed, scale)[0] == "interpret_tpu"
     # Called directly, the kernels refuse with the requirement named.
     with pytest.raises(ValueError, match="power-of-two group size"):
-        int4_matmul(x, packed, scale, backend="gpu", interpret=True)
-    with pytest.raises(ValueError, match="unknown backend 'cuda'"):
-        dequantize_int4(packed, scale, k=48, backend="cuda")
+        int4_gpu.int4_matmul_gpu(x, packed, scale, interpret=True)
+    with pytest.raises(ValueError, match="unknown GPU kernel 'wmma'"):
+        int4_gpu.int4_matmul_gpu(x[:, :32], packed[:, :4], scale[:, :1], kernel="wmma")

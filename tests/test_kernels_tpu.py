@@ -4,12 +4,13 @@ Interpret mode simulates VMEM and DMA and poisons uninitialized memory; it costs
 point, so grids stay at a handful of points: one or two 128-column blocks, row blocks of 8.
 """
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels_pallas import int4_tpu
+from kernels_pallas import int4_tpu, ops
 from kernels_pallas.grouped_moe import grouped_int4_matmul_ref, grouped_int4_swiglu_ref
 from kernels_pallas.int4 import quantize_int4
 from kernels_pallas.int4_matmul import int4_matmul_ref
@@ -123,3 +124,23 @@ def test_block_sizes_follow_rows_per_expert_and_weight_bytes():
     assert int4_tpu.layout_block_n(256, 896) == 256
     assert int4_tpu.layout_block_n(7168, 32) == 7168
     assert int4_tpu.layout_block_n(7168, 256) == 1792  # down_proj unsharded: 4 blocks of 14 column slabs
+
+
+def test_ops_pick_the_kernel_by_layout_and_fall_back_where_none_reads_it(moe_case):
+    x, (gate_ct, gate), (up_ct, up), _, sizes = moe_case
+    swiglu = ops.grouped_int4_swiglu
+    assert swiglu.choose("pallas_tpu", x, *gate, *up, sizes, layout="tpu")[1] is not swiglu.reference
+    assert swiglu.choose("pallas_tpu", x, *gate_ct, *up_ct, sizes)[0] == "pallas_tpu"  # "ct": the older kernel
+    assert swiglu.choose("pallas_gpu", x, *gate, *up, sizes, layout="tpu")[0] == "xla"
+    narrow = tpu_weights(np.random.default_rng(0), (5, 40, 256))[1]
+    assert swiglu.choose("pallas_tpu", x, *narrow, *narrow, sizes, layout="tpu")[0] == "xla"
+
+    @jax.jit
+    def moe(x):
+        return swiglu(x, *gate, *up, sizes, layout="tpu", impl="interpret_tpu")
+
+    rows = sum(SIZES)
+    direct = grouped_int4_swiglu_tpu(x, *gate, *up, sizes, interpret=INTERPRET)
+    np.testing.assert_array_equal(np.asarray(moe(x)[:rows], np.float32), np.asarray(direct[:rows], np.float32))
+    fallback = swiglu(x, *gate, *up, sizes, layout="tpu", impl="interpret_gpu")
+    np.testing.assert_array_equal(np.asarray(fallback), np.asarray(grouped_int4_swiglu_ref(x, *gate_ct, *up_ct, sizes)))

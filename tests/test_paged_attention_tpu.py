@@ -6,7 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
+from page_pools import scattered_pool
 
+from kernels_pallas import ops
 from kernels_pallas.paged_attention import paged_attention_ref
 from kernels_pallas.paged_attention_tpu import default_pages_per_block, paged_attention_tpu
 
@@ -15,15 +17,8 @@ H, LAT, ROPE, SCALE = 4, 128, 64, 0.1
 
 
 def paged_pool(rng, lengths, page, kv_layout, n_pages=24, table_pages=6):
-    """Each row's tokens on random distinct pages; page 0 stays junk, as the cache's write sink."""
-    pool = rng.standard_normal((n_pages, page, LAT + ROPE)).astype(np.float32)
-    order = rng.permutation(np.arange(1, n_pages))
-    table = np.zeros((len(lengths), table_pages), np.int32)
-    used = 0
-    for b, n in enumerate(lengths):
-        k = -(-n // page)
-        table[b, :k] = order[used:used + k]
-        used += k
+    """A scattered pool (page_pools.py) in `kv_layout`, as jax arrays."""
+    pool, table = scattered_pool(rng, lengths, page, LAT + ROPE, n_pages, table_pages)
     if kv_layout == "lanes":
         pool = pool.swapaxes(1, 2)
     return jnp.asarray(pool), jnp.asarray(table)
@@ -90,3 +85,18 @@ def test_page_sizes_the_kernel_cannot_tile_are_refused():
     with pytest.raises(ValueError, match="do not match"):
         paged_attention_tpu(q_lat, q_pe, jnp.zeros((4, 16, LAT)), table, kv_len - 1, kv_len, scale=SCALE)
     assert default_pages_per_block(128, 2048) == 8 and default_pages_per_block(64, 3) == 3
+
+
+def test_ops_run_the_tpu_kernel_for_either_page_layout_and_the_gpu_one_for_rows_only():
+    rng = np.random.default_rng(4)
+    pool, table = paged_pool(rng, [0, 200, 300], 128, "lanes")
+    q_lat, q_pe = queries(rng, 3, 1)
+    kv_len = jnp.asarray([0, 200, 300], jnp.int32)
+    args = (q_lat, q_pe, pool, table, jnp.maximum(kv_len - 1, 0), kv_len)
+    assert ops.paged_attention.choose("pallas_tpu", *args, scale=SCALE, kv_layout="lanes")[0] == "pallas_tpu"
+    assert ops.paged_attention.choose("pallas_gpu", *args, scale=SCALE, kv_layout="lanes")[0] == "xla"
+    rows = jnp.swapaxes(pool, 1, 2)
+    assert ops.paged_attention.choose("pallas_tpu", q_lat, q_pe, rows, *args[3:], scale=SCALE)[0] == "pallas_tpu"
+    got = ops.paged_attention(*args, scale=SCALE, kv_layout="lanes", impl="interpret_tpu")
+    want = paged_attention_ref(q_lat, q_pe, rows, *args[3:], scale=SCALE)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5)
