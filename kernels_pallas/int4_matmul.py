@@ -20,15 +20,17 @@ from jax.experimental import pallas as pl
 
 from kernels_pallas.dequant import aligned_divisor, check_supported, dequant_planes_tpu, spread_matrix
 from kernels_pallas.grouped_moe import DOT_NT, mask_padding_rows, rows_per_expert, silu_mul
-from kernels_pallas.int4 import NIBBLES_PER_WORD, dequantize_int4_ref
+from kernels_pallas.int4 import NIBBLES_PER_WORD
+from kernels_pallas.layout import dequantize
 
 __all__ = ["int4_matmul_ref", "int4_matmul_tpu", "grouped_int4_swiglu_tpu", "grouped_int4_matmul_tpu",
            "tpu_visits"]
 
 
-def int4_matmul_ref(x, packed, scale):
-    """x [M, K] @ W^T for W = dequant(packed [N, K8], scale [N, K/g]) -> [M, N] in x.dtype (pure jnp)."""
-    w = dequantize_int4_ref(packed, scale, x.shape[-1], x.dtype)
+def int4_matmul_ref(x, packed, scale, *, layout="ct"):
+    """x [M, K] @ W^T for W = dequant(packed [N, K8], scale [N, K/g]) -> [M, N] in x.dtype (pure jnp).
+    `layout`: where packed and scale keep the words (layout.py; "tpu": [K8, N] and [K/g, N])."""
+    w = dequantize(packed, scale, layout, x.dtype, x.shape[-1])
     return lax.dot_general(x, w, DOT_NT, preferred_element_type=jnp.float32).astype(x.dtype)
 
 

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from page_pools import scattered_pool
 
 from kernels_pallas.paged_attention import paged_attention_ref
 
@@ -27,17 +28,9 @@ def _dense(q_lat, q_pe, seqs, q_start, kv_len):
 
 
 def _paged(rng, lengths, n_pages=40, max_pages=12):
-    """A pool with each row's sequence scattered over random distinct pages (page 0 left as junk)."""
-    pool = rng.standard_normal((n_pages, PAGE, LAT + ROPE)).astype(np.float32)
-    order = rng.permutation(np.arange(1, n_pages))
-    table = np.zeros((len(lengths), max_pages), np.int32)
-    seqs = []
-    used = 0
-    for b, n in enumerate(lengths):
-        k = -(-n // PAGE)
-        table[b, :k] = order[used:used + k]
-        used += k
-        seqs.append(pool[table[b, :k]].reshape(k * PAGE, LAT + ROPE)[:n])
+    """A scattered pool, its table, and each row's tokens in order."""
+    pool, table = scattered_pool(rng, lengths, PAGE, LAT + ROPE, n_pages, max_pages)
+    seqs = [pool[table[b, :-(-n // PAGE)]].reshape(-1, LAT + ROPE)[:n] for b, n in enumerate(lengths)]
     return pool, table, seqs
 
 

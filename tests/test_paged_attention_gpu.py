@@ -10,6 +10,7 @@ import logging
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from page_pools import scattered_pool
 
 from kernels_pallas import ops
 from kernels_pallas.paged_attention import paged_attention_ref
@@ -20,14 +21,7 @@ SCALE = 0.3
 
 
 def paged_case(rng, lengths, c, dtype=jnp.float32, n_pages=48, max_pages=24):
-    pool = rng.standard_normal((n_pages, PAGE, LAT + ROPE)).astype(np.float32)
-    order = rng.permutation(np.arange(1, n_pages))
-    table = np.zeros((len(lengths), max_pages), np.int32)
-    used = 0
-    for b, n in enumerate(lengths):
-        k = -(-n // PAGE)
-        table[b, :k] = order[used:used + k]
-        used += k
+    pool, table = scattered_pool(rng, lengths, PAGE, LAT + ROPE, n_pages, max_pages)
     rows = len(lengths)
     kv_len = np.asarray(lengths, np.int32)
     q_start = np.maximum(kv_len - c, 0)  # the row's last c positions (fewer when the cache is short)
