@@ -22,6 +22,7 @@ Ops (shapes as in each reference's docstring):
   grouped_matmul(x [M, K], w [E, N, K], group_sizes [E]) -> [M, N]     dense experts (`ragged_dot`)
   dequantize_int4(packed [..., N, K/8], scale [..., N, K/g], k, dtype) -> [..., N, k]
   paged_attention(q_lat, q_pe, kv_pages, page_table, q_start, kv_len, *, scale, kv_layout)
+  write_pages(kv_pages, page [N], slot [N], rows [N, r + p], *, kv_layout) -> kv_pages (tokens into the cache)
       -> o_lat [R, C, H, r]
 
 `layout` (INT4 ops, default "ct"): where the expert words and scales sit (layout.py); the shapes
@@ -44,7 +45,7 @@ import logging
 from typing import Callable
 
 # Module aliases: the ops below take the names of int4_matmul and paged_attention.
-from kernels_pallas import dequant, int4_gpu, int4_tpu, paged_attention_gpu, paged_attention_tpu
+from kernels_pallas import cache_write, dequant, int4_gpu, int4_tpu, paged_attention_gpu, paged_attention_tpu
 from kernels_pallas import grouped_moe as grouped
 from kernels_pallas import int4_matmul as int4_matmul_module
 from kernels_pallas import paged_attention as paged_attention_module
@@ -52,7 +53,8 @@ from kernels_pallas.int4 import dequantize_int4_ref
 from kernels_pallas.layout import features, scale_groups
 
 __all__ = ["IMPLS", "impl_for_platform", "Op", "Kernel", "int4_matmul", "grouped_int4_swiglu",
-           "grouped_int4_matmul", "grouped_matmul", "dequantize_int4", "paged_attention"]
+           "grouped_int4_matmul", "grouped_matmul", "dequantize_int4", "paged_attention",
+           "write_pages"]
 
 IMPLS = ("xla", "pallas_gpu", "pallas_tpu", "interpret_gpu", "interpret_tpu")
 _PLATFORM_IMPL = {"cpu": "xla", "gpu": "pallas_gpu", "cuda": "pallas_gpu", "rocm": "pallas_gpu",
@@ -197,3 +199,7 @@ paged_attention = Op("paged_attention", paged_attention_module.paged_attention_r
                              tpu=paged_attention_tpu.paged_attention_tpu,
                              gpu_unsupported=_gpu_attention_support,
                              tpu_unsupported=paged_attention_tpu.unsupported_reason))
+
+
+write_pages = Op("write_pages", cache_write.write_pages_ref,
+                 _pallas(tpu=cache_write.write_pages_tpu))

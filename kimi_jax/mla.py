@@ -45,6 +45,7 @@ class AttnBatch:
     kv_len: jax.Array  # [b] int32
     write_page: jax.Array  # [b, c] int32
     write_slot: jax.Array  # [b, c] int32
+    kv_layout: str = dataclasses.field(default="rows", metadata=dict(static=True))  # the pool's (cache.py)
 
 
 class MLA(nnx.Module):
@@ -104,9 +105,29 @@ class MLA(nnx.Module):
                                         jnp.zeros((b,), jnp.int32), jnp.full((b,), c, jnp.int32), scale=scale,
                                         block_pages=1, n_blocks=1)
         else:
-            pages = pages.at[batch.write_page, batch.write_slot].set(rows.astype(pages.dtype))
+            pages = _write(pages, batch, rows, impl)
             o_lat = _paged_attention(q_lat, q_pe, pages, batch, scale, impl)
         return self.output(o_lat), pages
+
+
+def _write(pages, batch: AttnBatch, rows, impl: str):
+    """This chunk's cache rows [b,c,r+p] into the pool (`ops.write_pages`)."""
+    from kernels_pallas import ops
+
+    args = (pages, batch.write_page.reshape(-1), batch.write_slot.reshape(-1), rows.reshape(-1, rows.shape[-1]))
+    mesh = jax.sharding.get_abstract_mesh()
+    if impl == "xla" or mesh.empty:
+        return ops.write_pages(*args, kv_layout=batch.kv_layout, impl=impl)
+    # A kernel writes on each device the tokens of its rows into its part of the pool (all of it
+    # unless pages are split over `data`; tokens are row-major, so they split like the rows).
+    data = "data" if rows.shape[0] % mesh.shape["data"] == 0 else None
+
+    def local(pages, page, slot, rows):
+        first = jax.lax.axis_index("data") * pages.shape[0] if data else 0
+        page = jnp.clip(page - first, 0, pages.shape[0] - 1)  # padding -> this shard's reserved page
+        return ops.write_pages(pages, page, slot, rows, kv_layout=batch.kv_layout, impl=impl)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(data),) * 4, out_specs=P(data), check_vma=False)(*args)
 
 
 def _paged_attention(q_lat, q_pe, pages, batch: AttnBatch, scale: float, impl: str):
@@ -116,8 +137,9 @@ def _paged_attention(q_lat, q_pe, pages, batch: AttnBatch, scale: float, impl: s
 
     args = (q_lat, q_pe, pages, batch.page_table, batch.q_start, batch.kv_len)
     mesh = jax.sharding.get_abstract_mesh()
+    kw = dict(scale=scale, impl=impl, kv_layout=batch.kv_layout)
     if impl == "xla" or mesh.empty:
-        return ops.paged_attention(*args, scale=scale, impl=impl)
+        return ops.paged_attention(*args, **kw)
     data = "data" if q_lat.shape[0] % mesh.shape["data"] == 0 else None
     heads = "tensor" if q_lat.shape[2] % mesh.shape["tensor"] == 0 else None
     q_spec = P(data, None, heads, None)
@@ -126,7 +148,7 @@ def _paged_attention(q_lat, q_pe, pages, batch: AttnBatch, scale: float, impl: s
         # Page numbers are global; this device holds pages [first, first + n) of the pool.
         first = jax.lax.axis_index("data") * pages.shape[0] if data else 0
         table = jnp.clip(table - first, 0, pages.shape[0] - 1)
-        return ops.paged_attention(q_lat, q_pe, pages, table, q_start, kv_len, scale=scale, impl=impl)
+        return ops.paged_attention(q_lat, q_pe, pages, table, q_start, kv_len, **kw)
 
     return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, q_spec, P(data), P(data), P(data), P(data)),
                          out_specs=q_spec, check_vma=False)(*args)

@@ -14,6 +14,8 @@ time that grows with the layer count (measured in BENCHMARKS.md).
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -27,13 +29,13 @@ from kimi_jax.moe import MoE
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: Config, moe: bool, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: Config, moe: bool, dtype, rngs: nnx.Rngs, expert_layout: str = "ct"):
         d = cfg.hidden_size
         self.cfg = cfg
         self.input_norm = ones((d,), ("embed",), dtype)
         self.attn = MLA(cfg, dtype, rngs)
         self.post_attention_norm = ones((d,), ("embed",), dtype)
-        self.mlp = MoE(cfg, dtype, rngs) if moe else MLP(d, cfg.intermediate_size, dtype, rngs)
+        self.mlp = MoE(cfg, dtype, rngs, expert_layout) if moe else MLP(d, cfg.intermediate_size, dtype, rngs)
 
     def __call__(self, x, batch: AttnBatch, pages, impl: str):
         """x [b,c,d] -> (x, this layer's page pool). `pages` None: attend within the chunk only."""
@@ -50,13 +52,15 @@ class DecoderLayer(nnx.Module):
 
 
 class KimiK2(nnx.Module):
-    def __init__(self, cfg: Config, *, dtype=jnp.bfloat16, rngs: nnx.Rngs | None = None):
+    def __init__(self, cfg: Config, *, dtype=jnp.bfloat16, rngs: nnx.Rngs | None = None, expert_layout: str = "ct"):
+        """Random weights (see kimi_jax.checkpoint for real ones). `expert_layout`: where INT4
+        routed experts sit in device memory ("ct", the checkpoint's, or "tpu"; kernels_pallas/layout.py)."""
         rngs = rngs if rngs is not None else nnx.Rngs(params=0)
         d, v = cfg.hidden_size, cfg.vocab_size
         self.cfg = cfg
         self.dtype = jnp.dtype(dtype)
         self.embed = param(rngs, (v, d), ("vocab", "embed"), dtype)
-        self.layers = nnx.List([DecoderLayer(cfg, i >= cfg.first_k_dense_replace, dtype, rngs)
+        self.layers = nnx.List([DecoderLayer(cfg, i >= cfg.first_k_dense_replace, dtype, rngs, expert_layout)
                                 for i in range(cfg.num_hidden_layers)])
         self.norm = ones((d,), ("embed",), dtype)
         self.lm_head = param(rngs, (v, d), ("vocab", "embed"), dtype)
@@ -79,7 +83,7 @@ class KimiK2(nnx.Module):
         """A chunk through the cache: hidden states [b,c,d] and the cache with its pools updated
         (lengths and page table are the caller's to advance)."""
         x, pages = self(tokens, batch, cache.pages, impl=impl)
-        return x, PagedCache(pages=pages, page_table=cache.page_table, lengths=cache.lengths)
+        return x, dataclasses.replace(cache, pages=pages)
 
     def forward_no_cache(self, tokens: jax.Array, *, impl: str | None = None) -> jax.Array:
         """Causal forward over whole sequences [b,t] without a cache (training, scoring): float32
@@ -107,6 +111,7 @@ def default_impl(platform: str | None = None) -> str:
     return ops.impl_for_platform(platform or jax.default_backend())
 
 
-def abstract_model(cfg: Config, dtype=jnp.bfloat16):
+def abstract_model(cfg: Config, dtype=jnp.bfloat16, expert_layout: str = "ct"):
     """(graphdef, state) of a `KimiK2` with shapes and dtypes only: nothing is allocated."""
-    return nnx.split(nnx.eval_shape(lambda: KimiK2(cfg, dtype=dtype, rngs=nnx.Rngs(params=0))))
+    return nnx.split(nnx.eval_shape(lambda: KimiK2(cfg, dtype=dtype, rngs=nnx.Rngs(params=0),
+                                                   expert_layout=expert_layout)))

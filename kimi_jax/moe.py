@@ -54,8 +54,10 @@ def expert_ffn(xs: jax.Array, gate, up, down, group_sizes: jax.Array, impl: str)
     from kernels_pallas import ops
 
     if isinstance(gate, Int4Weight):
-        h = ops.grouped_int4_swiglu(xs, gate.packed, gate.scale, up.packed, up.scale, group_sizes, impl=impl)
-        return ops.grouped_int4_matmul(h.astype(xs.dtype), down.packed, down.scale, group_sizes, impl=impl)
+        h = ops.grouped_int4_swiglu(xs, gate.packed, gate.scale, up.packed, up.scale, group_sizes, impl=impl,
+                                    layout=gate.layout)
+        return ops.grouped_int4_matmul(h.astype(xs.dtype), down.packed, down.scale, group_sizes, impl=impl,
+                                       layout=down.layout)
     g = ops.grouped_matmul(xs, gate, group_sizes, impl=impl)
     u = ops.grouped_matmul(xs, up, group_sizes, impl=impl)
     return ops.grouped_matmul(jax.nn.silu(g) * u, down, group_sizes, impl=impl)
@@ -79,8 +81,10 @@ def dispatch(x: jax.Array, weights: jax.Array, idx: jax.Array, n_experts: int, f
     return jnp.einsum("tkd,tk->td", y, weights).astype(x.dtype)
 
 
-def random_int4(rngs: nnx.Rngs, shape_out_in, group: int, dtype, axes) -> nnx.Param:
-    """Random packed INT4 weights of logical shape [..., out, in] (tests, abstract shapes).
+def random_int4(rngs: nnx.Rngs, shape_out_in, group: int, dtype, axes, layout: str = "ct") -> nnx.Param:
+    """Random packed INT4 weights of logical shape [..., out, in] (tests, abstract shapes), stored
+    in `layout`; `axes` name the [..., out, in] dimensions (a layout that puts `in` before `out`
+    swaps them).
 
     Built directly in the packed domain (random nibbles, random positive scales) so it also works
     under `nnx.eval_shape`, where no host quantizer can run."""
@@ -89,11 +93,17 @@ def random_int4(rngs: nnx.Rngs, shape_out_in, group: int, dtype, axes) -> nnx.Pa
     # Nibbles are uniform on [-8, 7] (std ~4.6): pick scales so weights have std ~INIT_STD.
     u = jax.random.uniform(rngs.params(), (*lead, n_out, n_in // group), jnp.float32, 0.5, 1.5)
     scale = (u * INIT_STD / 4.6).astype(dtype)
-    return nnx.Param(Int4Weight(packed, scale, n_in), axes=axes)
+    weight = Int4Weight(packed, scale, n_in).to_layout(layout)
+    return nnx.Param(weight, axes=layout_axes(axes, layout))
+
+
+def layout_axes(axes_out_in: tuple, layout: str) -> tuple:
+    """Logical axes of an INT4 expert weight's arrays in `layout` (see kernels_pallas/layout.py)."""
+    return axes_out_in if layout == "ct" else (*axes_out_in[:-2], axes_out_in[-1], axes_out_in[-2])
 
 
 class MoE(nnx.Module):
-    def __init__(self, cfg: Config, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: Config, dtype, rngs: nnx.Rngs, expert_layout: str = "ct"):
         d, f, e = cfg.hidden_size, cfg.moe_intermediate_size, cfg.n_routed_experts
         self.cfg = cfg
         self.router = param(rngs, (e, d), ("experts_logits", "embed"), dtype)
@@ -106,9 +116,9 @@ class MoE(nnx.Module):
             # Scales are bf16 as K2 ships them, whatever the compute dtype (the loader keeps a
             # checkpoint's own scale dtype).
             g, sdt = cfg.quantization.group_size, jnp.bfloat16
-            self.gate_proj = random_int4(rngs, (e, f, d), g, sdt, ("experts", "expert_mlp", "embed"))
-            self.up_proj = random_int4(rngs, (e, f, d), g, sdt, ("experts", "expert_mlp", "embed"))
-            self.down_proj = random_int4(rngs, (e, d, f), g, sdt, ("experts", "embed", "expert_mlp"))
+            self.gate_proj = random_int4(rngs, (e, f, d), g, sdt, ("experts", "expert_mlp", "embed"), expert_layout)
+            self.up_proj = random_int4(rngs, (e, f, d), g, sdt, ("experts", "expert_mlp", "embed"), expert_layout)
+            self.down_proj = random_int4(rngs, (e, d, f), g, sdt, ("experts", "embed", "expert_mlp"), expert_layout)
         self.shared = MLP(d, f * cfg.n_shared_experts, dtype, rngs) if cfg.n_shared_experts else None
 
     def __call__(self, x: jax.Array, impl: str) -> jax.Array:
@@ -140,7 +150,7 @@ class MoE(nnx.Module):
         def spec(var):
             value = var.get_value()
             s = spec_for(tuple(var.get_metadata()["axes"]), _stored_shape(value), mesh, name="experts")
-            return Int4Weight(s, s, value.in_features) if isinstance(value, Int4Weight) else s
+            return Int4Weight(s, s, value.in_features, value.layout) if isinstance(value, Int4Weight) else s
 
         def body(x, w, idx, gate, up, down):
             offset = jax.lax.axis_index("expert") * _stored_shape(gate)[0]

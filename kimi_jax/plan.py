@@ -68,72 +68,98 @@ def target_devices(target: str, devices: int):
                         "install libtpu matching your jax, e.g. pip install 'jax[tpu]'") from None
 
 
-def plan(cfg, *, devices, mesh_text: str | None, max_len: int, batch: int, chunk: int, dtype="bfloat16",
-         page_size: int = 64):
+def compile_steps(cfg, *, devices, mesh_text: str | None, max_len: int, batch: int, chunk: int,
+                  dtype="bfloat16", page_size: int | None = None, steps=("prefill", "decode")):
+    """Lower and compile the prefill and decode steps of the abstract model for `devices`.
+
+    Returns (info, compiled: name -> executable or the compiler's refusal, state, cache), with
+    `state` and `cache` the placed abstract inputs. Layouts and kernels are what the runtime uses on
+    these devices: on TPU lane-dense experts, "lanes" cache pages and the Mosaic kernels."""
     import jax
     import jax.numpy as jnp
-    from flax import nnx
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
+    from kernels_pallas.layout import layout_for as expert_layout_for
     from kimi_jax.cache import PagedCache, pages_for
+    from kimi_jax.cache import layout_for as cache_layout_for
     from kimi_jax.engine import decode_step, prefill_step
     from kimi_jax.model import abstract_model, default_impl
-    from kimi_jax.quant import is_routed_expert
     from kimi_jax.sharding import MeshSpec, default_mesh_spec, make_mesh, placed_abstract
 
     spec = MeshSpec.parse(mesh_text) if mesh_text else default_mesh_spec(cfg, len(devices))
     mesh = make_mesh(spec, devices)
     jdtype = jnp.dtype(dtype)
-    graphdef, state = abstract_model(cfg, jdtype)
+    platform = devices[0].platform
+    expert_layout = expert_layout_for(platform) if cfg.quantization is not None else "ct"
+    kv_layout, default_page = cache_layout_for(platform)
+    page_size = page_size or default_page
+    graphdef, state = abstract_model(cfg, jdtype, expert_layout=expert_layout)
     state = placed_abstract(state, mesh)
     # One sequence of max_len per slot, split over the data shards, each with its reserved page.
     n_pages = spec.data * (1 + -(-batch * pages_for(max_len, page_size) // spec.data))
     cache = PagedCache.abstract(cfg, slots=batch, max_len=max_len, page_size=page_size, n_pages=n_pages,
-                                dtype=jdtype, mesh=mesh)
+                                dtype=jdtype, mesh=mesh, kv_layout=kv_layout)
     rep = NamedSharding(mesh, P())
     sds = jax.ShapeDtypeStruct
     ints = lambda *shape: sds(shape, jnp.int32, sharding=rep)  # noqa: E731
     knobs = {"temperature": sds((batch,), jnp.float32, sharding=rep), "top_k": ints(batch),
              "top_p": sds((batch,), jnp.float32, sharding=rep), "seed": sds((batch,), jnp.uint32, sharding=rep)}
-    out = {"config": cfg.model_type, "mesh": str(spec), "devices": len(devices), "device_kind": devices[0].device_kind,
-           "batch": batch, "max_len": max_len, "page_size": page_size, "pages": n_pages, "dtype": jdtype.name}
-    impl = default_impl(devices[0].platform)  # Mosaic kernels for a TPU target, the XLA path on CPU
-    out["kernels"] = impl
-    steps = {
+    impl = default_impl(platform)  # Mosaic kernels for a TPU target, the XLA path on CPU
+    info = {"mesh": str(spec), "devices": len(devices), "device_kind": devices[0].device_kind, "batch": batch,
+            "max_len": max_len, "page_size": page_size, "pages": n_pages, "dtype": jdtype.name, "kernels": impl,
+            "expert_layout": expert_layout, "kv_layout": kv_layout, "compile_seconds": {}}
+    lowerings = {
         "prefill": lambda: prefill_step.lower(graphdef, state, cache, ints(1, chunk), ints(1), ints(1), ints(1), knobs,
                                               impl=impl),
         "decode": lambda: decode_step.lower(graphdef, state, cache, ints(batch), sds((batch,), jnp.bool_, sharding=rep),
                                             knobs, impl=impl),
     }
-    timings = {}
+    compiled = {}
     with jax.set_mesh(mesh):
-        for name, lower in steps.items():
+        for name in steps:
+            lower = lowerings[name]
             t0 = time.perf_counter()
             try:
-                mem = lower().compile().memory_analysis()
-                out[f"{name}_temp_bytes"] = int(mem.temp_size_in_bytes) if mem is not None else None
-            except Exception as e:  # the TPU compiler refuses programs that exceed HBM: that is the answer
-                need = re.search(r"HLO temporaries \(([\d.]+)G\)", str(e))
-                if need is None:
+                compiled[name] = lower().compile()
+            except Exception as e:  # the TPU compiler refuses programs that exceed HBM: that is an answer
+                if not re.search(r"HLO temporaries \(([\d.]+)G\)", str(e)):
                     raise
-                # The compiler's figure counts parameters and the cache too; keep the total apart.
-                out[f"{name}_total_bytes_required"] = int(float(need.group(1)) * GIB)
-                out[f"{name}_temp_bytes"] = None
-                out[f"{name}_error"] = str(e).splitlines()[0][:300]
-            timings[name] = round(time.perf_counter() - t0, 1)
+                compiled[name] = e
+            info["compile_seconds"][name] = round(time.perf_counter() - t0, 1)
+    return info, compiled, state, cache
+
+
+def plan(cfg, *, devices, mesh_text: str | None, max_len: int, batch: int, chunk: int, dtype="bfloat16",
+         page_size: int | None = None):
+    """Per-device weight, cache and compiled temporary bytes of the runtime's steps (see module doc)."""
+    import jax
+    from flax import nnx
+
+    from kimi_jax.quant import is_routed_expert
+
+    out, compiled, state, cache = compile_steps(cfg, devices=devices, mesh_text=mesh_text, max_len=max_len,
+                                                batch=batch, chunk=chunk, dtype=dtype, page_size=page_size)
+    out["config"] = cfg.model_type
     weights = sum(_shard_bytes(x) for x in jax.tree.leaves(state))
     experts = sum(_shard_bytes(x) for p, v in nnx.to_flat_state(state)
                   if is_routed_expert(p, v)
                   for x in jax.tree.leaves(v.get_value()))
     cache_bytes = sum(_shard_bytes(x) for x in jax.tree.leaves(cache))
     pool_bytes = sum(_shard_bytes(x) for x in cache.pages)
-    for name in ("prefill", "decode"):
-        if out.get(f"{name}_total_bytes_required"):
+    for name, result in compiled.items():
+        if isinstance(result, Exception):
+            need = re.search(r"HLO temporaries \(([\d.]+)G\)", str(result))
+            # The compiler's figure counts parameters and the cache too; keep the total apart.
+            out[f"{name}_total_bytes_required"] = int(float(need.group(1)) * GIB)
             out[f"{name}_temp_bytes"] = out[f"{name}_total_bytes_required"] - weights - cache_bytes
+            out[f"{name}_error"] = str(result).splitlines()[0][:300]
+        else:
+            mem = result.memory_analysis()
+            out[f"{name}_temp_bytes"] = int(mem.temp_size_in_bytes) if mem is not None else None
     out.update(weight_bytes=weights, expert_weight_bytes=experts, cache_bytes=cache_bytes,
                # per device, per token of one sequence's context (sequences are split over `data`)
-               cache_bytes_per_token_per_row=pool_bytes / (n_pages * page_size), compile_seconds=timings)
+               cache_bytes_per_token_per_row=pool_bytes / (out["pages"] * out["page_size"]))
     return out
 
 

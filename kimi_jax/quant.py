@@ -17,17 +17,22 @@ import numpy as np
 
 @dataclasses.dataclass
 class Int4Weight:
-    packed: jax.Array  # int32 [..., out, ceil(in / 8)]
-    scale: jax.Array  # [..., out, in / group_size]
+    packed: jax.Array  # int32 [..., out, ceil(in / 8)] in layout "ct"
+    scale: jax.Array  # [..., out, in / group_size] in layout "ct"
     in_features: int  # static: the logical input size (packing may pad it to a multiple of 8)
+    layout: str = "ct"  # static: the device layout (kernels_pallas/layout.py); "ct" = the checkpoint's
 
     @property
     def group_size(self) -> int:
-        return self.in_features // self.scale.shape[-1]
+        from kernels_pallas.layout import scale_groups
+
+        return self.in_features // scale_groups(self.scale, self.layout)
 
     @property
     def out_features(self) -> int:
-        return self.packed.shape[-2]
+        from kernels_pallas.layout import features
+
+        return features(self.packed, self.scale, self.layout)[0]
 
     @property
     def dtype(self):
@@ -39,12 +44,24 @@ class Int4Weight:
 
     def dequantize(self, dtype=jnp.float32) -> jax.Array:
         """[..., out, in] — for tests and export only; the model never calls this on experts."""
-        from kernels_pallas import int4 as int4_layout
+        from kernels_pallas.layout import dequantize
 
-        return int4_layout.dequantize_int4_ref(self.packed, self.scale, self.in_features, dtype)
+        return dequantize(self.packed, self.scale, self.layout, dtype, self.in_features)
+
+    def to_layout(self, layout: str) -> "Int4Weight":
+        """The same weights in another device layout (a reordering: bit for bit the same values)."""
+        from kernels_pallas.layout import from_layout, to_layout
+
+        if layout == self.layout:
+            return self
+        packed, scale = (self.packed, self.scale) if self.layout == "ct" else \
+            from_layout(self.packed, self.scale, self.layout)
+        if layout != "ct":
+            packed, scale = to_layout(packed, scale, layout)
+        return Int4Weight(packed, scale, self.in_features, layout)
 
 
-jax.tree_util.register_dataclass(Int4Weight, data_fields=["packed", "scale"], meta_fields=["in_features"])
+jax.tree_util.register_dataclass(Int4Weight, data_fields=["packed", "scale"], meta_fields=["in_features", "layout"])
 
 
 def quantize(w_out_in: np.ndarray, group_size: int, scale_dtype=jnp.bfloat16) -> Int4Weight:

@@ -72,8 +72,7 @@ class Runtime:
 
             template = ChatTemplate.from_dir(checkpoint)
         engine = BatchEngine(model, max_batch=max_batch, max_len=max_len, chunk=chunk, mesh=device_mesh,
-                             n_pages=n_pages, max_queue=max_queue, mirror=mirror,
-                             **({"page_size": page_size} if page_size else {}))
+                             page_size=page_size, n_pages=n_pages, max_queue=max_queue, mirror=mirror)
         return cls(cfg, model, engine, tokenizer, template, checkpoint, device_mesh)
 
     def stop_ids(self) -> tuple[int, ...]:

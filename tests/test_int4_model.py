@@ -94,8 +94,9 @@ def _weight_uses(jaxpr, weights) -> set[str]:
 def test_decode_step_reads_every_weight_where_it_lies(int4, impl):
     # A layer loop that sliced each layer's weights out of stacked arrays made XLA copy them before
     # every GEMM and kernel (on a GPU as costly as reading them). Each matrix must go straight into
-    # a matmul or a kernel, vectors (norms, router bias) into elementwise ops; only the embedding is
-    # gathered (one row per token).
+    # a matmul or a kernel (a kernel may view it reshaped: splitting a dimension of a row-major
+    # array moves nothing), vectors (norms, router bias) into elementwise ops; only the embedding
+    # is gathered (one row per token).
 
     _, model, cfg = int4
     graphdef, state = nnx.split(model)
@@ -112,7 +113,7 @@ def test_decode_step_reads_every_weight_where_it_lies(int4, impl):
     embed = closed.jaxpr.invars[next(i for i, p in enumerate(paths) if p.startswith("['embed']"))]
     matrices = {v for v in weights if v.aval.ndim > 1} - {embed}
     assert len(matrices) > 10 * cfg.num_hidden_layers // 3
-    assert _weight_uses(closed.jaxpr, matrices) <= {"dot_general", "pallas_call"}
+    assert _weight_uses(closed.jaxpr, matrices) <= {"dot_general", "pallas_call", "reshape"}
     assert _weight_uses(closed.jaxpr, weights - matrices - {embed}) <= {"mul", "add", "broadcast_in_dim",
                                                                         "convert_element_type"}
     assert _weight_uses(closed.jaxpr, {embed}) == {"gather"}

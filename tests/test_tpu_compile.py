@@ -6,12 +6,55 @@ checkpoint-layout minor dimensions (16 scale columns, 32 down words per device) 
 of 128, so the checkpoint layout would be copied (the last test shows the walk sees that).
 """
 
+import math
+
+import jax
 import pytest
+from flax import nnx
 from scripts_loader import load_script
 
-pytest.importorskip("libtpu", reason="the TPU compile checks need libtpu: pip install 'jax[tpu]'")
+from kimi_jax import plan
+from kimi_jax.config import TINY as TINY_CONFIG
+from kimi_jax.config import Int4Quant
+from kimi_jax.quant import is_routed_expert
+
 check = load_script("tpu_compile_check")
 TINY = check.CONFIGS["tiny"]
+# The smallest K2-shaped model whose every sharded dimension suits the TPU layouts at tensor=8.
+STEP_CONFIG = TINY_CONFIG.replace(
+    hidden_size=256, intermediate_size=512, moe_intermediate_size=2048, num_hidden_layers=2, n_routed_experts=8,
+    num_experts_per_tok=2, num_attention_heads=8, vocab_size=1024, q_lora_rank=64, kv_lora_rank=64,
+    qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16, max_position_embeddings=2048,
+    quantization=Int4Quant(group_size=32))
+
+
+def _decode_step(target, cfg):
+    devices = plan.target_devices(target, 8)
+    info, compiled, state, cache = plan.compile_steps(cfg, devices=devices, mesh_text="tensor=8", max_len=1024,
+                                                      batch=8, chunk=128, steps=("decode",))
+    assert (info["expert_layout"], info["kv_layout"], info["kernels"]) == ("tpu", "lanes", "pallas_tpu")
+    experts = [x for p, v in nnx.to_flat_state(state) if is_routed_expert(p, v) for x in jax.tree.leaves(v.get_value())]
+    return compiled["decode"], experts, list(cache.pages)
+
+
+@pytest.mark.parametrize("target", ["v5p:2x2x2", "tpu7x:2x2x1"])
+def test_the_whole_decode_step_compiles_for_tpu_without_copying_experts_or_the_cache(target):
+    # The runtime's own compiled decode step (engine.decode_step, every layer) with the layouts and
+    # Mosaic kernels it uses on TPU: no expert weight, scale or cache pool is copied or relaid out.
+    step, experts, pools = _decode_step(target, STEP_CONFIG)
+    watched = {x.sharding.shard_shape(x.shape) for x in experts + pools}
+    assert check.copies_of(step.as_text(), watched) == []
+
+
+def test_decode_temporaries_do_not_grow_with_the_experts():
+    # Four times the experts: four times the expert bytes in the arguments, the same temporaries
+    # (a per-layer copy of the expert slab would add three slabs).
+    small, _, _ = _decode_step("v5p:2x2x2", STEP_CONFIG)
+    big, experts, _ = _decode_step("v5p:2x2x2", STEP_CONFIG.replace(n_routed_experts=32))
+    slab = sum(x.dtype.itemsize * math.prod(x.sharding.shard_shape(x.shape)) for x in experts)
+    grown = big.memory_analysis().argument_size_in_bytes - small.memory_analysis().argument_size_in_bytes
+    assert grown >= 0.7 * slab
+    assert big.memory_analysis().temp_size_in_bytes <= small.memory_analysis().temp_size_in_bytes + slab / 16
 
 
 @pytest.mark.parametrize("target", ["v5p:2x2x2", "tpu7x:2x2x1"])
