@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 def load_variants(args):
     from kimi_jax.engine import Engine
-    from kimi_jax.quant import quantize_experts
+    from kimi_jax.export import quantize_experts
     from kimi_jax.runtime import Runtime
 
     variants = {}

@@ -106,13 +106,35 @@ def load_samples(path, tokenizer, template, seq_len, vocab_file, cache_dir=None)
 
 # ---- training ---------------------------------------------------------------------------------
 
+def fake_quantize(w_in_out, group_size: int):
+    """What the INT4 export will turn dense (in, out) weights into, with a straight-through gradient.
+
+    Groups run along the input dim, as in the checkpoint. Scale (absmax / 7.5, rounded to bf16),
+    rounding and clamping match `kernels_pallas.int4.quantize_int4`, and the product is rounded to
+    bf16 like the reference dequant, so a QAT-trained model sees in training exactly the weights it
+    will be served with. The backward pass treats the rounding as identity (STE)."""
+    import jax
+    import jax.numpy as jnp
+
+    from kernels_pallas import int4 as int4_layout
+
+    *lead, k, n = w_in_out.shape
+    g = w_in_out.reshape(*lead, k // group_size, group_size, n).astype(jnp.float32)
+    absmax = jnp.max(jnp.abs(g), axis=-2, keepdims=True)
+    scale = (absmax / ((int4_layout.QMAX - int4_layout.QMIN) / 2)).astype(jnp.bfloat16).astype(jnp.float32)
+    scale = jnp.where(scale == 0, jnp.finfo(jnp.bfloat16).eps.astype(jnp.float32), scale)
+    q = jnp.clip(jnp.round(g / scale), int4_layout.QMIN, int4_layout.QMAX)
+    deq = (q * scale).astype(jnp.bfloat16).astype(jnp.float32).reshape(w_in_out.shape)
+    return w_in_out + jax.lax.stop_gradient(deq.astype(w_in_out.dtype) - w_in_out)
+
+
 def make_train_step(graphdef, optimizer, group_size):
     import jax
     import jax.numpy as jnp
     import optax
     from flax import nnx
 
-    from kimi_jax.quant import fake_quantize, is_routed_expert
+    from kimi_jax.quant import is_routed_expert
 
     def with_fake_quant(state):
         flat = []
@@ -237,7 +259,7 @@ def main(argv=None) -> int:
     ap.add_argument("--log-every", type=int, default=50)
     args = ap.parse_args(argv)
 
-    from kimi_jax.quant import quantize_experts
+    from kimi_jax.export import quantize_experts
 
     cfg, tokenizer, model, float_model, seconds = train(args)
     gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": list(tokenizer.stop_ids), "do_sample": False,
