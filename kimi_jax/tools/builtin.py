@@ -122,6 +122,12 @@ _TO_KELVIN = {"C": lambda v: v + 273.15, "F": lambda v: (v - 32) * 5 / 9 + 273.1
 _FROM_KELVIN = {"C": lambda k: k - 273.15, "F": lambda k: (k - 273.15) * 9 / 5 + 32, "K": lambda k: k}
 
 
+def unit_spellings() -> dict[str, dict[str, tuple[str, ...]]]:
+    """Every spelling `convert_units` accepts: {dimension: {canonical unit: (canonical, *aliases)}}."""
+    return {dim: {unit: (unit, *aliases.split(",")) for unit, (_, aliases) in table.items()}
+            for dim, table in _UNITS.items()}
+
+
 def _unit(name: str) -> tuple[str, str]:
     found = _UNIT_INDEX.get(name.strip().lower())
     if found is None:
