@@ -3,6 +3,8 @@ model's own outputs, batches and checkpoints make a resumed run identical to an 
 and the scripts run end to end into a checkpoint the runtime serves."""
 
 import json
+import os
+import tarfile
 
 import jax
 import jax.numpy as jnp
@@ -94,7 +96,18 @@ def test_a_train_state_round_trips_and_a_mismatched_one_is_refused(tmp_path):
         tn.load_train_state(tmp_path, ({"w": jnp.zeros((3, 2))}, zeros[1]))
 
 
-def test_training_runs_end_to_end_resumes_exactly_and_exports_a_servable_checkpoint(pipeline, capsys):
+@pytest.fixture
+def compile_cache(tmp_path):
+    """The three training runs below compile the same programs: let the later ones load them."""
+    saved = {k: getattr(jax.config, k) for k in ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")}
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path / "xla_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    yield
+    for k, v in saved.items():
+        jax.config.update(k, v)
+
+
+def test_training_runs_end_to_end_resumes_exactly_and_exports_a_servable_checkpoint(pipeline, capsys, compile_cache):
     # The shipped model's recipe at toy size: both phases, the export through the official INT4
     # layout, a run split by --stop-after/--resume that ends with the same weights, and the result
     # generating through the normal CLI.
@@ -133,4 +146,23 @@ def test_training_runs_end_to_end_resumes_exactly_and_exports_a_servable_checkpo
     assert len(experts) == 3 and all(isinstance(w, Int4Weight) for w in experts)
     assert generate.main(["--checkpoint", str(straight / "qat"), "--prompt", "What is 2 + 2?",
                           "--max-new-tokens", "4", "--json"]) == 0
-    assert len(json.loads(capsys.readouterr().out)["token_ids"]) == 4
+    out = json.loads(capsys.readouterr().out)  # an untrained toy may stop early: at most the 4 asked for
+    assert 0 < len(out["token_ids"]) <= 4 and out["stop_reason"] in ("answer", "length")
+
+
+def test_the_gpu_pipeline_packs_results_into_parts_that_reassemble(tmp_path, monkeypatch):
+    pipeline_script = load_script("nano_pipeline")
+    work = tmp_path / "work"
+    (work / "ckpt").mkdir(parents=True)
+    payload = np.random.default_rng(0).bytes(5000)
+    (work / "ckpt" / "model.safetensors").write_bytes(payload)
+    (work / "pipeline.log").write_text("trained\n")
+    monkeypatch.setattr(pipeline_script, "PART_BYTES", 2048)
+    parts = pipeline_script.pack(str(work), ["ckpt", "pipeline.log"], str(tmp_path / "out"))
+    assert len(parts) > 2 and all(os.path.getsize(p) <= 2048 for p in parts)
+    joined = tmp_path / "joined.tar"
+    joined.write_bytes(b"".join(open(p, "rb").read() for p in parts))
+    with tarfile.open(joined) as tar:
+        tar.extractall(tmp_path / "back", filter="data")
+    assert (tmp_path / "back" / "nano" / "ckpt" / "model.safetensors").read_bytes() == payload
+    assert "jax" in pipeline_script.check_packages()
