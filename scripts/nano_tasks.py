@@ -402,9 +402,10 @@ def recovery(c) -> str:
         return r
     if kind == "plural_unit":
         dim = c.rng.choice(("length", "mass", "time"))
-        plural = {"length": ("km", "cm", "mm", "yd"), "mass": ("kg", "g", "oz"), "time": ("min", "h", "s")}[dim]
+        # Abbreviations people pluralize ("kms", "hrs"); the tool knows only the singular.
+        plural = {"length": ("km", "cm", "mm", "yd"), "mass": ("kg", "oz"), "time": ("min", "hr", "sec")}[dim]
         a = c.rng.choice(plural)
-        b = c.rng.choice([u for u in UNITS[dim] if u != a])
+        b = c.rng.choice([u for u in UNITS[dim] if a not in UNITS[dim][u]])
         wrong, v = a + "s", operand(c)
         c.ask("convert", v=v, a=wrong, b=b)
         c.call(f"I will convert {v} {wrong} to {b} with convert_units.", "convert_units", error=True,
