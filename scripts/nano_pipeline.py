@@ -50,6 +50,12 @@ class _Tee:
     def flush(self):
         self.stream.flush()
 
+    def close(self):  # logging handlers created while this was sys.stderr close it at exit
+        self.file.close()
+
+    def __getattr__(self, name):  # isatty, fileno, encoding...: the terminal's
+        return getattr(self.stream, name)
+
 
 def check_packages() -> str:
     """One line of versions, or SystemExit naming every missing or too-old package."""
@@ -123,7 +129,7 @@ def main(argv=None) -> int:
                               "--seed", str(args.seed), *train_args])
         print(f"pipeline finished in {time.perf_counter() - t0:.0f}s (rc {rc})", file=sys.stderr)
     finally:
-        sys.stderr.file.close()
+        sys.stderr.close()
         sys.stderr = sys.__stderr__
     if args.pack:
         names = [n for n in ("kimi-k2-nano", "nano_float", "pipeline.log") if os.path.exists(os.path.join(args.work, n))]
