@@ -3,7 +3,10 @@ quantization-aware training of its routed experts, exported in the official Kimi
 
     python scripts/make_agent_data.py            # out/agent_data/*.jsonl
     python scripts/build_tokenizer.py            # out/nano_tokenizer/
-    python scripts/train_nano.py                 # checkpoints/kimi-k2-nano/ (+ out/nano_float/)
+    python scripts/train_nano.py                 # out/kimi-k2-nano/ (+ out/nano_float/)
+
+The result replaces checkpoints/kimi-k2-nano only after scripts/eval_nano.py shows it meets the
+model card's targets.
 
 (or all three, sized for one 10-minute call on a lent GPU, with scripts/nano_pipeline.py). Run the
 scripts from the repository root with PYTHONPATH=. so they import this checkout's kimi_jax.
@@ -478,7 +481,7 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", default="out/agent_data")
     ap.add_argument("--tokenizer", default="out/nano_tokenizer")
-    ap.add_argument("--out", default="checkpoints/kimi-k2-nano")
+    ap.add_argument("--out", default="out/kimi-k2-nano", help="the INT4 QAT checkpoint (official layout)")
     ap.add_argument("--float-out", default="out/nano_float", help="float weights before QAT (bf16 and PTQ rows)")
     ap.add_argument("--cache", default="out/nano_cache", help="tokenized-data cache directory")
     ap.add_argument("--train-state", default="out/nano_train_state", help="resumable checkpoint directory")
@@ -494,7 +497,8 @@ def parse_args(argv=None):
     ap.add_argument("--seq-lens", type=lambda s: [int(x) for x in s.split(",")], default=[384, 768],
                     help="padded lengths, comma-separated; the longest is the cut-off")
     ap.add_argument("--accumulate", type=int, default=1,
-                    help="micro-batches per step (same update, 1/N of the activation memory; 4 on a 24 GB CPU)")
+                    help="micro-batches per step (same update, 1/N of the activation memory; 8 keeps --size nano "
+                         "near 4 GB on a CPU)")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--group-size", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
