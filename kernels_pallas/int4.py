@@ -1,4 +1,4 @@
-"""INT4 `pack-quantized` layout of compressed-tensors (spec §3): host quantizer and pure-jnp reference.
+"""INT4 `pack-quantized` layout of compressed-tensors (docs/k2-format.md §3): host quantizer and pure-jnp reference.
 
 A weight W of logical shape [..., N, K] (out, in) is stored as
   packed int32 [..., N, ceil(K/8)]: column 8k+j of a row is the nibble u = q + 8 in bits [4j, 4j+3]

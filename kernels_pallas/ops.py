@@ -26,6 +26,7 @@ import jax.numpy as jnp
 
 from kernels_pallas import dequant as _dequant
 from kernels_pallas import grouped_moe as _grouped
+from kernels_pallas import paged_attention as _paged
 from kernels_pallas.int4 import dequantize_int4_ref
 
 # By function: the package re-exports `int4_matmul`, which shadows the module of the same name.
@@ -144,3 +145,12 @@ def dequantize_int4(packed, scale, k: int, dtype=jnp.bfloat16, *, impl: str | No
     if args is None or not _dequant.supports(args[0], k, k // scale.shape[-1]):
         return dequantize_int4_ref(packed, scale, k, dtype)
     return _dequant.dequantize_int4(packed, scale, k=k, dtype=dtype, backend=args[0], interpret=args[1])
+
+
+def paged_attention(q_lat, q_pe, kv_pages, page_table, q_start, kv_len, *, scale: float, block_pages=None,
+                    n_blocks=None, impl: str | None = None):
+    """Absorbed-MLA attention over a paged latent cache (see paged_attention.py) -> [R, C, H, r] f32.
+    No kernel yet: every implementation runs the reference."""
+    del impl
+    return _paged.paged_attention_ref(q_lat, q_pe, kv_pages, page_table, q_start, kv_len, scale=scale,
+                                      block_pages=block_pages, n_blocks=n_blocks)

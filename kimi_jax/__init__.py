@@ -10,7 +10,7 @@ _EXPORTS = {
     "KimiError": "kimi_jax.errors",
     "KimiK2": "kimi_jax.model",
     "load_model": "kimi_jax.checkpoint",
-    "Engine": "kimi_jax.engine",
+    "BatchEngine": "kimi_jax.batching",
     "SamplingParams": "kimi_jax.sampling",
 }
 

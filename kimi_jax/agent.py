@@ -1,10 +1,11 @@
 """The agent loop: think -> call tools -> read results -> continue, until an answer.
 
-A `Conversation` holds the OpenAI-style message list and one latent cache. Each model step renders
-the whole conversation through the chat template, but only the tokens after the longest prefix the
-cache already holds are prefilled — appending a tool result costs the tool result, not the history.
-(When a finished turn's reasoning is dropped from history, spec §6.4, the prefix shrinks to where
-the rendering changed and the rest is recomputed: correctness first, reuse where it is exact.)
+A `Conversation` holds the OpenAI-style message list. Each model step renders the whole
+conversation through the chat template and submits it to the engine, whose prefix cache
+(kimi_jax/pages.py) recognizes the pages it already holds — appending a tool result costs the tool
+result, not the history. (When a finished turn's reasoning is dropped from history, docs/k2-format.md §6.4, the
+shared prefix ends where the rendering changed and the rest is recomputed: correctness first, reuse
+where it is exact.)
 
 Tool calls run through a `ToolRegistry`; an unknown tool, bad JSON arguments, a raising or hanging
 tool all come back to the model as an error result, never as an exception here.
@@ -16,8 +17,6 @@ import dataclasses
 import json
 import time
 from typing import Callable
-
-import numpy as np
 
 from kimi_jax.chat import StreamParser, parse_output
 from kimi_jax.chat.prompt import encode_chat
@@ -55,14 +54,6 @@ class TurnResult:
         return dataclasses.asdict(self)
 
 
-def _lcp(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    if n == 0:
-        return 0
-    diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
-    return int(diff[0]) if diff.size else n
-
-
 class Conversation:
     def __init__(self, runtime, *, tools=None, system: str | None = None, sampling: SamplingParams | None = None,
                  max_steps: int = 300, tool_timeout: float = 10.0, tool_names: list[str] | None = None):
@@ -77,8 +68,6 @@ class Conversation:
         self.sampling = dataclasses.replace(base, stop_ids=tuple(sorted(set(base.stop_ids) | set(runtime.stop_ids()))))
         self.max_steps = max_steps
         self.tool_timeout = tool_timeout
-        self.cache = None
-        self.cached_ids: list[int] = []
 
     # ---- one model step -----------------------------------------------------------------------
     def _prompt_ids(self) -> list[int]:
@@ -90,39 +79,34 @@ class Conversation:
         engine = self.rt.engine
         if len(prompt) >= engine.max_len:
             return "", [], "context"
-        keep = min(_lcp(self.cached_ids, prompt), len(prompt) - 1)  # at least one token to prefill
-        if self.cache is None or keep == 0:
-            self.cache, keep = None, 0
-        else:
-            self.cache = self.cache.truncate(keep)
-        usage["prompt_tokens"] += len(prompt) - keep
-        usage["cached_tokens"] += keep
         room = engine.max_len - len(prompt)
         sampling = dataclasses.replace(self.sampling, max_new_tokens=min(self.sampling.max_new_tokens, room))
-        gen = engine.generate([prompt[keep:]], sampling, cache=self.cache)
         decoder = self.rt.tokenizer.stream_decoder()
         parser = StreamParser()
         pieces = []
-        try:
-            for _ in gen:
-                piece = decoder.add(gen.tokens[0][-1])
-                pieces.append(piece)
-                for event in parser.feed(piece):
+
+        def on_tokens(request, new_tokens, finished):
+            for token in new_tokens:
+                pieces.append(decoder.add(token))
+                for event in parser.feed(pieces[-1]):
                     on_event(event)
+
+        request = engine.submit(prompt, sampling, on_tokens)
+        try:
+            engine.wait([request])
         except KeyboardInterrupt:
-            gen.stop("cancelled")
-        tail = decoder.flush()
-        pieces.append(tail)
-        for event in parser.feed(tail) + parser.finish():
+            request.cancel()
+            engine.wait([request])
+        pieces.append(decoder.flush())
+        for event in parser.feed(pieces[-1]) + parser.finish():
             on_event(event)
-        out = gen.tokens[0]
-        self.cache = gen.cache
-        self.cached_ids = (prompt + out)[:gen.cached_len]
-        usage["completion_tokens"] += len(out)
-        reason = gen.finish_reasons[0]
-        if reason == "length" and len(out) >= room:
+        usage["prompt_tokens"] += len(prompt) - request.cached_tokens
+        usage["cached_tokens"] += request.cached_tokens
+        usage["completion_tokens"] += len(request.tokens)
+        reason = request.finish_reason
+        if reason == "length" and len(request.tokens) >= room:
             reason = "context"
-        return "".join(pieces), out, reason
+        return "".join(pieces), request.tokens, reason
 
     # ---- a user turn --------------------------------------------------------------------------
     def send(self, user_text: str, on_event: Callable = lambda event: None) -> TurnResult:
@@ -171,7 +155,7 @@ class Conversation:
     @staticmethod
     def _assistant_message(parsed) -> dict:
         message = {"role": "assistant", "content": parsed.content}
-        if parsed.reasoning_content:  # never pass None back: the template would print it (spec §7.4.8)
+        if parsed.reasoning_content:  # never pass None back: the template would print it (docs/k2-format.md §7.4.8)
             message["reasoning_content"] = parsed.reasoning_content
         if parsed.tool_calls:
             message["tool_calls"] = [{"id": c.id, "type": "function",

@@ -1,14 +1,18 @@
-"""The MLA latent cache: per token and layer only the normalized latent c_kv (kv_lora_rank values)
-and the rotated shared rope key k_pe (qk_rope_head_dim values) — 576 values for K2, 35x less than
-per-head K/V (perf-targets.md).
+"""The paged MLA latent cache: per token and layer only the normalized latent c_kv and the rotated
+shared rope key k_pe, one row of kv_lora_rank + qk_rope_head_dim values (576 for K2, 35x less than
+per-head K/V; perf-targets.md), kept in fixed-size pages.
 
-Layout. Every row of a batch writes at the same slot `length`: prompts of different lengths are
-right-aligned so that they all end at the same slot, and row b's tokens start at `starts[b]`. A
-token's rope position is `slot - starts[b]`. This keeps every cache write a single
-`dynamic_update_slice` (in place on a donated buffer) and lets the decode step stay one compiled
-program for any mix of prompt lengths. Slots at or beyond `length` may hold garbage from the tail
-of a prefill chunk; causal masking never lets a real query see them, and later writes overwrite
-them.
+    pages      per layer [n_pages, page_size, r + p]   the pool; page 0 is never handed out
+    page_table [slots, max_pages] int32                 the pages of each slot's sequence, in order
+    lengths    [slots] int32                            tokens each slot holds
+
+Position t of a slot's sequence is row t % page_size of page page_table[slot, t // page_size]. A
+sequence's pages need not be contiguous or private: full pages with the same token prefix are
+shared between slots (the host-side `PagePool` in pages.py decides who owns what; this file only
+computes indices). Writes of padding tokens go to page 0, which nothing ever reads as a key.
+
+Each layer's pool is its own array: a decode step updates every layer's pool in place (the cache is
+donated) and no layer's pool is ever sliced out of a bigger one.
 """
 
 from __future__ import annotations
@@ -20,59 +24,97 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kimi_jax import rope
 from kimi_jax.config import Config
 from kimi_jax.distributed import global_array
+from kimi_jax.mla import AttnBatch
 from kimi_jax.sharding import sharding_for
 
-CACHE_AXES = (None, "batch", None, None)  # layers, batch, slots, features
+DISCARD_PAGE = 0
+POOL_AXES = ("cache_pages", None, None)  # pages split over the mesh's data axis with their slots
+SLOT_AXES = ("batch",)
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
-class LatentCache:
-    c_kv: jax.Array  # [layers, batch, slots, kv_lora_rank]
-    k_pe: jax.Array  # [layers, batch, slots, qk_rope_head_dim], rope already applied
-    starts: jax.Array  # [batch] int32: first slot holding a real token of each row
-    length: jax.Array  # [] int32: next slot to write (same for every row)
+class PagedCache:
+    pages: tuple[jax.Array, ...]  # per layer [n_pages, page_size, r + p]
+    page_table: jax.Array  # [slots, max_pages] int32
+    lengths: jax.Array  # [slots] int32
+
+    @property
+    def page_size(self) -> int:
+        return self.pages[0].shape[1]
+
+    @property
+    def n_pages(self) -> int:
+        return self.pages[0].shape[0]
 
     @property
     def slots(self) -> int:
-        return self.c_kv.shape[2]
+        return self.page_table.shape[0]
 
     @property
-    def batch(self) -> int:
-        return self.c_kv.shape[1]
-
-    @staticmethod
-    def slots_for(max_len: int, chunk: int, block: int) -> int:
-        """Buffer slots for `max_len` tokens: a prefill chunk may run `chunk - 1` slots past the last
-        real token, and attention reads whole key blocks of `block` slots."""
-        need = max_len + chunk - 1
-        return -(-need // block) * block
+    def max_pages(self) -> int:
+        return self.page_table.shape[1]
 
     @classmethod
-    def create(cls, cfg: Config, starts, slots: int, dtype, mesh=None) -> "LatentCache":
-        """An empty cache for rows whose first real slot is `starts[b]`, batch split over the mesh's
-        data axis. The arrays are placed (committed) where the compiled steps leave their outputs,
-        so the first call and every later one hit the same compiled program."""
-        batch = len(starts)
-        shape = (cfg.num_hidden_layers, batch, slots)
-        rows = sharding_for(CACHE_AXES, shape + (1,), mesh, name="cache")
-        scalar = sharding_for((), (), mesh)
+    def create(cls, cfg: Config, *, slots: int, max_len: int, page_size: int, n_pages: int, dtype,
+               mesh=None) -> "PagedCache":
+        """An empty cache placed (committed) where the compiled steps leave their outputs, so the
+        first call and every later one hit the same compiled program."""
+        spec = cls.abstract(cfg, slots=slots, max_len=max_len, page_size=page_size, n_pages=n_pages, dtype=dtype,
+                            mesh=mesh)
+        return jax.tree.map(lambda s: _zeros(s.shape, s.dtype, s.sharding)(), spec)
+
+    @classmethod
+    def abstract(cls, cfg: Config, *, slots: int, max_len: int, page_size: int, n_pages: int, dtype,
+                 mesh=None) -> "PagedCache":
+        """The cache as ShapeDtypeStructs carrying their shardings (the planner compiles with it)."""
+        pool_shape = (n_pages, page_size, cfg.cache_dim)
+        pool = jax.ShapeDtypeStruct(pool_shape, jnp.dtype(dtype),
+                                    sharding=sharding_for(POOL_AXES, pool_shape, mesh, name="cache pages"))
+        table_shape = (slots, pages_for(max_len, page_size))
         return cls(
-            c_kv=_zeros(shape + (cfg.kv_lora_rank,), jnp.dtype(dtype), rows)(),
-            k_pe=_zeros(shape + (cfg.qk_rope_head_dim,), jnp.dtype(dtype), rows)(),
-            starts=global_array(np.asarray(starts, np.int32), scalar),
-            length=global_array(np.int32(0), scalar),
+            pages=(pool,) * cfg.num_hidden_layers,
+            page_table=jax.ShapeDtypeStruct(table_shape, jnp.int32,
+                                            sharding=sharding_for(SLOT_AXES + (None,), table_shape, mesh)),
+            lengths=jax.ShapeDtypeStruct((slots,), jnp.int32, sharding=sharding_for(SLOT_AXES, (slots,), mesh)),
         )
 
-    def truncate(self, n: int) -> "LatentCache":
-        """Forget everything from slot n on (slots past `length` are never read)."""
-        return dataclasses.replace(self, length=global_array(np.int32(n), self.length.sharding))
+    def with_table(self, table: np.ndarray) -> "PagedCache":
+        """The same pools with a new page table (host numpy, identical on every process)."""
+        return dataclasses.replace(self, page_table=global_array(np.asarray(table, np.int32),
+                                                                 self.page_table.sharding))
+
+    # ---- batches (traced inside the compiled steps) -------------------------------------------
+    def chunk_batch(self, cfg: Config, slots, q_start, n_valid, chunk: int) -> AttnBatch:
+        """Rows b = 0..R-1 each continue slot slots[b] with `chunk` tokens from position q_start[b],
+        of which the first n_valid[b] are real. Rows with n_valid 0 are padding."""
+        positions = q_start[:, None] + jnp.arange(chunk, dtype=jnp.int32)[None, :]
+        valid = jnp.arange(chunk)[None, :] < n_valid[:, None]
+        table = jnp.take(self.page_table, slots, axis=0, mode="clip")
+        return self._batch(cfg, table, positions, valid, q_start, q_start + n_valid)
+
+    def decode_batch(self, cfg: Config, active) -> AttnBatch:
+        """One token per slot at its current length; inactive slots write to the discard page."""
+        pos = self.lengths
+        return self._batch(cfg, self.page_table, pos[:, None], active[:, None], pos, pos + active.astype(jnp.int32))
+
+    def _batch(self, cfg, table, positions, valid, q_start, kv_len) -> AttnBatch:
+        ps = self.page_size
+        col = jnp.clip(positions // ps, 0, table.shape[1] - 1)
+        page = jnp.take_along_axis(table, col, axis=1)
+        cos, sin = rope.rope_angles(cfg, positions)
+        return AttnBatch(cos=cos, sin=sin, page_table=table, q_start=q_start, kv_len=kv_len,
+                         write_page=jnp.where(valid, page, DISCARD_PAGE), write_slot=positions % ps)
 
     def nbytes_per_token(self) -> int:
-        layers = self.c_kv.shape[0]
-        return layers * (self.c_kv.shape[-1] + self.k_pe.shape[-1]) * self.c_kv.dtype.itemsize
+        return sum(p.shape[-1] * p.dtype.itemsize for p in self.pages)
+
+
+def pages_for(tokens: int, page_size: int) -> int:
+    return -(-tokens // page_size)
 
 
 @functools.lru_cache(maxsize=32)

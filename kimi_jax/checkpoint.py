@@ -1,7 +1,8 @@
 """Hugging Face checkpoint directories: the tensor-name table, validation, and loading.
 
 One table (`layout`) says, for every parameter of `KimiK2`, which official tensor(s) hold it, their
-shape, and how the stored [out, in] matrix becomes the model's (in, out) layout. The loader, the
+shape, and how a stored tensor becomes the parameter: the model keeps the checkpoint's [out, in]
+orientation, so that is at most a reshape (heads split out) or a view (the halves of kv_b_proj). The loader, the
 checkpoint writer (export.py) and the test fixtures all read that table, so the three cannot drift.
 
 Loading reads every shard's header first and checks each expected tensor's presence, dtype and
@@ -16,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 from typing import Callable, Iterator
 
 import jax
@@ -35,123 +35,106 @@ from kimi_jax.sharding import DEFAULT_RULES, param_axes, sharding_for
 
 FLOAT_DTYPES = ("BF16", "F16", "F32")
 INT_DTYPES = ("I32", "I64")
-_IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 
 
 # ---- the layout table ---------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
 class Entry:
-    """One model parameter (or one leaf of an INT4 parameter) and where the checkpoint keeps it.
+    """One model parameter (or one leaf of an INT4 parameter) and the checkpoint tensor(s) behind it.
 
-    `hf` is a name template with {i} for the layer and {e} for the expert; `hf_shape` the stored
-    shape of one such tensor; `to_param`/`to_hf` convert one stored tensor to the parameter's
-    per-layer/per-expert block and back."""
+    Parameters are stored as the checkpoint stores them ([out, in]); `to_param` only reshapes (heads
+    split out) or takes a view (the halves of kv_b_proj), and `to_hf` undoes it. A routed-expert
+    parameter stacks its layer's experts along a leading axis: `hf` then lists one tensor per
+    expert."""
 
-    path: tuple[str, ...]  # parameter path in the model state
+    path: tuple  # parameter path in the model state
     leaf: str | None  # None, or 'packed'/'scale' for Int4Weight parameters
-    hf: str
-    hf_shape: tuple[int, ...]
+    hf: tuple[str, ...]  # one tensor name, or one per routed expert
+    hf_shape: tuple[int, ...]  # stored shape of each of those tensors
     to_param: Callable[[np.ndarray], np.ndarray]
-    to_hf: Callable[[np.ndarray], np.ndarray]
-    stack: str | None = None  # 'dense_layers' / 'moe_layers' for per-layer parameters
-    expert: bool = False  # one tensor per routed expert
+    to_hf: Callable[[np.ndarray], np.ndarray] | None  # None: written together with a sibling (kv_b_proj)
     dtypes: tuple[str, ...] = FLOAT_DTYPES
     f32: bool = False  # kept in float32 whatever the model dtype (router bias)
-
-    def names(self, cfg: Config) -> list[str]:
-        return [self.hf.format(i=i, e=e) for i, e in self.instances(cfg)]
-
-    def instances(self, cfg: Config) -> list[tuple[int | None, int | None]]:
-        layers = [None]
-        if self.stack == "dense_layers":
-            layers = list(range(cfg.n_dense_layers))
-        elif self.stack == "moe_layers":
-            layers = list(range(cfg.n_dense_layers, cfg.num_hidden_layers))
-        experts = list(range(cfg.n_routed_experts)) if self.expert else [None]
-        return [(i, e) for i in layers for e in experts]
+    experts: bool = False  # a routed-expert parameter: hf[e] is expert e's tensor
 
 
-def _t(w):
-    return np.swapaxes(w, -1, -2)
+def _same(w):
+    return w
 
 
 def layout(cfg: Config) -> list[Entry]:
     d, v, h = cfg.hidden_size, cfg.vocab_size, cfg.num_attention_heads
     n, p, vd, r = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
-    same = (lambda w: w)
+    f, n_exp = cfg.moe_intermediate_size, cfg.n_routed_experts
+
+    def one(path, name, shape, to_param=_same, to_hf=_same, **kw):
+        return Entry(path, None, (name,), shape, to_param, to_hf, **kw)
+
+    def split_heads(width, k_in):  # [h*width, k_in] <-> [h, width, k_in]: a reshape, no copy
+        return (lambda w: w.reshape(h, width, k_in)), (lambda x: x.reshape(h * width, k_in))
+
     out = [
-        Entry(("embed",), None, "model.embed_tokens.weight", (v, d), same, same),
-        Entry(("norm",), None, "model.norm.weight", (d,), same, same),
-        Entry(("lm_head",), None, "lm_head.weight", (v, d), _t, _t),
+        one(("embed",), "model.embed_tokens.weight", (v, d)),
+        one(("norm",), "model.norm.weight", (d,)),
+        one(("lm_head",), "lm_head.weight", (v, d)),
     ]
-
-    def heads_in(k_in, width):  # [h*width, k_in] -> [k_in, h, width]
-        return (lambda w: w.T.reshape(k_in, h, width)), (lambda x: x.reshape(k_in, h * width).T)
-
-    def kv_b(lo, hi):  # one half of kv_b_proj [h*(n+vd), r] viewed as [h, n+vd, r]
-        return lambda w: w.reshape(h, n + vd, r)[:, lo:hi]
-
-    def attn_entries(stack):
-        pre = "model.layers.{i}."
-        e = [
-            Entry(("input_norm",), None, pre + "input_layernorm.weight", (d,), same, same),
-            Entry(("post_attention_norm",), None, pre + "post_attention_layernorm.weight", (d,), same, same),
-            Entry(("attn", "kv_a_proj"), None, pre + "self_attn.kv_a_proj_with_mqa.weight", (r + p, d), _t, _t),
-            Entry(("attn", "kv_a_norm"), None, pre + "self_attn.kv_a_layernorm.weight", (r,), same, same),
-            # kv_b_proj feeds two parameters; export.py joins them back.
-            Entry(("attn", "k_b_proj"), None, pre + "self_attn.kv_b_proj.weight", (h * (n + vd), r), kv_b(0, n), None),
-            Entry(("attn", "v_b_proj"), None, pre + "self_attn.kv_b_proj.weight", (h * (n + vd), r),
-                  kv_b(n, n + vd), None),
-            Entry(("attn", "o_proj"), None, pre + "self_attn.o_proj.weight", (d, h * vd),
-                  lambda w: w.T.reshape(h, vd, d), lambda x: x.reshape(h * vd, d).T),
+    for i in range(cfg.num_hidden_layers):
+        pre, at = f"model.layers.{i}.", ("layers", i)
+        kv_b = pre + "self_attn.kv_b_proj.weight"
+        out += [
+            one((*at, "input_norm"), pre + "input_layernorm.weight", (d,)),
+            one((*at, "post_attention_norm"), pre + "post_attention_layernorm.weight", (d,)),
+            one((*at, "attn", "kv_a_proj"), pre + "self_attn.kv_a_proj_with_mqa.weight", (r + p, d)),
+            one((*at, "attn", "kv_a_norm"), pre + "self_attn.kv_a_layernorm.weight", (r,)),
+            # kv_b_proj [h*(n+v), r] backs two parameters, its key and value halves per head;
+            # iter_hf_tensors joins them back.
+            one((*at, "attn", "k_b_proj"), kv_b, (h * (n + vd), r), lambda w: w.reshape(h, n + vd, r)[:, :n], None),
+            one((*at, "attn", "v_b_proj"), kv_b, (h * (n + vd), r), lambda w: w.reshape(h, n + vd, r)[:, n:], None),
+            one((*at, "attn", "o_proj"), pre + "self_attn.o_proj.weight", (d, h * vd),
+                lambda w: w.reshape(d, h, vd), lambda x: x.reshape(d, h * vd)),
         ]
         if cfg.q_lora_rank is None:
-            e.append(Entry(("attn", "q_proj"), None, pre + "self_attn.q_proj.weight", (h * (n + p), d),
-                           *heads_in(d, n + p)))
+            out.append(one((*at, "attn", "q_proj"), pre + "self_attn.q_proj.weight", (h * (n + p), d),
+                           *split_heads(n + p, d)))
         else:
             q = cfg.q_lora_rank
-            e += [
-                Entry(("attn", "q_a_proj"), None, pre + "self_attn.q_a_proj.weight", (q, d), _t, _t),
-                Entry(("attn", "q_a_norm"), None, pre + "self_attn.q_a_layernorm.weight", (q,), same, same),
-                Entry(("attn", "q_b_proj"), None, pre + "self_attn.q_b_proj.weight", (h * (n + p), q),
-                      *heads_in(q, n + p)),
+            out += [
+                one((*at, "attn", "q_a_proj"), pre + "self_attn.q_a_proj.weight", (q, d)),
+                one((*at, "attn", "q_a_norm"), pre + "self_attn.q_a_layernorm.weight", (q,)),
+                one((*at, "attn", "q_b_proj"), pre + "self_attn.q_b_proj.weight", (h * (n + p), q),
+                    *split_heads(n + p, q)),
             ]
-        return [dataclasses.replace(x, stack=stack) for x in e]
-
-    def mlp_entries(prefix, path, f):
-        return [
-            Entry((*path, "gate_proj"), None, prefix + "gate_proj.weight", (f, d), _t, _t),
-            Entry((*path, "up_proj"), None, prefix + "up_proj.weight", (f, d), _t, _t),
-            Entry((*path, "down_proj"), None, prefix + "down_proj.weight", (d, f), _t, _t),
-        ]
-
-    if cfg.n_dense_layers:
-        dense = attn_entries("dense_layers") + mlp_entries("model.layers.{i}.mlp.", ("mlp",), cfg.intermediate_size)
-        out += [dataclasses.replace(x, stack="dense_layers") for x in dense]
-    if cfg.n_moe_layers:
-        e_count, f = cfg.n_routed_experts, cfg.moe_intermediate_size
-        moe = attn_entries("moe_layers") + [
-            Entry(("mlp", "router"), None, "model.layers.{i}.mlp.gate.weight", (e_count, d), _t, _t),
-            Entry(("mlp", "router_bias"), None, "model.layers.{i}.mlp.gate.e_score_correction_bias",
-                  (e_count,), same, same, f32=True),
+        if i < cfg.first_k_dense_replace:
+            out += _mlp(at + ("mlp",), pre + "mlp.", d, cfg.intermediate_size)
+            continue
+        out += [
+            one((*at, "mlp", "router"), pre + "mlp.gate.weight", (n_exp, d)),
+            one((*at, "mlp", "router_bias"), pre + "mlp.gate.e_score_correction_bias", (n_exp,), f32=True),
         ]
         if cfg.n_shared_experts:
-            moe += mlp_entries("model.layers.{i}.mlp.shared_experts.", ("mlp", "shared"), f * cfg.n_shared_experts)
-        ex = "model.layers.{i}.mlp.experts.{e}."
+            out += _mlp(at + ("mlp", "shared"), pre + "mlp.shared_experts.", d, f * cfg.n_shared_experts)
         for proj, (out_f, in_f) in (("gate_proj", (f, d)), ("up_proj", (f, d)), ("down_proj", (d, f))):
+            names = [f"{pre}mlp.experts.{e}.{proj}." for e in range(n_exp)]
+            path = (*at, "mlp", proj)
             if cfg.quantization is None:
-                moe.append(Entry(("mlp", proj), None, ex + proj + ".weight", (out_f, in_f), _t, _t, expert=True))
+                out.append(Entry(path, None, tuple(x + "weight" for x in names), (out_f, in_f), _same, _same,
+                                 experts=True))
             else:
                 g = cfg.quantization.group_size
-                moe += [
-                    Entry(("mlp", proj), "packed", ex + proj + ".weight_packed", (out_f, -(-in_f // 8)), same, same,
-                          expert=True, dtypes=("I32",)),
-                    Entry(("mlp", proj), "scale", ex + proj + ".weight_scale", (out_f, in_f // g), same, same,
-                          expert=True),
+                out += [
+                    Entry(path, "packed", tuple(x + "weight_packed" for x in names), (out_f, -(-in_f // 8)),
+                          _same, _same, dtypes=("I32",), experts=True),
+                    Entry(path, "scale", tuple(x + "weight_scale" for x in names), (out_f, in_f // g), _same, _same,
+                          experts=True),
                 ]
-        out += [dataclasses.replace(x, stack="moe_layers") for x in moe]
     return out
+
+
+def _mlp(path, prefix, d, f) -> list[Entry]:
+    return [Entry((*path, "gate_proj"), None, (prefix + "gate_proj.weight",), (f, d), _same, _same),
+            Entry((*path, "up_proj"), None, (prefix + "up_proj.weight",), (f, d), _same, _same),
+            Entry((*path, "down_proj"), None, (prefix + "down_proj.weight",), (d, f), _same, _same)]
 
 
 def weight_shape_names(cfg: Config) -> dict[str, tuple[int, int]]:
@@ -237,7 +220,7 @@ def validate(reader: CheckpointReader, cfg: Config) -> None:
         raise CheckpointError(f"{reader.file_of(packed[0])}: tensor '{packed[0]}' is packed int4 but "
                               "config.json has no quantization_config")
     for entry in layout(cfg):
-        for name in entry.names(cfg):
+        for name in entry.hf:
             reader.check(name, entry.hf_shape, entry.dtypes)
     if cfg.quantization is not None:
         for name, want in weight_shape_names(cfg).items():
@@ -246,7 +229,7 @@ def validate(reader: CheckpointReader, cfg: Config) -> None:
             if got != want:
                 raise CheckpointError(f"{reader.file_of(name)}: tensor '{name}' = {list(got)} disagrees with "
                                       f"config.json, which implies {list(want)}")
-        expected = {n for e in layout(cfg) if e.leaf == "packed" for n in e.names(cfg)}
+        expected = {n for e in layout(cfg) if e.leaf == "packed" for n in e.hf}
         stray = sorted(set(packed) - expected)
         if stray:
             raise CheckpointError(f"{reader.file_of(stray[0])}: tensor '{stray[0]}' is quantized but this runtime "
@@ -259,23 +242,18 @@ def _np_dtype(dtype) -> np.dtype:
     return np.dtype(ml_dtypes.bfloat16) if jnp.dtype(dtype) == jnp.bfloat16 else np.dtype(jnp.dtype(dtype).name)
 
 
-def _block_reader(reader: CheckpointReader, entry: Entry, cfg: Config, dtype):
-    """A callback for make_array_from_callback: index (tuple of slices) -> that block as numpy."""
-    inst = entry.instances(cfg)
-    layers = sorted({i for i, _ in inst if i is not None})
-    experts = sorted({e for _, e in inst if e is not None})
-    lead = (1 if entry.stack else 0) + (1 if entry.expert else 0)
+def _block_reader(reader: CheckpointReader, entry: Entry, dtype):
+    """A callback for make_array_from_callback: index (tuple of slices) -> that block as numpy.
+
+    A routed-expert parameter's first axis picks expert tensors, so a device holding some experts
+    reads only theirs."""
 
     def read(index):
         index = tuple(index)
-        rest = index[lead:]
-        layer_sel = layers[index[0]] if entry.stack else [None]
-        expert_sel = experts[index[1 if entry.stack else 0]] if entry.expert else [None]
-        rows = []
-        for i in layer_sel:
-            cols = [entry.to_param(reader.get(entry.hf.format(i=i, e=e)))[rest].astype(dtype) for e in expert_sel]
-            rows.append(np.stack(cols) if entry.expert else cols[0])
-        return np.ascontiguousarray(np.stack(rows) if entry.stack else rows[0])
+        if not entry.experts:
+            return entry.to_param(reader.get(entry.hf[0]))[index].astype(dtype, copy=False)
+        names = entry.hf[index[0]] if index else entry.hf
+        return np.stack([entry.to_param(reader.get(name))[index[1:]].astype(dtype, copy=False) for name in names])
 
     return read
 
@@ -287,28 +265,24 @@ def load_state(directory, cfg: Config, *, dtype=jnp.bfloat16, mesh=None, rules=D
     validate(reader, cfg)
     graphdef, state = abstract_model(cfg, dtype)
     flat = dict(nnx.to_flat_state(state))
-    entries = layout(cfg)
-    by_leaf = {}
-    for entry in entries:
-        by_leaf.setdefault((entry.path if entry.stack is None else (entry.stack, *entry.path), entry.leaf), entry)
+    by_leaf = {(entry.path, entry.leaf): entry for entry in layout(cfg)}
 
     bar = tqdm(total=len(by_leaf), desc="loading", unit="tensor", disable=not progress, leave=False)
     for path, var in flat.items():
         value = var.get_value()
-        axes = param_axes(path, var)
+        axes = param_axes(var)
         leaves = {"packed": value.packed, "scale": value.scale} if isinstance(value, Int4Weight) else {None: value}
         loaded = {}
         for leaf, abs_arr in leaves.items():
             entry = by_leaf.get((path, leaf))
             if entry is None:
-                raise AssertionError(f"no checkpoint entry for parameter {'/'.join(path)}")
-            sharding = sharding_for(axes, abs_arr.shape, mesh, rules, name="/".join(path))
+                raise AssertionError(f"no checkpoint entry for parameter {'/'.join(map(str, path))}")
+            sharding = sharding_for(axes, abs_arr.shape, mesh, rules, name="/".join(map(str, path)))
             want = jnp.float32 if entry.f32 else abs_arr.dtype
             if leaf == "scale":  # keep the stored scale dtype: dequant then rounds like compressed-tensors
-                want = {"BF16": jnp.bfloat16, "F16": jnp.float16, "F32": jnp.float32}[
-                    reader.headers[entry.names(cfg)[0]][0]]
-            loaded[leaf] = jax.make_array_from_callback(
-                abs_arr.shape, sharding, _block_reader(reader, entry, cfg, _np_dtype(want)))
+                want = {"BF16": jnp.bfloat16, "F16": jnp.float16, "F32": jnp.float32}[reader.headers[entry.hf[0]][0]]
+            loaded[leaf] = jax.make_array_from_callback(abs_arr.shape, sharding,
+                                                        _block_reader(reader, entry, _np_dtype(want)))
             bar.update(1)
         new = Int4Weight(loaded["packed"], loaded["scale"], value.in_features) if isinstance(value, Int4Weight) \
             else loaded[None]
@@ -328,28 +302,22 @@ def iter_hf_tensors(model: KimiK2) -> Iterator[tuple[str, np.ndarray]]:
     """The model's parameters as official checkpoint tensors (names, [out, in] layout), one by one."""
     cfg = model.cfg
     flat = dict(nnx.to_flat_state(nnx.state(model)))
+
+    def host(path, leaf=None):
+        value = flat[path].get_value()
+        return np.asarray(jax.device_get(value if leaf is None else getattr(value, leaf)))
+
     for entry in layout(cfg):
-        key = entry.path if entry.stack is None else (entry.stack, *entry.path)
-        value = flat[key].get_value()
-        if entry.leaf is not None:
-            value = getattr(value, entry.leaf)
-        arr = np.asarray(jax.device_get(value))
-        for k, (i, e) in enumerate(entry.instances(cfg)):
-            block = arr
-            if entry.stack:
-                block = block[i - (cfg.n_dense_layers if entry.stack == "moe_layers" else 0)]
-            if entry.expert:
-                block = block[e]
-            name = entry.hf.format(i=i, e=e)
-            if entry.path[-1] == "k_b_proj":  # join the two halves of kv_b_proj
-                v_key = (entry.stack, "attn", "v_b_proj")
-                v_block = np.asarray(jax.device_get(flat[v_key].get_value()))
-                v_block = v_block[i - (cfg.n_dense_layers if entry.stack == "moe_layers" else 0)]
-                yield name, np.concatenate([block, v_block], axis=1).reshape(-1, block.shape[-1])
-            elif entry.path[-1] == "v_b_proj":
-                continue
-            else:
-                yield name, entry.to_hf(block)
+        arr = host(entry.path, entry.leaf)
+        if entry.path[-1] == "k_b_proj":  # join the two halves of kv_b_proj
+            v_half = host((*entry.path[:-1], "v_b_proj"))
+            yield entry.hf[0], np.concatenate([arr, v_half], axis=1).reshape(-1, arr.shape[-1])
+        elif entry.to_hf is None:
+            continue
+        elif entry.experts:
+            yield from ((name, entry.to_hf(arr[e])) for e, name in enumerate(entry.hf))
+        else:
+            yield entry.hf[0], entry.to_hf(arr)
     for name, shape in weight_shape_names(cfg).items():
         yield name, np.asarray(shape, np.int64)
 

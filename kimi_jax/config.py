@@ -1,7 +1,7 @@
 """Model configuration: one frozen dataclass, defaults = Kimi K2 Thinking.
 
 `Config.from_hf(path_or_dict)` is the only route from a checkpoint's `config.json`; the field names
-are the Hugging Face ones (spec §1) so a reader can hold the two side by side. Test and benchmark
+are the Hugging Face ones (docs/k2-format.md §1) so a reader can hold the two side by side. Test and benchmark
 configs come from `dataclasses.replace` on a preset. The dataclass is frozen and hashable, so it
 can be a static argument of `jax.jit`.
 """
@@ -20,7 +20,7 @@ SUPPORTED_MODEL_TYPES = ("kimi_k2", "deepseek_v3")
 
 @dataclasses.dataclass(frozen=True)
 class Yarn:
-    """YaRN rope scaling (spec §4.3). K2 Thinking: factor 64 over an original 4096 context."""
+    """YaRN rope scaling (docs/k2-format.md §4.3). K2 Thinking: factor 64 over an original 4096 context."""
 
     factor: float = 64.0
     original_max_position_embeddings: int = 4096
@@ -32,7 +32,7 @@ class Yarn:
 
 @dataclasses.dataclass(frozen=True)
 class Int4Quant:
-    """compressed-tensors `pack-quantized` weights (spec §1.3, §3): symmetric int4, grouped.
+    """compressed-tensors `pack-quantized` weights (docs/k2-format.md §1.3, §3): symmetric int4, grouped.
 
     Only the routed experts are quantized in K2 Thinking; everything in `ignore` stays bf16.
     """
@@ -101,7 +101,7 @@ class Config:
     max_position_embeddings: int = 262144
     rms_norm_eps: float = 1e-5
     # The reference code builds q_a_layernorm and kv_a_layernorm without passing eps, so they use
-    # the RMSNorm class default 1e-6 whatever rms_norm_eps says (spec §4.1). We follow the reference
+    # the RMSNorm class default 1e-6 whatever rms_norm_eps says (docs/k2-format.md §4.1). We follow the reference
     # (and transformers) so parity holds; vLLM/SGLang pass rms_norm_eps instead. UNVERIFIED which
     # one Moonshot trained with; the difference is numerically tiny.
     latent_norm_eps: float = 1e-6

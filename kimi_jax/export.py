@@ -23,7 +23,7 @@ def _stored(name: str, arr: np.ndarray, float_dtype) -> np.ndarray:
     if arr.dtype.kind in "iu":
         return arr  # packed int4 words (int32) and weight_shape (int64) as they are
     if name.endswith("e_score_correction_bias"):
-        return arr.astype(np.float32)  # float32 in the official checkpoints (spec §2.2)
+        return arr.astype(np.float32)  # float32 in the official checkpoints (docs/k2-format.md §2.2)
     return arr.astype(float_dtype)
 
 

@@ -21,7 +21,7 @@ def random_hf_tensors(cfg: Config, seed: int = 0):
     rng = np.random.default_rng(seed)
     seen = set()
     for entry in checkpoint.layout(cfg):
-        for name in entry.names(cfg):
+        for name in entry.hf:
             if name in seen:  # kv_b_proj backs two parameters
                 continue
             seen.add(name)

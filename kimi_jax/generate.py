@@ -69,25 +69,6 @@ def _parse_ids(text: str) -> list[int]:
     return ids
 
 
-def _sampling_defaults(checkpoint: str) -> dict:
-    """Sampling defaults from the checkpoint's generation_config.json (greedy when absent)."""
-    path = os.path.join(checkpoint, "generation_config.json")
-    try:
-        with open(path, encoding="utf-8") as f:
-            gen = json.load(f)
-    except (OSError, json.JSONDecodeError):
-        return {}
-    out = {}
-    if gen.get("do_sample") is False:
-        out["temperature"] = 0.0
-    elif isinstance(gen.get("temperature"), (int, float)):
-        out["temperature"] = float(gen["temperature"])
-    for key in ("top_p", "top_k", "max_new_tokens"):
-        if isinstance(gen.get(key), (int, float)):
-            out[key] = gen[key]
-    return out
-
-
 def run(args) -> int:
     from kimi_jax import distributed
 
@@ -102,7 +83,7 @@ def run(args) -> int:
             sys.stdout = open(os.devnull, "w")  # one answer per run: only process 0 prints
             args.json = True  # and no progress bars from the others
     from kimi_jax.runtime import Runtime
-    from kimi_jax.sampling import SamplingParams
+    from kimi_jax.sampling import SamplingParams, checkpoint_defaults
 
     checkpoint = args.checkpoint or DEFAULT_CHECKPOINT
     if not os.path.isdir(checkpoint):
@@ -112,7 +93,7 @@ def run(args) -> int:
         raise KimiError("empty prompt")
     if args.prompt_ids is None and args.prompt is None and (args.raw or not sys.stdin.isatty()):
         raise KimiError("give --prompt TEXT or --prompt-ids IDS (interactive chat needs a terminal)")
-    defaults = _sampling_defaults(checkpoint)
+    defaults = checkpoint_defaults(checkpoint)
     pick = lambda flag, key, fallback: flag if flag is not None else defaults.get(key, fallback)  # noqa: E731
     sampling = SamplingParams(
         temperature=float(pick(args.temperature, "temperature", 0.0)),
@@ -144,37 +125,42 @@ def _run_raw(rt, args, sampling) -> int:
         if not args.prompt:
             raise KimiError("empty prompt")
         ids = rt.tokenizer.encode(args.prompt)
-    stop = rt.stop_ids()
-    gen = rt.engine.generate([ids], dataclasses.replace(sampling, stop_ids=stop))
-    decoder = rt.tokenizer.stream_decoder() if rt.tokenizer is not None else None
+    decoder = rt.tokenizer.stream_decoder() if rt.tokenizer is not None and not args.json else None
+
+    def show(request, new_tokens, finished):
+        if decoder is not None:
+            sys.stdout.write("".join(decoder.add(t) for t in new_tokens))
+            sys.stdout.flush()
+
+    request = rt.engine.submit(ids, dataclasses.replace(sampling, stop_ids=rt.stop_ids()), show)
     interrupted = False
     try:
-        for _ in gen:
-            if decoder is not None and not args.json:
-                sys.stdout.write(decoder.add(gen.tokens[0][-1]))
-                sys.stdout.flush()
+        rt.engine.wait([request])
     except KeyboardInterrupt:
-        gen.stop("cancelled")
+        request.cancel()
+        rt.engine.wait([request])
         interrupted = True
-    out = gen.tokens[0]
+    out = request.tokens
     text = rt.tokenizer.decode(out) if rt.tokenizer is not None else None
     if args.json:
-        print(json.dumps({"token_ids": out, "text": text, "finish_reason": gen.finish_reasons[0],
+        print(json.dumps({"token_ids": out, "text": text, "finish_reason": request.finish_reason,
                           "usage": {"prompt_tokens": len(ids), "completion_tokens": len(out)}}, ensure_ascii=False))
     else:
         if decoder is not None:
             sys.stdout.write(decoder.flush() + "\n")
         else:
             print(",".join(map(str, out)))
-        _print_speed(gen)
+        _print_speed(request)
     return 130 if interrupted else 0
 
 
-def _print_speed(gen) -> None:
-    n = len(gen.tokens[0])
-    rate = n / gen.decode_seconds if gen.decode_seconds > 0 else float("nan")
-    print(f"[{gen.prompt_tokens} prompt tokens in {gen.prefill_seconds:.2f}s, {n} new tokens at {rate:.1f} tok/s]",
-          file=sys.stderr)
+def _print_speed(request) -> None:
+    n = len(request.tokens)
+    first = (request.first_token_at or request.finished_at) - request.submitted_at
+    rest = request.finished_at - (request.first_token_at or request.finished_at)
+    rate = (n - 1) / rest if n > 1 and rest > 0 else float("nan")
+    print(f"[{request.prompt_tokens} prompt tokens, first token after {first:.2f}s, {n} new tokens at "
+          f"{rate:.1f} tok/s]", file=sys.stderr)
 
 
 def main(argv=None) -> int:

@@ -2,11 +2,13 @@
 
 Every weight is an `nnx.Param` carrying `axes`: one logical axis name per dimension. The sharding
 rules (kimi_jax/sharding.py) map those names to mesh axes; nothing else in the model mentions a
-mesh. Dense weights are stored (in, out) — x @ W — with heads split out as their own axis.
+mesh. Matrices are stored as the checkpoint stores them, [out, in] (PyTorch Linear), with heads
+split out as their own axis where a projection has them: loading is then a copy, and the einsums
+below contract whichever axis is the input.
 
 Einsum letters used across the model files:
-  b batch, c query tokens (chunk), s key slots, d hidden, h heads, n nope head dim, p rope dim,
-  r kv latent, q q latent, v value head dim, f mlp hidden, e experts, t flattened tokens.
+  b rows (sequences), c query tokens (chunk), s key tokens, d hidden, h heads, n nope head dim,
+  p rope dim, r kv latent, q q latent, v value head dim, f mlp hidden, e experts, t flattened tokens.
 """
 
 from __future__ import annotations
@@ -39,11 +41,11 @@ class MLP(nnx.Module):
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x)). The dense layers and the shared expert."""
 
     def __init__(self, d: int, f: int, dtype, rngs: nnx.Rngs):
-        self.gate_proj = param(rngs, (d, f), ("embed", "mlp"), dtype)
-        self.up_proj = param(rngs, (d, f), ("embed", "mlp"), dtype)
-        self.down_proj = param(rngs, (f, d), ("mlp", "embed"), dtype)
+        self.gate_proj = param(rngs, (f, d), ("mlp", "embed"), dtype)
+        self.up_proj = param(rngs, (f, d), ("mlp", "embed"), dtype)
+        self.down_proj = param(rngs, (d, f), ("embed", "mlp"), dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        g = jnp.einsum("...d,df->...f", x, self.gate_proj[...])
-        u = jnp.einsum("...d,df->...f", x, self.up_proj[...])
-        return jnp.einsum("...f,fd->...d", jax.nn.silu(g) * u, self.down_proj[...])
+        g = jnp.einsum("...d,fd->...f", x, self.gate_proj[...])
+        u = jnp.einsum("...d,fd->...f", x, self.up_proj[...])
+        return jnp.einsum("...f,df->...d", jax.nn.silu(g) * u, self.down_proj[...])

@@ -1,4 +1,4 @@
-"""Routed mixture of experts with a shared expert (spec §4.6).
+"""Routed mixture of experts with a shared expert (docs/k2-format.md §4.6).
 
 Routing: sigmoid scores; `e_score_correction_bias` is added only to *choose* experts (optionally
 within the best `topk_group` of `n_group` groups); the mixing weights come from the unbiased scores,
@@ -25,7 +25,7 @@ from kimi_jax.sharding import spec_for
 
 def route(x: jax.Array, router: jax.Array, bias: jax.Array, cfg: Config) -> tuple[jax.Array, jax.Array]:
     """x [t,d] -> (weights [t,k] float32, expert ids [t,k] int32)."""
-    logits = jnp.einsum("td,de->te", x.astype(jnp.float32), router.astype(jnp.float32))
+    logits = jnp.einsum("td,ed->te", x.astype(jnp.float32), router.astype(jnp.float32))
     scores = jax.nn.sigmoid(logits)
     choice = scores + bias.astype(jnp.float32)
     if cfg.n_group > 1:
@@ -61,48 +61,36 @@ def _row_blocks(group_sizes: jax.Array, m: int, bm: int):
 
 
 def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
-    """Row i of x (sorted by group) times its group's matrix: x [m,k], w [g,k,n] -> [m,n].
+    """Row i of x (sorted by group) times its group's matrix: x [m,k], w [g,n,k] ([out, in]) -> [m,n].
 
     TPU and GPU implement `ragged_dot` as a true grouped matmul. XLA:CPU lowers it to a dense
     product of every row with every group (g times the work), so there we gather only the groups
     in use, one per block of rows, and run a batched matmul."""
     if jax.default_backend() != "cpu":
-        return jax.lax.ragged_dot(x, w, group_sizes)
+        dims = jax.lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(((1,), (2,)), ((), ())),
+                                                 lhs_ragged_dimensions=[0], rhs_group_dimensions=[0])
+        return jax.lax.ragged_dot_general(x, w, group_sizes, dims)
     m, g = x.shape[0], w.shape[0]
     bm = max(1, min(64, 1 << max(0, (m // g).bit_length() - 1)))  # ~ rows per group, power of two
     slot, block_group, n_blocks = _row_blocks(group_sizes, m, bm)
     xp = jnp.zeros((n_blocks * bm + 1, x.shape[1]), x.dtype).at[slot].set(x)[:-1].reshape(n_blocks, bm, -1)
-    y = jnp.einsum("bmk,bkn->bmn", xp, w[block_group])
+    y = jnp.einsum("bmk,bnk->bmn", xp, w[block_group])
     return jnp.concatenate([y.reshape(n_blocks * bm, -1), jnp.zeros_like(y[0, :1])])[slot]
 
 
-def expert_ffn(xs: jax.Array, gate, up, down, group_sizes: jax.Array, layer=None) -> jax.Array:
+def expert_ffn(xs: jax.Array, gate, up, down, group_sizes: jax.Array) -> jax.Array:
     """SwiGLU of each row through its expert. xs [m,d] sorted by expert, group_sizes [e] -> [m,d].
 
-    Dense experts are stored (in, out) per expert: gate/up [e,d,f], down [e,f,d]. INT4 experts are
-    `Int4Weight`s in the checkpoint's (out, in/8) layout and go through kernels_pallas.ops, which
-    picks the Pallas kernel for the backend or the XLA reference.
-
-    With `layer` (a traced index), the weights are the whole layer stack [L, e, ...] and this is
-    its layer `layer`. INT4 stacks go to the kernels whole, flattened to [L*e, ...] with an expert
-    base, because slicing a layer out would copy all its experts (not only the chosen ones) before
-    a custom call could read them — 8.4 GB per K2 layer, every decode step.
+    Experts are stored [out, in] per expert, as the checkpoint does: gate/up [e,f,d], down [e,d,f],
+    dense or as `Int4Weight`s (packed [e, out, in/8]) that go through kernels_pallas.ops, which
+    picks the Pallas kernel for the backend or the XLA reference. Each layer owns its experts'
+    arrays, so the kernels read only the chosen experts' rows and nothing slices a layer out first.
     """
     if isinstance(gate, Int4Weight):
         from kernels_pallas import ops
 
-        base = 0
-        if layer is not None:
-            base = layer * gate.packed.shape[1]
-            gate, up, down = (Int4Weight(w.packed.reshape(-1, *w.packed.shape[2:]),
-                                         w.scale.reshape(-1, *w.scale.shape[2:]), w.in_features)
-                              for w in (gate, up, down))
-        h = ops.grouped_int4_swiglu(xs, gate.packed, gate.scale, up.packed, up.scale, group_sizes,
-                                    expert_base=base)
-        return ops.grouped_int4_matmul(h.astype(xs.dtype), down.packed, down.scale, group_sizes,
-                                       expert_base=base)
-    if layer is not None:
-        gate, up, down = (w[layer] for w in (gate, up, down))
+        h = ops.grouped_int4_swiglu(xs, gate.packed, gate.scale, up.packed, up.scale, group_sizes)
+        return ops.grouped_int4_matmul(h.astype(xs.dtype), down.packed, down.scale, group_sizes)
     g = grouped_matmul(xs, gate, group_sizes)
     u = grouped_matmul(xs, up, group_sizes)
     return grouped_matmul(jax.nn.silu(g) * u, down, group_sizes)
@@ -143,12 +131,12 @@ class MoE(nnx.Module):
     def __init__(self, cfg: Config, dtype, rngs: nnx.Rngs):
         d, f, e = cfg.hidden_size, cfg.moe_intermediate_size, cfg.n_routed_experts
         self.cfg = cfg
-        self.router = param(rngs, (d, e), ("embed", "experts_logits"), dtype)
+        self.router = param(rngs, (e, d), ("experts_logits", "embed"), dtype)
         self.router_bias = nnx.Param(jnp.zeros((e,), jnp.float32), axes=("experts_logits",))
         if cfg.quantization is None:
-            self.gate_proj = param(rngs, (e, d, f), ("experts", "embed", "expert_mlp"), dtype)
-            self.up_proj = param(rngs, (e, d, f), ("experts", "embed", "expert_mlp"), dtype)
-            self.down_proj = param(rngs, (e, f, d), ("experts", "expert_mlp", "embed"), dtype)
+            self.gate_proj = param(rngs, (e, f, d), ("experts", "expert_mlp", "embed"), dtype)
+            self.up_proj = param(rngs, (e, f, d), ("experts", "expert_mlp", "embed"), dtype)
+            self.down_proj = param(rngs, (e, d, f), ("experts", "embed", "expert_mlp"), dtype)
         else:
             # Scales are bf16 as K2 ships them, whatever the compute dtype (the loader keeps a
             # checkpoint's own scale dtype).
@@ -158,46 +146,45 @@ class MoE(nnx.Module):
             self.down_proj = random_int4(rngs, (e, d, f), g, sdt, ("experts", "embed", "expert_mlp"))
         self.shared = MLP(d, f * cfg.n_shared_experts, dtype, rngs) if cfg.n_shared_experts else None
 
-    def __call__(self, x: jax.Array, layer: jax.Array | None = None) -> jax.Array:
-        """x [..., d]. `layer`: set when the routed-expert weights hold the whole layer stack
-        (leading layer axis) and this call is that stack's layer `layer`; see `expert_ffn`."""
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x [..., d] -> [..., d]."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        w, idx = route(x, self.router[...], self.router_bias[...], self.cfg)
+        with jax.named_scope("router"):
+            w, idx = route(x, self.router[...], self.router_bias[...], self.cfg)
         mesh = jax.sharding.get_abstract_mesh()
-        y = self._experts(x, w, idx, layer) if mesh.empty else self._experts_sharded(x, w, idx, layer, mesh)
+        with jax.named_scope("routed_experts"):
+            y = self._experts(x, w, idx) if mesh.empty else self._experts_sharded(x, w, idx, mesh)
         if self.shared is not None:
-            y = y + self.shared(x)
+            with jax.named_scope("shared_expert"):
+                y = y + self.shared(x)
         return y.reshape(shape)
 
-    def _experts(self, x, w, idx, layer, expert_offset=0, weights=None):
+    def _experts(self, x, w, idx, expert_offset=0, weights=None):
         gate, up, down = weights or (self.gate_proj.get_value(), self.up_proj.get_value(), self.down_proj.get_value())
-        n = _stored_shape(gate)[0 if layer is None else 1]
-        return dispatch(x, w, idx, n, lambda xs, gs: expert_ffn(xs, gate, up, down, gs, layer), expert_offset)
+        n = _stored_shape(gate)[0]
+        return dispatch(x, w, idx, n, lambda xs, gs: expert_ffn(xs, gate, up, down, gs), expert_offset)
 
-    def _experts_sharded(self, x, w, idx, layer, mesh):
+    def _experts_sharded(self, x, w, idx, mesh):
         """Expert parallelism made explicit: every device holds its experts' weights (and its slice
         of their hidden units when `tensor` > 1) and the tokens of its data shard; it computes its
         experts' share of each token and one psum over (expert, tensor) adds the shares up.
         Chosen over an all-to-all token exchange for simplicity; see README for the trade-off."""
         projections = (self.gate_proj, self.up_proj, self.down_proj)
-        stacked = layer is not None
 
         def spec(var):
             value = var.get_value()
-            axes = (None,) * stacked + tuple(var.get_metadata()["axes"])
-            s = spec_for(axes, _stored_shape(value), mesh, name="experts")
+            s = spec_for(tuple(var.get_metadata()["axes"]), _stored_shape(value), mesh, name="experts")
             return Int4Weight(s, s, value.in_features) if isinstance(value, Int4Weight) else s
 
-        def body(x, w, idx, layer, gate, up, down):
-            offset = jax.lax.axis_index("expert") * _stored_shape(gate)[int(stacked)]
-            y = self._experts(x, w, idx, layer if stacked else None, offset, (gate, up, down))
+        def body(x, w, idx, gate, up, down):
+            offset = jax.lax.axis_index("expert") * _stored_shape(gate)[0]
+            y = self._experts(x, w, idx, offset, (gate, up, down))
             return jax.lax.psum(y, ("expert", "tensor"))
 
         rows = P("data") if x.shape[0] % mesh.shape["data"] == 0 else P()
-        layer = jnp.int32(0) if layer is None else layer
-        return jax.shard_map(body, mesh=mesh, in_specs=(rows, rows, rows, P(), *map(spec, projections)),
-                             out_specs=rows, check_vma=False)(x, w, idx, layer, *(v.get_value() for v in projections))
+        return jax.shard_map(body, mesh=mesh, in_specs=(rows, rows, rows, *map(spec, projections)),
+                             out_specs=rows, check_vma=False)(x, w, idx, *(v.get_value() for v in projections))
 
 
 def _stored_shape(weights) -> tuple[int, ...]:

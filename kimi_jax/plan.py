@@ -68,48 +68,47 @@ def target_devices(target: str, devices: int):
                         "install libtpu matching your jax, e.g. pip install 'jax[tpu]'") from None
 
 
-def plan(cfg, *, devices, mesh_text: str | None, max_len: int, batch: int, chunk: int, dtype="bfloat16"):
+def plan(cfg, *, devices, mesh_text: str | None, max_len: int, batch: int, chunk: int, dtype="bfloat16",
+         page_size: int = 64):
     import jax
     import jax.numpy as jnp
     from flax import nnx
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from kimi_jax.cache import CACHE_AXES, LatentCache
-    from kimi_jax.engine import Engine
+    from kimi_jax.cache import PagedCache, pages_for
+    from kimi_jax.engine import decode_step, prefill_step
     from kimi_jax.model import abstract_model
     from kimi_jax.quant import is_routed_expert
-    from kimi_jax.sharding import MeshSpec, default_mesh_spec, make_mesh, placed_abstract, sharding_for
+    from kimi_jax.sharding import MeshSpec, default_mesh_spec, make_mesh, placed_abstract
 
     spec = MeshSpec.parse(mesh_text) if mesh_text else default_mesh_spec(cfg, len(devices))
     mesh = make_mesh(spec, devices)
     jdtype = jnp.dtype(dtype)
     graphdef, state = abstract_model(cfg, jdtype)
     state = placed_abstract(state, mesh)
-    engine = Engine(nnx.merge(graphdef, state), max_len=max_len, chunk=chunk, mesh=mesh)
-    slots = engine.slots
-    rows = sharding_for(CACHE_AXES, (cfg.num_hidden_layers, batch, slots, 1), mesh, name="cache")
-    scalar = NamedSharding(mesh, P())
+    # One sequence of max_len per slot, split over the data shards, each with its reserved page.
+    n_pages = spec.data * (1 + -(-batch * pages_for(max_len, page_size) // spec.data))
+    cache = PagedCache.abstract(cfg, slots=batch, max_len=max_len, page_size=page_size, n_pages=n_pages,
+                                dtype=jdtype, mesh=mesh)
+    rep = NamedSharding(mesh, P())
     sds = jax.ShapeDtypeStruct
-    cache = LatentCache(
-        c_kv=sds((cfg.num_hidden_layers, batch, slots, cfg.kv_lora_rank), jdtype, sharding=rows),
-        k_pe=sds((cfg.num_hidden_layers, batch, slots, cfg.qk_rope_head_dim), jdtype, sharding=rows),
-        starts=sds((batch,), jnp.int32, sharding=scalar), length=sds((), jnp.int32, sharding=scalar))
-    tokens_chunk = sds((batch, chunk), jnp.int32, sharding=scalar)
-    tokens_one = sds((batch,), jnp.int32, sharding=scalar)
-    key = jax.eval_shape(lambda: jax.random.key(0))
-    knobs = {"temperature": sds((batch,), jnp.float32), "top_k": sds((batch,), jnp.int32),
-             "top_p": sds((batch,), jnp.float32)}
-    out = {"config": cfg.model_type, "mesh": str(spec), "devices": len(devices), "device_kind": devices[0].device_kind, "batch": batch, "max_len": max_len,
-           "slots": slots, "dtype": jdtype.name}
+    ints = lambda *shape: sds(shape, jnp.int32, sharding=rep)  # noqa: E731
+    knobs = {"temperature": sds((batch,), jnp.float32, sharding=rep), "top_k": ints(batch),
+             "top_p": sds((batch,), jnp.float32, sharding=rep), "seed": sds((batch,), jnp.uint32, sharding=rep)}
+    out = {"config": cfg.model_type, "mesh": str(spec), "devices": len(devices), "device_kind": devices[0].device_kind,
+           "batch": batch, "max_len": max_len, "page_size": page_size, "pages": n_pages, "dtype": jdtype.name}
+    steps = {
+        "prefill": lambda: prefill_step.lower(graphdef, state, cache, ints(1, chunk), ints(1), ints(1), ints(1), knobs),
+        "decode": lambda: decode_step.lower(graphdef, state, cache, ints(batch), sds((batch,), jnp.bool_, sharding=rep),
+                                            knobs),
+    }
     timings = {}
     with jax.set_mesh(mesh):
-        for name, args in (("prefill", (state, tokens_chunk, cache, sds((), jnp.int32))),
-                           ("decode", (state, tokens_one, cache, key, sds((), jnp.int32), knobs))):
+        for name, lower in steps.items():
             t0 = time.perf_counter()
-            lowered = engine._jitted[name].lower(*args)
             try:
-                mem = lowered.compile().memory_analysis()
+                mem = lower().compile().memory_analysis()
                 out[f"{name}_temp_bytes"] = int(mem.temp_size_in_bytes) if mem is not None else None
             except Exception as e:  # the TPU compiler refuses programs that exceed HBM: that is the answer
                 need = re.search(r"HLO temporaries \(([\d.]+)G\)", str(e))
@@ -124,13 +123,14 @@ def plan(cfg, *, devices, mesh_text: str | None, max_len: int, batch: int, chunk
     experts = sum(_shard_bytes(x) for p, v in nnx.to_flat_state(state)
                   if is_routed_expert(p, v)
                   for x in jax.tree.leaves(v.get_value()))
-    cache_bytes = _shard_bytes(cache.c_kv) + _shard_bytes(cache.k_pe)
+    cache_bytes = sum(_shard_bytes(x) for x in jax.tree.leaves(cache))
+    pool_bytes = sum(_shard_bytes(x) for x in cache.pages)
     for name in ("prefill", "decode"):
         if out.get(f"{name}_total_bytes_required"):
             out[f"{name}_temp_bytes"] = out[f"{name}_total_bytes_required"] - weights - cache_bytes
     out.update(weight_bytes=weights, expert_weight_bytes=experts, cache_bytes=cache_bytes,
-               # per device, per token of one sequence's context (the batch is split over `data`)
-               cache_bytes_per_token_per_row=cache_bytes / (batch * slots), compile_seconds=timings)
+               # per device, per token of one sequence's context (sequences are split over `data`)
+               cache_bytes_per_token_per_row=pool_bytes / (n_pages * page_size), compile_seconds=timings)
     return out
 
 

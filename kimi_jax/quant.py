@@ -1,4 +1,4 @@
-"""INT4 weights as data: `Int4Weight` mirrors compressed-tensors `pack-quantized` (spec §3).
+"""INT4 weights as data: `Int4Weight` mirrors compressed-tensors `pack-quantized` (docs/k2-format.md §3).
 
 The packed words and scales stay exactly as the checkpoint stores them — [..., out, in/8] int32 and
 [..., out, in/group] scales — so loading is a copy, not a conversion, and a device never holds the
@@ -47,11 +47,11 @@ class Int4Weight:
 jax.tree_util.register_dataclass(Int4Weight, data_fields=["packed", "scale"], meta_fields=["in_features"])
 
 
-def quantize(w_in_out: np.ndarray, group_size: int, scale_dtype=jnp.bfloat16) -> Int4Weight:
-    """Quantize dense weights stored (in, out) — the model's layout — into the checkpoint layout."""
+def quantize(w_out_in: np.ndarray, group_size: int, scale_dtype=jnp.bfloat16) -> Int4Weight:
+    """Quantize dense weights [..., out, in] (the model's and the checkpoint's orientation)."""
     from kernels_pallas import int4 as int4_layout
 
-    w = np.swapaxes(np.asarray(w_in_out, np.float32), -1, -2)  # -> [..., out, in]
+    w = np.asarray(w_out_in, np.float32)
     packed, scale = int4_layout.quantize_int4(w, group_size, scale_dtype=scale_dtype)
     return Int4Weight(jnp.asarray(packed), jnp.asarray(scale), w.shape[-1])
 

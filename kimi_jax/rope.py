@@ -1,4 +1,4 @@
-"""Rotary position embedding with YaRN scaling, as K2 uses it (spec §4.2-§4.4).
+"""Rotary position embedding with YaRN scaling, as K2 uses it (docs/k2-format.md §4.2-§4.4).
 
 K2 rotates *interleaved* pairs (x[2i], x[2i+1]) of the 64 rope dims by angle pos·inv_freq[i]. The
 reference implementation de-interleaves first and then rotates halves; the two layouts differ by a
@@ -54,7 +54,7 @@ def cos_sin_scale(cfg: Config) -> float:
 
 
 def softmax_scale(cfg: Config) -> float:
-    """Attention logit scale over the full 192-dim q·k (spec §4.4): 0.1446796 for K2 Thinking."""
+    """Attention logit scale over the full 192-dim q·k (docs/k2-format.md §4.4): 0.1446796 for K2 Thinking."""
     scale = cfg.qk_head_dim ** -0.5
     y = cfg.rope_scaling
     if y is not None and y.mscale_all_dim:

@@ -7,6 +7,8 @@ server can mix requests with different settings in one batch.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -34,12 +36,42 @@ class SamplingParams:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise KimiError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens}")
 
-    def arrays(self, batch: int) -> dict[str, jax.Array]:
-        return {
-            "temperature": jnp.full((batch,), self.temperature, jnp.float32),
-            "top_k": jnp.full((batch,), self.top_k, jnp.int32),
-            "top_p": jnp.full((batch,), self.top_p, jnp.float32),
-        }
+
+
+def knob_arrays(params: list[SamplingParams]) -> dict[str, np.ndarray]:
+    """Per-row sampling settings as the compiled steps take them."""
+    return {
+        "temperature": np.asarray([p.temperature for p in params], np.float32),
+        "top_k": np.asarray([p.top_k for p in params], np.int32),
+        "top_p": np.asarray([p.top_p for p in params], np.float32),
+        "seed": np.asarray([p.seed % 2**32 for p in params], np.uint32),
+    }
+
+
+def row_keys(seeds: jax.Array, positions: jax.Array) -> jax.Array:
+    """One key per row: its request's seed folded with the position of the token being drawn, so a
+    request samples the same tokens whatever else shares its batch."""
+    return jax.vmap(lambda s, p: jax.random.fold_in(jax.random.key(s), p))(seeds, positions)
+
+
+def checkpoint_defaults(checkpoint: str) -> dict:
+    """Sampling defaults from the checkpoint's generation_config.json (greedy when absent): keys
+    temperature, top_p, top_k, max_new_tokens, each only when the file sets it."""
+    path = os.path.join(checkpoint, "generation_config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            gen = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return {}
+    out = {}
+    if gen.get("do_sample") is False:
+        out["temperature"] = 0.0
+    elif isinstance(gen.get("temperature"), (int, float)):
+        out["temperature"] = float(gen["temperature"])
+    for key in ("top_p", "top_k", "max_new_tokens"):
+        if isinstance(gen.get(key), (int, float)):
+            out[key] = gen[key]
+    return out
 
 
 def _filtered_logits(logits, temperature, top_k, top_p):
@@ -60,14 +92,15 @@ def _filtered_logits(logits, temperature, top_k, top_p):
     return jnp.where(x >= threshold, x, -jnp.inf)
 
 
-def sample(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_k: jax.Array,
+def sample(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: jax.Array,
            top_p: jax.Array) -> jax.Array:
-    """logits [b, v] float32 -> token ids [b] int32. Rows with temperature 0 take the argmax."""
+    """logits [b, v] float32, one key per row -> token ids [b] int32. Rows with temperature 0 take
+    the argmax."""
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
     def draw():
         filtered = _filtered_logits(logits, temperature, top_k, top_p)
-        drawn = jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
+        drawn = jax.vmap(lambda k, row: jax.random.categorical(k, row))(keys, filtered).astype(jnp.int32)
         return jnp.where(temperature > 0, drawn, greedy)
 
     # The sort over the vocabulary is skipped entirely when every row is greedy.

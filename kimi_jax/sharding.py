@@ -6,7 +6,7 @@ that matter. The mesh has three axes:
   expert  — routed experts (expert parallelism)
   tensor  — attention heads and MLP hidden units (tensor parallelism)
 A rule table maps logical names to mesh axes; a dimension whose name is not in the table, or whose
-mesh axis has size 1, is replicated. The stacked layer axis is never sharded.
+mesh axis has size 1, is replicated.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ DEFAULT_RULES: Mapping[str, str | None] = {
     "heads": "tensor",
     "mlp": "tensor",
     "vocab": "tensor",
-    # replicated: embed, head_dim, q_lora, kv_lora, experts_logits, layers
+    "cache_pages": "data",  # each data shard's slots draw pages from its own part of the pool
+    # replicated: embed, head_dim, q_lora, kv_lora, experts_logits
 }
 
 
@@ -106,13 +107,9 @@ def sharding_for(axes, shape, mesh: Mesh | None, rules=DEFAULT_RULES, *, name="a
     return NamedSharding(mesh, spec_for(axes, shape, mesh, rules, name=name))
 
 
-STACKED = ("dense_layers", "moe_layers")  # parameter subtrees with a leading (never sharded) layer axis
-
-
-def param_axes(path, var) -> tuple:
-    """Logical axes of a parameter as stored: its declared axes, after the layer axis if stacked."""
-    axes = tuple(var.get_metadata().get("axes", ()))
-    return (None, *axes) if path[0] in STACKED else axes
+def param_axes(var) -> tuple:
+    """Logical axes of a parameter: one name (or None) per dimension, as its module declared them."""
+    return tuple(var.get_metadata().get("axes", ()))
 
 
 def placed_abstract(state, mesh: Mesh | None, rules: Mapping[str, str | None] = DEFAULT_RULES):
@@ -121,7 +118,7 @@ def placed_abstract(state, mesh: Mesh | None, rules: Mapping[str, str | None] = 
 
     flat = []
     for path, var in nnx.to_flat_state(state):
-        def place(x, axes=param_axes(path, var), name="/".join(map(str, path))):
+        def place(x, axes=param_axes(var), name="/".join(map(str, path))):
             return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding_for(axes, x.shape, mesh, rules, name=name))
 
         flat.append((path, var.replace(jax.tree.map(place, var.get_value()))))

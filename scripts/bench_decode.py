@@ -73,8 +73,8 @@ def main(argv=None) -> int:
     import jax.numpy as jnp
     from flax import nnx
 
+    from kimi_jax.batching import BatchEngine
     from kimi_jax.config import K2_THINKING, TINY, Int4Quant
-    from kimi_jax.engine import Engine
     from kimi_jax.model import KimiK2
     from kimi_jax.sampling import SamplingParams
 
@@ -90,16 +90,19 @@ def main(argv=None) -> int:
     bw = copy_bandwidth(1 << 26 if args.tiny else 1 << 30)
     rows = []
     for batch in (int(b) for b in args.batches.split(",")):
-        engine = Engine(model, max_len=args.context + args.steps + 16, chunk=min(512, args.context))
-        prompts = np.random.default_rng(0).integers(0, 1000, (batch, args.context)).tolist()
-        sp = SamplingParams(max_new_tokens=args.steps)
-        engine.generate(prompts, SamplingParams(max_new_tokens=3)).run()  # compile
-        g = engine.generate(prompts, sp).run()
-        step_s = g.decode_seconds / max(1, len(g.tokens[0]) - 1)
+        engine = BatchEngine(model, max_batch=batch, prefill_rows=batch, max_len=args.context + args.steps + 16,
+                             chunk=min(512, args.context))
+        rng = np.random.default_rng(batch)
+        engine.generate(rng.integers(0, 1000, (batch, args.context)).tolist(), SamplingParams(max_new_tokens=3))
+        reqs = engine.generate(rng.integers(0, 1000, (batch, args.context)).tolist(),  # not prefix-cached
+                               SamplingParams(max_new_tokens=args.steps))
+        first = max(r.first_token_at for r in reqs)
+        step_s = (max(r.finished_at for r in reqs) - first) / max(1, args.steps - 1)
         need, exp = step_bytes(model, batch, args.context)
         rows.append(dict(batch=batch, context=args.context, step_ms=step_s * 1e3, tok_s=batch / step_s,
                          bytes_per_step=need, expert_bytes=exp, roofline_ms=need / bw * 1e3,
-                         achieved_gb_s=need / step_s / 1e9, peak_gb_s=bw / 1e9, prefill_s=g.prefill_seconds))
+                         achieved_gb_s=need / step_s / 1e9, peak_gb_s=bw / 1e9,
+                         prefill_s=first - min(r.submitted_at for r in reqs)))
     dev = jax.devices()[0].device_kind
     print(f"| date | device | layers | batch | context | step ms | tok/s | bytes/step | roofline ms | GB/s (of {bw / 1e9:,.0f}) |")
     print("|---|---|---|---|---|---|---|---|---|---|")

@@ -99,7 +99,7 @@ def run_item(rt, item: dict, max_steps: int) -> tuple[list[dict], str]:
 
 
 def load_variants(args) -> dict:
-    from kimi_jax.engine import Engine
+    from kimi_jax.batching import BatchEngine
     from kimi_jax.export import quantize_experts
     from kimi_jax.runtime import Runtime
 
@@ -108,8 +108,9 @@ def load_variants(args) -> dict:
         rt = Runtime.load(args.float, dtype="bfloat16", max_len=args.max_len, progress=False)
         variants["bf16 (no quantization)"] = rt
         q = quantize_experts(rt.model)
-        variants["INT4 PTQ"] = dataclasses.replace(
-            rt, model=q, engine=Engine(q, max_len=rt.engine.max_len, chunk=rt.engine.chunk, pad_id=rt.engine.pad_id))
+        engine = BatchEngine(q, max_batch=1, max_len=rt.engine.max_len, chunk=rt.engine.chunk,
+                             page_size=rt.engine.page_size, mesh=rt.mesh)
+        variants["INT4 PTQ"] = dataclasses.replace(rt, model=q, engine=engine)
     variants["INT4 QAT"] = Runtime.load(args.qat, dtype="bfloat16", max_len=args.max_len, progress=False)
     return variants
 

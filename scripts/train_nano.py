@@ -81,8 +81,9 @@ def build_float_model(cfg, seed: int):
     return KimiK2(cfg, dtype=jnp.float32, rngs=nnx.Rngs(params=seed))
 
 
-def fake_quantize(w_in_out, group_size: int):
-    """What the INT4 export will turn dense (in, out) weights into, with a straight-through gradient.
+def fake_quantize(w_out_in, group_size: int):
+    """What the INT4 export will turn dense [..., out, in] weights into, with a straight-through
+    gradient.
 
     Groups run along the input dim, as in the checkpoint. Scale (absmax / 7.5, rounded to bf16),
     rounding and clamping match `kernels_pallas.int4.quantize_int4`, and the product is rounded to
@@ -93,14 +94,14 @@ def fake_quantize(w_in_out, group_size: int):
 
     from kernels_pallas import int4 as int4_layout
 
-    *lead, k, n = w_in_out.shape
-    g = w_in_out.reshape(*lead, k // group_size, group_size, n).astype(jnp.float32)
-    absmax = jnp.max(jnp.abs(g), axis=-2, keepdims=True)
+    *lead, n, k = w_out_in.shape
+    g = w_out_in.reshape(*lead, n, k // group_size, group_size).astype(jnp.float32)
+    absmax = jnp.max(jnp.abs(g), axis=-1, keepdims=True)
     scale = (absmax / ((int4_layout.QMAX - int4_layout.QMIN) / 2)).astype(jnp.bfloat16).astype(jnp.float32)
     scale = jnp.where(scale == 0, jnp.finfo(jnp.bfloat16).eps.astype(jnp.float32), scale)
     q = jnp.clip(jnp.round(g / scale), int4_layout.QMIN, int4_layout.QMAX)
-    deq = (q * scale).astype(jnp.bfloat16).astype(jnp.float32).reshape(w_in_out.shape)
-    return w_in_out + jax.lax.stop_gradient(deq.astype(w_in_out.dtype) - w_in_out)
+    deq = (q * scale).astype(jnp.bfloat16).astype(jnp.float32).reshape(w_out_in.shape)
+    return w_out_in + jax.lax.stop_gradient(deq.astype(w_out_in.dtype) - w_out_in)
 
 
 def with_fake_quantized_experts(state, group_size: int):

@@ -27,3 +27,13 @@ def fixture_dir(tmp_path_factory):
         return made[name]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def byte_tokenizer(tmp_path_factory):
+    """A K2-layout tokenizer over the 256 single bytes: every special token, one id per byte."""
+    from kimi_jax.chat import Tokenizer, byte_level_ranks, write_tokenizer_files
+
+    path = tmp_path_factory.mktemp("byte_tokenizer")
+    write_tokenizer_files(path, byte_level_ranks())
+    return Tokenizer.from_dir(path)

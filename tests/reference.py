@@ -9,7 +9,7 @@ def load_reference(directory):
 
     config = DeepseekV3Config.from_pretrained(directory)
     # transformers fuses the per-expert tensors only for model_type deepseek_v3; the K2 deploy guide
-    # documents this rename as the fallback for engines without a kimi_k2 entry (spec §1.1).
+    # documents this rename as the fallback for engines without a kimi_k2 entry (docs/k2-format.md §1.1).
     config.model_type = "deepseek_v3"
     model = DeepseekV3ForCausalLM.from_pretrained(directory, config=config, dtype=torch.float32).eval()
     # compressed-tensors decompresses INT4 experts into bf16 parameters (dequant in the scale's dtype);

@@ -20,36 +20,46 @@ from kimi_jax.errors import KimiError
 from kimi_jax.tools import ToolRegistry, builtin_tools
 
 
-class ScriptedGeneration:
-    def __init__(self, ids, max_new, room):
-        self.tokens, self.cache, self._ids, self._limit = [[]], None, ids, min(max_new, room)
-        self.finish_reasons, self.cached_len = [None], 0
+@dataclasses.dataclass
+class ScriptedRequest:
+    ids: list
+    limit: int
+    on_event: object
+    tokens: list = dataclasses.field(default_factory=list)
+    finish_reason: str | None = None
+    cached_tokens: int = 0
+    cancelled: bool = False
 
-    def stop(self, reason="cancelled"):
-        self.finish_reasons = [self.finish_reasons[0] or reason]
-
-    def __iter__(self):
-        for tok in self._ids:
-            if self.finish_reasons[0]:
-                return
-            self.tokens[0].append(tok)
-            if len(self.tokens[0]) >= self._limit:
-                self.finish_reasons = ["length"]
-            yield [tok]
-        self.finish_reasons = [self.finish_reasons[0] or "stop"]
+    def cancel(self):
+        self.cancelled = True
 
 
 class ScriptedEngine:
-    """Answers each generate() with the next scripted output; records the prompts it was given."""
+    """Answers each submitted prompt with the next scripted output, token by token through the
+    request's callback like the real engine; records the prompts it was given."""
 
-    def __init__(self, tokenizer, outputs, max_len=4096):
-        self.tok, self.outputs, self.max_len, self.prompts = tokenizer, list(outputs), max_len, []
+    def __init__(self, tok, outputs, max_len=4096):
+        self.tok, self.outputs, self.max_len, self.prompts = tok, list(outputs), max_len, []
 
-    def generate(self, prompts, sampling, cache=None):
-        self.prompts.append(prompts[0])
+    def submit(self, prompt, sampling, on_event=None):
+        self.prompts.append(prompt)
         out = self.outputs.pop(0)
         ids = out if isinstance(out, list) else self.tok.encode(out, allow_special=True)
-        return ScriptedGeneration(ids, sampling.max_new_tokens, self.max_len - len(prompts[0]))
+        return ScriptedRequest(ids, min(sampling.max_new_tokens, self.max_len - len(prompt)), on_event)
+
+    def wait(self, requests):
+        for r in requests:
+            for tok in r.ids:
+                if r.finish_reason:
+                    break
+                if r.cancelled:
+                    r.finish_reason = "cancelled"
+                    break
+                r.tokens.append(tok)
+                if len(r.tokens) >= r.limit:
+                    r.finish_reason = "length"
+                r.on_event(r, [tok], False)
+            r.finish_reason = r.finish_reason or "stop"
 
 
 @dataclasses.dataclass
@@ -100,7 +110,7 @@ def test_think_call_result_answer_cycle(tokenizer):
 
 
 def test_reasoning_of_a_later_turn_is_reasoning_despite_think_tags_in_the_prompt(tokenizer):
-    # Spec §7.4.7: every earlier assistant turn renders as <think></think> in the prompt; a parser
+    # docs/k2-format.md §7.4.7: every earlier assistant turn renders as <think></think> in the prompt; a parser
     # that looked for </think> in prompt ids would route the new turn's reasoning to content.
     rt = runtime(tokenizer, [answer("Hi.", "Greet."), answer("Bye.", "Say goodbye.")])
     conv = Conversation(rt, tools=builtin_tools())

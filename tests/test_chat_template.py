@@ -1,4 +1,4 @@
-"""Chat template: byte-exact renders of spec §6.2-§6.5 and the rendering environment."""
+"""Chat template: byte-exact renders of docs/k2-format.md §6.2-§6.5 and the rendering environment."""
 
 import copy
 import shutil
@@ -37,7 +37,7 @@ TOOL_DECLARE = (
     '"type":"object"}},"type":"function"}]<|im_end|>'
 )
 
-# Spec §6.2, verbatim.
+# docs/k2-format.md §6.2, verbatim.
 EXAMPLE_A = (
     TOOL_DECLARE + DEFAULT_SYSTEM
     + "<|im_user|>user<|im_middle|>What's the weather in Paris?<|im_end|>"
@@ -49,7 +49,7 @@ EXAMPLE_A = (
     "<|im_assistant|>assistant<|im_middle|>"
 )
 
-# Spec §6.3, verbatim.
+# docs/k2-format.md §6.3, verbatim.
 EXAMPLE_B = (
     "<|im_system|>system<|im_middle|>You are a helpful assistant.<|im_end|>"
     "<|im_user|>user<|im_middle|>Hi<|im_end|>"
@@ -57,7 +57,7 @@ EXAMPLE_B = (
     "<|im_user|>user<|im_middle|>What's the weather in Paris?<|im_end|><|im_assistant|>assistant<|im_middle|>"
 )
 
-# Spec §6.4 with its elided prefix filled in: the tools and default system prompt of §6.2.
+# docs/k2-format.md §6.4 with its elided prefix filled in: the tools and default system prompt of §6.2.
 EXAMPLE_C = (
     TOOL_DECLARE + DEFAULT_SYSTEM
     + "<|im_user|>user<|im_middle|>What's the weather in Paris?<|im_end|>"
@@ -132,7 +132,7 @@ def test_empty_string_content_renders_nothing():
 
 
 def test_empty_text_part_renders_nothing_not_its_repr():
-    # Spec §7.4.2: vLLM turned "" into this list and the prompt showed the Python repr.
+    # docs/k2-format.md §7.4.2: vLLM turned "" into this list and the prompt showed the Python repr.
     assistant = {"role": "assistant", "content": [{"type": "text", "text": ""}], "tool_calls": [WEATHER_CALL]}
     out = render_chat([{"role": "user", "content": "q"}, assistant])
     assert "<think></think><|tool_calls_section_begin|>" in out and "type" not in out

@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import pytest
 
 from kimi_jax import generate
+from kimi_jax.batching import BatchEngine
 from kimi_jax.checkpoint import load_model
 from kimi_jax.config import TINY
-from kimi_jax.engine import Engine
 from kimi_jax.fixtures import with_fixture_token_ids
 from kimi_jax.sampling import SamplingParams
 
@@ -29,8 +29,8 @@ def test_prompt_ids_json_prints_one_object_with_the_greedy_tokens(ckpt, capsys):
     assert rc == 0
     result = json.loads(out)  # the whole of stdout is one JSON object
     model, _ = load_model(ckpt, dtype=jnp.float32, progress=False)
-    want = Engine(model, max_len=64, chunk=8).generate([[5, 6, 7, 8]], SamplingParams(max_new_tokens=6)).run()
-    assert result["token_ids"] == want.tokens[0]
+    (want,) = BatchEngine(model, max_len=64, chunk=8).generate([[5, 6, 7, 8]], SamplingParams(max_new_tokens=6))
+    assert result["token_ids"] == want.tokens
     assert result["usage"] == {"prompt_tokens": 4, "completion_tokens": 6}
 
 
@@ -48,7 +48,7 @@ def test_raw_text_prompt_streams_text(ckpt, capsys):
     (["--prompt-ids", "1", "--temperature", "-1"], "temperature must be >= 0"),
     (["--prompt-ids", "1", "--top-p", "0"], "top_p must be in (0, 1]"),
     (["--prompt-ids", "1", "--top-k", "-2"], "top_k must be an integer >= 0"),
-    (["--prompt-ids", ",".join(["3"] * 40), "--max-len", "16"], "prompt needs 40 tokens but the cache holds 16"),
+    (["--prompt-ids", ",".join(["3"] * 40), "--max-len", "16"], "prompt of 40 tokens does not fit the context of 16 tokens"),
     (["--raw", "--prompt", ""], "empty prompt"),
 ])
 def test_bad_input_gives_one_error_line_and_exit_2(ckpt, capsys, argv, message):

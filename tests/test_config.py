@@ -15,7 +15,7 @@ def test_k2_thinking_preset_matches_the_published_shapes():
     c = K2_THINKING
     assert (c.hidden_size, c.num_hidden_layers, c.n_routed_experts, c.num_experts_per_tok) == (7168, 61, 384, 8)
     assert c.cache_dim == 576
-    assert cache_bytes_per_token(c, "bfloat16") == 70_272  # spec §4.5
+    assert cache_bytes_per_token(c, "bfloat16") == 70_272  # docs/k2-format.md §4.5
     assert rope.softmax_scale(c) == pytest.approx(0.1446796, abs=1e-7)
     freq_ratio = rope.inv_freq(c) / (c.rope_theta ** (-2 * __import__("numpy").arange(32) / 64))
     assert (abs(freq_ratio[:20] - 1) < 1e-12).all() and (abs(freq_ratio[20:] - 1 / 64) < 1e-12).all()

@@ -17,7 +17,7 @@ def ct_args(group):
 
 
 def test_worked_example_of_spec():
-    # spec §3.4: q = [-8, -1, 0, 1, 7, 3, -3, 2] -> u = [0,7,8,9,15,11,5,10] -> 0xA5BF9870
+    # docs/k2-format.md §3.4: q = [-8, -1, 0, 1, 7, 3, -3, 2] -> u = [0,7,8,9,15,11,5,10] -> 0xA5BF9870
     q = np.array([[-8, -1, 0, 1, 7, 3, -3, 2]], np.int8)
     word = pack_int4(q)
     assert word.dtype == np.int32 and word.shape == (1, 1)

@@ -9,6 +9,7 @@ from scripts_loader import load_script
 
 from kimi_jax import generate
 from kimi_jax.agent import Conversation
+from kimi_jax.chat.prompt import encode_chat
 from kimi_jax.quant import Int4Weight, is_routed_expert
 from kimi_jax.runtime import Runtime
 
@@ -56,9 +57,14 @@ def test_tool_steps_reuse_the_cache_instead_of_prefilling_the_history(nano):
                         tool_names=["calculator"])
     result = conv.send("What is 12 * 34?")
     assert len(result.steps) == 2 and "408" in result.content
-    # The second step re-renders the whole conversation but prefills only the tool result.
-    assert result.usage["cached_tokens"] > 0
-    assert result.usage["prompt_tokens"] < len(conv._prompt_ids())
+    # The second step re-renders the whole conversation, but every full page of the first step's
+    # prompt and reply comes from the prefix cache: only the tail and the tool result are prefilled.
+    specs = conv.tools.specs(conv.tool_names)
+    first, second = (len(encode_chat(nano.tokenizer, nano.template, conv.messages[:k], specs)) for k in (1, 3))
+    page = nano.engine.page_size
+    assert result.usage["prompt_tokens"] + result.usage["cached_tokens"] == first + second
+    assert result.usage["cached_tokens"] >= first // page * page
+    assert result.usage["prompt_tokens"] <= first + (second - first) + page
 
 
 def test_default_cli_thinks_calls_a_tool_and_answers(capsys):

@@ -1,4 +1,4 @@
-"""Output parser: one table of raw outputs (spec §7.1 variants, §7.4 bugs), checked whole and streamed."""
+"""Output parser: one table of raw outputs (docs/k2-format.md §7.1 variants, §7.4 bugs), checked whole and streamed."""
 
 import pytest
 from hypothesis import given, settings
@@ -98,7 +98,21 @@ CASES = [
      "r", A1, [], True),
     ("garbage_in_section_becomes_content", f"{R}{SB} blah {CB}f:0{AB}{{}}{CE}{SE}", True,
      "r", "blah ", [tc(0, "f", "{}", prefix="")], True),
-    ("stray_markers_dropped", f"x{CE}}}}}{{{{{AB}y</think>z", True, None, "x}}{{yz", [], True),
+    ("stray_markers_dropped", f"x{CE}}}}}{{{{{AB}y<think>z", True, None, "x}}{{yz", [], True),
+    # A </think> with no opening <think> still ends reasoning (issue 12 item 5); without one, or
+    # when a tool-call section comes first, the untagged text is content.
+    ("close_without_open_ends_reasoning", "Let me think.</think>The answer is 4." + END, True,
+     "Let me think.", "The answer is 4.", [], False),
+    ("close_first_means_no_reasoning", "</think>Hi" + END, True, None, "Hi", [], False),
+    ("close_without_open_after_stray_markers", f"x{CE}y</think>z", True, "xy", "z", [], True),
+    ("untagged_text_before_a_section_is_content", "Let me check." + SB + call(0, "f", "{}") + SE + "</think>",
+     True, None, "Let me check.", [tc(0, "f", "{}")], True),
+    ("close_without_open_then_tool_call", "Need a tool.</think>" + SB + call(0, "f", "{}") + SE, True,
+     "Need a tool.", "", [tc(0, "f", "{}")], False),
+    ("whitespace_inside_ids_is_dropped", f"{R}{SB}{CB} functions. get_weather :\n0 {AB}{PARIS}{CE}{SE}", True,
+     "r", "", [tc(0, "get_weather", PARIS)], False),
+    ("nameless_id_is_a_call_for_the_caller_to_resolve", f"{R}{SB}{CB}functions.:0{AB}{{}}{CE}{CB}:1{AB}{A1}{CE}{SE}",
+     True, "r", "", [ToolCall("functions.:0", "", "{}"), ToolCall(":1", "", A1)], True),
     ("think_tags_are_content_without_thinking", R + "c" + SB + call(0, "f", "{}") + SE, False,
      None, "<think>r</think>c", [tc(0, "f", "{}")], False),
 ]
@@ -139,6 +153,15 @@ def test_stream_holds_back_only_possible_marker_prefixes():
     assert parser.feed("1] <|tool_ca") == [ContentDelta("[1] ")]
     assert parser.feed("t|>") == [ContentDelta("<|tool_cat|>")]
     assert parser.finish() == []
+
+
+def test_untagged_text_is_held_until_a_close_tag_or_the_end_says_what_it_was():
+    parser = StreamParser()
+    assert parser.feed("Let me ") == [] and parser.feed("think.") == []
+    assert parser.feed("</think>Answer") == [ReasoningDelta("Let me think."), ContentDelta("Answer")]
+    parser = StreamParser()
+    assert parser.feed("Just an answer.") == []
+    assert parser.finish() == [ContentDelta("Just an answer.")]
 
 
 def test_feed_after_finish_is_an_error():

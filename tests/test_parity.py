@@ -4,17 +4,20 @@ Each config variant covers a different branch of the K2 architecture: group-limi
 one or two dense layers, q LoRA on/off, YaRN with and without a cos/sin attention factor.
 """
 
+import zlib
 from types import SimpleNamespace
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from paged import Rows
 from reference import load_reference, reference_greedy, reference_logits
 
+from kimi_jax import engine
+from kimi_jax.batching import BatchEngine
 from kimi_jax.checkpoint import load_model
 from kimi_jax.config import TINY, Yarn
-from kimi_jax.engine import Engine
 from kimi_jax.errors import KimiError
 from kimi_jax.fixtures import with_fixture_token_ids
 from kimi_jax.sampling import SamplingParams
@@ -44,9 +47,9 @@ def case(request, fixture_dir):
     assert loaded_cfg == cfg
     return SimpleNamespace(
         cfg=cfg, model=model, ref=load_reference(path),
-        engine=Engine(model, max_len=96, chunk=8, block=16),
+        engine=BatchEngine(model, max_batch=4, max_len=96, chunk=8, page_size=4),
         full=nnx.jit(lambda m, t: m.forward_no_cache(t)),
-        rng=np.random.default_rng(abs(hash(request.param)) % 2**32),
+        rng=np.random.default_rng(zlib.crc32(request.param.encode())),
     )
 
 
@@ -62,80 +65,85 @@ def test_logits_match_transformers(case):
     assert np.abs(ours - ref).max() <= TOL
 
 
-def test_prefill_through_cache_matches_transformers(case):
+def test_prefill_through_the_paged_cache_matches_transformers(case):
     (prompt,) = _prompts(case, 21)
-    logits, _ = case.engine.prefill([prompt])
+    logits = Rows(case.model, 1, 96).prefill([prompt], chunk=8)
     ref = reference_logits(case.ref, [prompt])[0, -1]
-    assert np.abs(np.asarray(logits)[0] - ref).max() <= TOL
+    assert np.abs(logits[0] - ref).max() <= TOL
 
 
 def test_greedy_continuation_of_32_tokens_matches_transformers(case):
     (prompt,) = _prompts(case, 7)
-    gen = case.engine.generate([prompt], SamplingParams(max_new_tokens=32)).run()
-    assert gen.finish_reasons == ["length"]
-    assert gen.tokens[0] == reference_greedy(case.ref, prompt, 32)
+    (req,) = case.engine.generate([prompt], SamplingParams(max_new_tokens=32))
+    assert req.finish_reason == "length"
+    assert req.tokens == reference_greedy(case.ref, prompt, 32)
 
 
 def test_cached_decode_logits_equal_full_forward(case):
     (prompt,) = _prompts(case, 9)
-    gen = case.engine.generate([prompt], SamplingParams(max_new_tokens=20, temperature=1.0, seed=5))
-    step_logits = []
-    for _ in gen:
-        step_logits.append(np.asarray(gen.last_logits)[0])
-    seq = prompt + gen.tokens[0]
+    rows = Rows(case.model, 1, 96)
+    logits = [rows.prefill([prompt], chunk=8)[0]]
+    seq = list(prompt)
+    for _ in range(20):  # cross several 4-token pages
+        seq.append(int(np.argmax(logits[-1])))
+        logits.append(rows.decode([seq[-1]])[0])
     full = np.asarray(case.full(case.model, jnp.asarray([seq])))[0]
-    # After the token at position len(prompt)+s is fed back, the decode step predicts the next one.
-    for s, logits in enumerate(step_logits[:-1]):
-        assert np.abs(logits - full[len(prompt) + s]).max() <= TOL, f"decode step {s}"
+    for s, step_logits in enumerate(logits):
+        assert np.abs(step_logits - full[len(prompt) - 1 + s]).max() <= TOL, f"step {s}"
 
 
 def test_chunked_prefill_equals_one_shot(case):
     (prompt,) = _prompts(case, 30)  # four chunks of 8, the last one partial
-    chunked, cache = case.engine.prefill([prompt])
-    one_shot = Engine(case.model, max_len=96, chunk=32, block=16)
-    whole, cache2 = one_shot.prefill([prompt])
-    assert np.abs(np.asarray(chunked) - np.asarray(whole)).max() <= TOL
-    n = len(prompt)
-    assert np.abs(np.asarray(cache.c_kv[:, :, :n]) - np.asarray(cache2.c_kv[:, :, :n])).max() <= TOL
+    chunked, whole = Rows(case.model, 1, 96, seed=1), Rows(case.model, 1, 96, seed=2)
+    assert np.abs(chunked.prefill([prompt], chunk=8) - whole.prefill([prompt], chunk=32)).max() <= TOL
+    assert np.abs(chunked.latents(0, 30) - whole.latents(0, 30)).max() <= TOL
 
 
 def test_each_prompt_of_a_batch_equals_the_prompt_alone(case):
     prompts = _prompts(case, 3, 11, 17)
-    batch_logits, _ = case.engine.prefill(prompts)
-    batch = case.engine.generate(prompts, SamplingParams(max_new_tokens=10)).run()
+    batch_logits = Rows(case.model, 3, 96).prefill(prompts, chunk=8)
+    batch = case.engine.generate(prompts, SamplingParams(max_new_tokens=10))
     for row, prompt in enumerate(prompts):
-        alone_logits, _ = case.engine.prefill([prompt])
-        assert np.abs(np.asarray(batch_logits)[row] - np.asarray(alone_logits)[0]).max() <= TOL
-        alone = case.engine.generate([prompt], SamplingParams(max_new_tokens=10)).run()
-        assert batch.tokens[row] == alone.tokens[0]
+        alone_logits = Rows(case.model, 1, 96).prefill([prompt], chunk=8)
+        assert np.abs(batch_logits[row] - alone_logits[0]).max() <= TOL
+        (alone,) = case.engine.generate([prompt], SamplingParams(max_new_tokens=10))
+        assert batch[row].tokens == alone.tokens
 
 
 def test_prompts_of_any_length_reuse_one_compiled_prefill_and_decode(fixture_dir):
     cfg = with_fixture_token_ids(TINY)
     model, _ = load_model(fixture_dir("k2_shape", cfg, tokenizer=False), dtype=jnp.float32, progress=False)
-    engine = Engine(model, max_len=64, chunk=8, block=16)
+    first = BatchEngine(model, max_batch=2, max_len=64, chunk=8, page_size=4)
     rng = np.random.default_rng(0)
+    before = engine.compile_counts()
     for lengths in ((1, 5), (9, 30), (17, 2), (40, 40)):
         prompts = [rng.integers(0, 200, n).tolist() for n in lengths]
-        engine.generate(prompts, SamplingParams(max_new_tokens=6, temperature=0.7, top_p=0.9)).run()
-    assert engine.compile_counts() == {"prefill": 1, "decode": 1, "sample": 1}
+        first.generate(prompts, SamplingParams(max_new_tokens=6, temperature=0.7, top_p=0.9))
+    after_first = engine.compile_counts()
+    assert {k: after_first[k] - before[k] for k in before} == {"prefill": 1, "decode": 1}
+    # A second engine of the same shapes runs the same programs.
+    second = BatchEngine(model, max_batch=2, max_len=64, chunk=8, page_size=4)
+    second.generate([[1, 2, 3]], SamplingParams(max_new_tokens=3))
+    assert engine.compile_counts() == after_first
 
 
-def test_generation_stops_at_stop_token_and_at_cache_capacity(case):
+def test_generation_stops_at_stop_token_and_at_the_context_limit(case):
     (prompt,) = _prompts(case, 5)
-    free = case.engine.generate([prompt], SamplingParams(max_new_tokens=12)).run()
-    stop_at = free.tokens[0][4]
-    stopped = case.engine.generate([prompt], SamplingParams(max_new_tokens=12, stop_ids=(stop_at,))).run()
-    first = free.tokens[0].index(stop_at)
-    assert stopped.tokens[0] == free.tokens[0][:first + 1] and stopped.finish_reasons == ["stop"]
-    # 96-slot cache, 90-token prompt: only 6 tokens fit (the last one sampled but not cached).
+    (free,) = case.engine.generate([prompt], SamplingParams(max_new_tokens=12))
+    stop_at = free.tokens[4]
+    (stopped,) = case.engine.generate([prompt], SamplingParams(max_new_tokens=12, stop_ids=(stop_at,)))
+    first = free.tokens.index(stop_at)
+    assert stopped.tokens == free.tokens[:first + 1] and stopped.finish_reason == "stop"
+    # A 96-token context and a 90-token prompt leave room for 6 tokens.
     (long_prompt,) = _prompts(case, 90)
-    full = case.engine.generate([long_prompt], SamplingParams(max_new_tokens=50)).run()
-    assert full.finish_reasons == ["length"] and len(full.tokens[0]) == 7
+    (full,) = case.engine.generate([long_prompt], SamplingParams(max_new_tokens=50))
+    assert full.finish_reason == "length" and len(full.tokens) == 6
 
 
 def test_bad_prompts_raise_readable_errors(case):
     with pytest.raises(KimiError, match="empty prompt"):
-        case.engine.prefill([[]])
-    with pytest.raises(KimiError, match="cache holds 96"):
-        case.engine.prefill([[1] * 97])
+        case.engine.submit([], SamplingParams())
+    with pytest.raises(KimiError, match="does not fit the context of 96 tokens"):
+        case.engine.submit([1] * 96, SamplingParams())
+    with pytest.raises(KimiError, match="outside the vocabulary"):
+        case.engine.submit([case.cfg.vocab_size], SamplingParams())

@@ -6,15 +6,16 @@ import numpy as np
 import pytest
 
 from kimi_jax.errors import KimiError
-from kimi_jax.sampling import SamplingParams, sample
+from kimi_jax.sampling import SamplingParams, knob_arrays, row_keys, sample
 
 PROBS = np.array([0.5, 0.3, 0.15, 0.05])
 
 
 def _draw(n, temperature, top_k, top_p, probs=PROBS):
     logits = jnp.log(jnp.asarray(np.tile(probs, (n, 1)), jnp.float32))
-    knobs = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p).arrays(n)
-    return np.asarray(jax.jit(sample)(logits, jax.random.key(0), **knobs))
+    knobs = knob_arrays([SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)] * n)
+    keys = row_keys(knobs.pop("seed"), jnp.arange(n))
+    return np.asarray(jax.jit(sample)(logits, keys, **knobs))
 
 
 def _freq(tokens, v=len(PROBS)):
@@ -52,8 +53,8 @@ def test_low_temperature_sharpens_the_distribution():
 def test_greedy_and_sampled_rows_mix_in_one_batch():
     logits = jnp.log(jnp.asarray(np.tile(PROBS, (4000, 1)), jnp.float32))
     temps = jnp.asarray([0.0, 1.0] * 2000, jnp.float32)
-    out = np.asarray(sample(logits, jax.random.key(1), temps, jnp.zeros(4000, jnp.int32),
-                            jnp.ones(4000, jnp.float32)))
+    out = np.asarray(sample(logits, row_keys(jnp.ones(4000, jnp.uint32), jnp.arange(4000)), temps,
+                            jnp.zeros(4000, jnp.int32), jnp.ones(4000, jnp.float32)))
     assert (out[::2] == 0).all() and _freq(out[1::2])[1:].sum() > 0.3
 
 
@@ -63,3 +64,13 @@ def test_greedy_and_sampled_rows_mix_in_one_batch():
 def test_invalid_sampling_parameters_are_refused(kw, name):
     with pytest.raises(KimiError, match=name):
         SamplingParams(**kw)
+
+
+def test_a_rows_draw_depends_only_on_its_seed_and_position():
+    logits = jnp.log(jnp.asarray(np.tile(PROBS, (3, 1)), jnp.float32))
+    knobs = knob_arrays([SamplingParams(temperature=1.0, seed=s) for s in (7, 7, 8)])
+    seeds = knobs.pop("seed")
+    draws = [np.asarray(sample(logits, row_keys(seeds, jnp.asarray([p, p, p])), **knobs)) for p in range(64)]
+    draws = np.stack(draws)  # [positions, rows]
+    assert (draws[:, 0] == draws[:, 1]).all()  # same seed, same positions: same tokens
+    assert (draws[:, 0] != draws[:, 2]).any()  # another seed: another sequence

@@ -10,11 +10,12 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from paged import Rows
 
 from kimi_jax import fixtures, generate, plan
+from kimi_jax.batching import BatchEngine
 from kimi_jax.checkpoint import load_model
 from kimi_jax.config import TINY, Int4Quant
-from kimi_jax.engine import Engine
 from kimi_jax.errors import KimiError
 from kimi_jax.sampling import SamplingParams
 from kimi_jax.sharding import MeshSpec, make_mesh
@@ -31,10 +32,10 @@ PROMPTS = [list(range(3, 14)), list(range(40, 45))]
 def single(request, fixture_dir):
     path = fixture_dir(f"mesh_{request.param}", CONFIGS[request.param], tokenizer=False)
     model, _ = load_model(path, dtype=jnp.float32, progress=False)
-    engine = Engine(model, max_len=64, chunk=8, block=16)
-    logits, _ = engine.prefill(PROMPTS)
-    tokens = engine.generate(PROMPTS, SamplingParams(max_new_tokens=12)).run().tokens
-    return path, np.asarray(logits), tokens
+    logits = Rows(model, 2, 64).prefill(PROMPTS, chunk=8)
+    engine = BatchEngine(model, max_batch=2, max_len=64, chunk=8, page_size=4)
+    tokens = [r.tokens for r in engine.generate(PROMPTS, SamplingParams(max_new_tokens=12))]
+    return path, logits, tokens
 
 
 @pytest.mark.parametrize("mesh_text", MESHES)
@@ -42,10 +43,10 @@ def test_sharded_model_matches_one_device(single, mesh_text):
     path, logits, tokens = single
     mesh = make_mesh(MeshSpec.parse(mesh_text))
     model, _ = load_model(path, dtype=jnp.float32, mesh=mesh, progress=False)
-    engine = Engine(model, max_len=64, chunk=8, block=16, mesh=mesh)
-    sharded_logits, _ = engine.prefill(PROMPTS)
-    assert np.abs(np.asarray(sharded_logits) - logits).max() <= 1e-5
-    assert engine.generate(PROMPTS, SamplingParams(max_new_tokens=12)).run().tokens == tokens
+    sharded_logits = Rows(model, 2, 64, mesh=mesh).prefill(PROMPTS, chunk=8)
+    assert np.abs(sharded_logits - logits).max() <= 1e-5
+    engine = BatchEngine(model, max_batch=2, max_len=64, chunk=8, page_size=4, mesh=mesh)
+    assert [r.tokens for r in engine.generate(PROMPTS, SamplingParams(max_new_tokens=12))] == tokens
 
 
 def test_mesh_flag_of_the_cli(single, capsys):
@@ -68,12 +69,12 @@ def test_meshes_that_do_not_fit_are_named(single, text, message):
         load_model(path, mesh=make_mesh(MeshSpec.parse(text)), progress=False)
 
 
-def test_batch_not_divisible_by_the_data_axis_is_refused(single):
+def test_slots_not_divisible_by_the_data_axis_are_refused(single):
     path, _, _ = single
     mesh = make_mesh(MeshSpec.parse("data=2,expert=4"))
     model, _ = load_model(path, dtype=jnp.float32, mesh=mesh, progress=False)
-    with pytest.raises(KimiError, match="batch of 1 prompts cannot be split over the mesh's data axis of size 2"):
-        Engine(model, max_len=64, chunk=8, mesh=mesh).prefill([[1, 2, 3]])
+    with pytest.raises(KimiError, match="max_batch 1 must be a multiple of the mesh's data axis \\(2\\)"):
+        BatchEngine(model, max_batch=1, max_len=64, chunk=8, mesh=mesh)
 
 
 def test_memory_plan_of_a_mid_size_config(tmp_path, capsys):
@@ -84,7 +85,10 @@ def test_memory_plan_of_a_mid_size_config(tmp_path, capsys):
                       "--hbm-gb", "1", "--json"]) == 0
     p = json.loads(capsys.readouterr().out)
     assert p["mesh"] == "data=1,expert=8,tensor=1"
-    assert p["cache_bytes"] == 4 * 1 * p["slots"] * (32 + 8) * 2  # layers x batch x slots x (kv_lora + rope), bf16
+    # one 4096-token sequence in 64-token pages plus the discard page; (kv_lora + rope) bf16 per token
+    # and layer, plus the page table and lengths
+    assert (p["pages"], p["page_size"]) == (65, 64)
+    assert p["cache_bytes"] == 4 * 65 * 64 * (32 + 8) * 2 + 64 * 4 + 4
     assert 0 < p["expert_weight_bytes"] < p["weight_bytes"]
     assert p["prefill_temp_bytes"] > 0 and p["decode_temp_bytes"] > 0
     assert p["fits"]["1 GB"]["1"] > p["fits"]["1 GB"]["8"] > 0

@@ -20,20 +20,20 @@ tn = load_script("train_nano")
 mad = load_script("make_agent_data")
 
 
-@pytest.mark.parametrize("shape,group", [((64, 48), 32), ((3, 96, 16), 32), ((32, 8), 16)])
+@pytest.mark.parametrize("shape,group", [((48, 64), 32), ((3, 16, 96), 32), ((8, 32), 16)])
 def test_fake_quantized_weights_are_bit_identical_to_the_exported_int4(shape, group):
-    rng = np.random.default_rng(0)
-    w = (rng.standard_normal(shape) * rng.uniform(0.001, 2.0, shape[:-2] + (1, shape[-1]))).astype(np.float32)
-    w[..., :group, 0] = 0.0  # an all-zero group takes the eps scale in both
-    served = np.swapaxes(np.asarray(quantize(w, group).dequantize(jnp.float32)), -1, -2)
+    rng = np.random.default_rng(0)  # weights [..., out, in], groups along in
+    w = (rng.standard_normal(shape) * rng.uniform(0.001, 2.0, shape[:-1] + (1,))).astype(np.float32)
+    w[..., 0, :group] = 0.0  # an all-zero group takes the eps scale in both
+    served = np.asarray(quantize(w, group).dequantize(jnp.float32))
     trained = np.asarray(tn.fake_quantize(jnp.asarray(w), group))
     np.testing.assert_array_equal(trained, served)
 
 
 def test_fake_quantization_passes_gradients_straight_through():
-    w = jnp.asarray(np.random.default_rng(1).standard_normal((32, 8)), jnp.float32)
-    grad = jax.grad(lambda w: jnp.sum(tn.fake_quantize(w, 32) * jnp.arange(8.0)))(w)
-    np.testing.assert_array_equal(np.asarray(grad), np.broadcast_to(np.arange(8.0), (32, 8)))
+    w = jnp.asarray(np.random.default_rng(1).standard_normal((8, 32)), jnp.float32)
+    grad = jax.grad(lambda w: jnp.sum(tn.fake_quantize(w, 32) * jnp.arange(8.0)[:, None]))(w)
+    np.testing.assert_array_equal(np.asarray(grad), np.broadcast_to(np.arange(8.0)[:, None], (8, 32)))
 
 
 @pytest.fixture(scope="module")
@@ -141,9 +141,9 @@ def test_training_runs_end_to_end_resumes_exactly_and_exports_a_servable_checkpo
 
     from kimi_jax.checkpoint import load_model
 
-    model, _ = load_model(str(straight / "qat"), progress=False)
+    model, cfg = load_model(str(straight / "qat"), progress=False)
     experts = [v.get_value() for p, v in nnx.to_flat_state(nnx.state(model)) if is_routed_expert(p, v)]
-    assert len(experts) == 3 and all(isinstance(w, Int4Weight) for w in experts)
+    assert len(experts) == 3 * cfg.n_moe_layers and all(isinstance(w, Int4Weight) for w in experts)
     assert generate.main(["--checkpoint", str(straight / "qat"), "--prompt", "What is 2 + 2?",
                           "--max-new-tokens", "4", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)  # an untrained toy may stop early: at most the 4 asked for

@@ -15,6 +15,7 @@ from kimi_jax.chat.parser import (
 )
 from kimi_jax.chat.template import ChatTemplate, render_chat
 from kimi_jax.chat.tokenizer import StreamDecoder, Tokenizer, byte_level_ranks, write_tokenizer_files
+from kimi_jax.chat.tool_calls import ToolCallResolver, normalize_history
 
 __all__ = [
     "ChatTemplate",
@@ -28,9 +29,11 @@ __all__ = [
     "ToolCall",
     "ToolCallArgumentsDelta",
     "ToolCallEnd",
+    "ToolCallResolver",
     "ToolCallStart",
     "byte_level_ranks",
     "format_output",
+    "normalize_history",
     "parse_output",
     "render_chat",
     "write_tokenizer_files",

@@ -1,4 +1,4 @@
-"""Split K2 Thinking output into reasoning, content and tool calls (spec §7).
+"""Split K2 Thinking output into reasoning, content and tool calls (docs/k2-format.md §7).
 
 Input is the generated text after the generation prompt, decoded with special tokens kept:
 
@@ -9,23 +9,28 @@ Input is the generated text after the generation prompt, decoded with special to
 Rules (one state machine serves `parse_output` and `StreamParser`, so both agree on any chunking):
 
 * Leading whitespace of the output is dropped. With thinking=True, an output whose first thing is
-  `<think>` starts in reasoning; anything else starts in content.
+  `<think>` starts in reasoning. An output that starts with anything else is reasoning if a
+  `</think>` follows (templates that prefill `<think>`, models that skip it), and content if the
+  output ends or a tool-call section begins first. Until one of those decides it, that text is held
+  back: a label given early could not agree with the whole-output parse.
 * Reasoning ends at `</think>`; at a tool-call section (or a bare `<|tool_call_begin|>`) met inside
   unfinished thinking, which is then parsed as tool calls (bug §7.4.4); or at the end of the output.
   Any other `<think>`/`</think>` is dropped with a warning. With thinking=False the think tags are
   ordinary content text, and there is no reasoning.
 * Reasoning and content are otherwise verbatim. Text after `<|tool_calls_section_end|>` is content.
 * Section markers may be plural or singular (`<|tool_call_section_begin|>`). In a section, whitespace
-  between calls is ignored; a call's id and arguments are stripped of surrounding whitespace. The id is
+  between calls is ignored; arguments are stripped of surrounding whitespace and the id loses all
+  whitespace (ids never contain any; models sometimes write `functions. f :0`). The id is
   `functions.NAME:IDX` or `NAME:IDX`; NAME is the id without a leading `functions.` and the trailing
-  `:IDX` (dots inside NAME stay). Arguments end at the first `<|tool_call_end|>`, so consecutive calls
+  `:IDX` (dots inside NAME stay). An id with no name (`:0`) still makes a call, with name "", for the
+  caller to resolve against its declared tools (kimi_jax.chat.tool_calls). Arguments end at the first `<|tool_call_end|>`, so consecutive calls
   never merge (bug §7.4.6).
 * Every other special-token string of K2's vocabulary (`<|im_end|>`, `[EOS]`, `<|reserved_token_N|>`, ...)
   is removed wherever it appears.
 * Malformed input never raises. A call missing its end marker is closed by the next marker (or the end
   of the output) and kept; a call without `<|tool_call_argument_begin|>` is kept with empty arguments if
   `<|tool_call_end|>` closes it, otherwise its text becomes content, as does an id over 256 chars or
-  one with no name. Text in a section that belongs to no call becomes content. Each repair adds a warning.
+  an empty one. Text in a section that belongs to no call becomes content. Each repair adds a warning.
 * `ParsedMessage.reasoning_content` is None when there is no reasoning text (also for `<think></think>`).
 """
 
@@ -130,8 +135,8 @@ _MAX_MARKER = max(len("<|reserved_token_999999|>"), *map(len, _MARKERS))
 # An id longer than this is not an id; holding it back would stall streaming for nothing.
 _MAX_ID_CHARS = 256
 
-# Parser states.
-_START, _REASONING, _CONTENT, _SECTION, _STRAY, _CALL_ID, _CALL_ARGS = range(7)
+# Parser states. _UNOPENED: output text seen before any <think>, not yet known to be reasoning.
+_START, _UNOPENED, _REASONING, _CONTENT, _SECTION, _STRAY, _CALL_ID, _CALL_ARGS = range(8)
 
 
 def _marker_prefix_start(buf: str, pos: int) -> int:
@@ -144,7 +149,7 @@ def _marker_prefix_start(buf: str, pos: int) -> int:
     return len(buf)
 
 
-def _name_from_id(call_id: str) -> tuple[str, bool]:
+def name_from_id(call_id: str) -> tuple[str, bool]:
     """(function name, whether the id ends in :IDX)."""
     name = call_id.removeprefix("functions.")
     head, colon, index = name.rpartition(":")
@@ -163,6 +168,7 @@ class StreamParser:
         self._events: list = []
         self._n_calls = 0
         self._id = ""
+        self._held = ""  # text of the _UNOPENED state
         self._args_started = False
         self._args_ws = ""
         self._finished = False
@@ -220,9 +226,14 @@ class StreamParser:
         state = self._state
         if state == _START:
             text = text.lstrip()
-            if text:
+            if text and self.thinking:
+                self._state = _UNOPENED
+                self._held = text
+            elif text:
                 self._state = _CONTENT
                 self._content(text)
+        elif state == _UNOPENED:
+            self._held += text
         elif state == _REASONING:
             self._emit(ReasoningDelta(text))
         elif state in (_CONTENT, _STRAY):
@@ -263,12 +274,16 @@ class StreamParser:
                 self._text(marker)
             elif kind == _OPEN and state == _START:
                 self._state = _REASONING
-            elif kind == _CLOSE and state == _REASONING:
+            elif kind == _CLOSE and state in (_START, _REASONING, _UNOPENED):
+                self._settle_unopened(ReasoningDelta)
                 self._state = _CONTENT
             else:
                 self._warn(f"stray {marker} dropped")
             return
-        if state in (_START, _REASONING, _CONTENT):
+        if state == _UNOPENED and kind in (_SECTION_BEGIN, _CALL_BEGIN):
+            self._settle_unopened(ContentDelta)
+            state = self._state = _CONTENT
+        if state in (_START, _UNOPENED, _REASONING, _CONTENT):
             if kind == _SECTION_BEGIN or kind == _CALL_BEGIN:
                 if state == _REASONING:
                     self._warn("tool calls inside <think> without </think>: reasoning ends there")
@@ -289,11 +304,12 @@ class StreamParser:
             else:
                 self._warn(f"stray {marker} between tool calls dropped")
         elif state == _CALL_ID:
+            call_id = "".join(self._id.split())
             if kind == _ARGS_BEGIN:
-                self._start_call(self._id.strip())
-            elif kind == _CALL_END and _name_from_id(self._id.strip())[0]:
+                self._start_call(call_id)
+            elif kind == _CALL_END and name_from_id(call_id)[0]:
                 self._warn("tool call without <|tool_call_argument_begin|>: empty arguments")
-                self._start_call(self._id.strip())
+                self._start_call(call_id)
                 self._end_call()
             else:
                 self._abandon_call(f"tool call id not followed by <|tool_call_argument_begin|> but {marker}")
@@ -308,6 +324,12 @@ class StreamParser:
                 self._end_call()
                 self._after_call(kind)
 
+    def _settle_unopened(self, kind):
+        """The held text of an output without <think> turns out to be `kind` (reasoning or content)."""
+        if self._held:
+            self._emit(kind(self._held))
+            self._held = ""
+
     def _after_call(self, kind: int):
         """Apply the marker that cut a call short, now that the call is closed."""
         if kind == _CALL_BEGIN:
@@ -318,11 +340,13 @@ class StreamParser:
             self._state = _SECTION
 
     def _start_call(self, call_id: str):
-        name, indexed = _name_from_id(call_id)
-        if not name:
-            self._abandon_call("tool call without a function name")
+        name, indexed = name_from_id(call_id)
+        if not call_id:
+            self._abandon_call("tool call without an id")
             return
-        if not indexed:
+        if not name:
+            self._warn(f"tool call id {call_id!r} names no function")
+        elif not indexed:
             self._warn(f"tool call id {call_id!r} lacks the :IDX suffix")
         self._emit(ToolCallStart(self._n_calls, call_id, name))
         self._n_calls += 1
@@ -342,7 +366,9 @@ class StreamParser:
 
     def _end_of_output(self):
         state = self._state
-        if state == _REASONING:
+        if state == _UNOPENED:
+            self._settle_unopened(ContentDelta)
+        elif state == _REASONING:
             self._warn("output ended inside <think>: all of it is reasoning")
         elif state in (_SECTION, _STRAY):
             self._warn("output ended inside a tool-call section")
@@ -361,7 +387,7 @@ def parse_output(text: str, *, thinking: bool = True) -> ParsedMessage:
 
 def format_output(message: dict) -> str:
     """The text a model emits for an OpenAI-style assistant message — the inverse of
-    `parse_output`, ending with `<|im_end|>`. It is the grammar of spec §7.1 and equals the
+    `parse_output`, ending with `<|im_end|>`. It is the grammar of docs/k2-format.md §7.1 and equals the
     template's rendering of an assistant turn inside a running tool loop (a test holds the two
     together); training targets and tests build model outputs with it."""
     parts = [THINK_START, message.get("reasoning_content") or "", THINK_END, message.get("content") or ""]

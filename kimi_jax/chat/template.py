@@ -1,4 +1,4 @@
-"""Chat template rendering in the Jinja environment transformers uses (spec §6).
+"""Chat template rendering in the Jinja environment transformers uses (docs/k2-format.md §6).
 
 The environment matters for byte-exact prompts: trim_blocks/lstrip_blocks, a `tojson` that keeps
 non-ASCII raw and does not HTML-escape, and tools deep-sorted by key as K2's tokenizer does.

@@ -1,4 +1,4 @@
-"""Kimi K2 tokenizer: a tiktoken byte-level BPE plus 256 special slots (spec §5).
+"""Kimi K2 tokenizer: a tiktoken byte-level BPE plus 256 special slots (docs/k2-format.md §5).
 
 Mirrors K2's `tokenization_kimi.py` (class `TikTokenTokenizer`) closely enough for token-exact
 prompts, without transformers: regular tokens are the ranks of `tiktoken.model`, and the 256 ids
@@ -34,7 +34,7 @@ class SpecialToken(NamedTuple):
     special: bool  # `special` flag in added_tokens_decoder: False survives skip_special decoding
 
 
-# K2's named special tokens (spec §5). The reader, the writer and the output parser all use this
+# K2's named special tokens (docs/k2-format.md §5). The reader, the writer and the output parser all use this
 # one table; every slot not listed is `<|reserved_token_{id}|>`.
 K2_SPECIAL_TOKENS = (
     SpecialToken("[BOS]", 163584, True),
@@ -135,7 +135,7 @@ class Tokenizer:
         self.bos_id = self._named_id(_token_name(config.get("bos_token"), BOS, source), source)
         self.eos_id = self._named_id(_token_name(config.get("eos_token"), EOS, source), source)
         self.im_end_id = self._named_id(IM_END, source)
-        # Spec §8: stop on <|im_end|>, and on [EOS] for safety.
+        # docs/k2-format.md §8: stop on <|im_end|>, and on [EOS] for safety.
         self.stop_ids = tuple(dict.fromkeys((self.im_end_id, self.eos_id)))
         self.think_start_id = self._ids.get(THINK_START)
         self.think_end_id = self._ids.get(THINK_END)

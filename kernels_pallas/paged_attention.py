@@ -1,0 +1,83 @@
+"""Absorbed-MLA attention over a paged latent cache: the pure-jnp reference.
+
+The cache of one layer is a pool of pages, `kv_pages [P, S, r + p]`: each token keeps its normalized
+latent c_kv (r values) followed by its rotated shared rope key k_pe (p values), 576 values for K2. A
+sequence's tokens live in the pages its `page_table` row lists, in order: position t is slot t % S of
+page page_table[t // S]. Page 0 is reserved by the cache as a sink for writes of padding tokens, so a
+table entry of 0 past a row's length is harmless: nothing there is ever visible.
+
+    paged_attention(q_lat [R, C, H, r], q_pe [R, C, H, p], kv_pages, page_table [R, T], q_start [R],
+                    kv_len [R], scale) -> o_lat [R, C, H, r] float32
+
+Query c of row b sits at position q_start[b] + c and sees the keys at positions s with
+s <= q_start[b] + c and s < kv_len[b]:
+
+    o_lat = sum_s softmax_s(scale * (q_lat . c_kv(s) + q_pe . k_pe(s))) * c_kv(s)
+
+i.e. attention with one shared key head of width r + p and one shared value head of width r (the
+value is the key's latent part). A decode step is C = 1 with q_start = kv_len - 1; a prefill chunk
+is C tokens starting where the row's cache ends. A query that sees no key gets zeros.
+
+The reference visits keys in blocks of `block_pages` pages with an online softmax. Its trip count
+is the longest row's length in blocks, a traced value, so its cost follows the context in use; on
+GPU such a data-dependent loop syncs with the host every iteration, which is what the kernels
+beside this file avoid.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+__all__ = ["paged_attention_ref", "gather_pages"]
+
+
+def gather_pages(kv_pages, page_table, first: int | jax.Array, n: int):
+    """Tokens of pages page_table[:, first:first + n] for every row: [R, n * S, r + p]."""
+    rows = page_table.shape[0]
+    pages = lax.dynamic_slice_in_dim(page_table, first, n, axis=1)  # [R, n]
+    tokens = jnp.take(kv_pages, pages.reshape(-1), axis=0)  # [R * n, S, w]
+    return tokens.reshape(rows, n * kv_pages.shape[1], kv_pages.shape[2])
+
+
+def paged_attention_ref(q_lat, q_pe, kv_pages, page_table, q_start, kv_len, *, scale: float,
+                        block_pages: int | None = None, n_blocks: int | None = None):
+    """See the module docstring. `block_pages`: pages per key block (default: ~256 tokens).
+    `n_blocks`: visit exactly this many key blocks (a static count makes the loop a scan, which is
+    differentiable); by default the longest row's blocks, a traced count."""
+    rows, c, h, r = q_lat.shape
+    page = kv_pages.shape[1]
+    bp = block_pages or max(1, 256 // page)
+    # A block may run past the table's last column; pad it so every block's slice stays in bounds.
+    n_blocks_max = -(-page_table.shape[1] // bp)
+    table = jnp.pad(page_table, ((0, 0), (0, n_blocks_max * bp - page_table.shape[1])))
+    q_pos = q_start[:, None] + jnp.arange(c, dtype=jnp.int32)[None, :]  # [R, C]
+    limit = jnp.minimum(q_pos, kv_len[:, None] - 1)  # last visible key position per query
+    block = bp * page
+
+    def body(j, carry):
+        m, l, acc = carry
+        kv = gather_pages(kv_pages, table, j * bp, bp)  # [R, block, r + p]
+        c_kv, k_pe = kv[..., :r], kv[..., r:]
+        s = jnp.einsum("bchr,bsr->bchs", q_lat, c_kv.astype(q_lat.dtype), preferred_element_type=jnp.float32)
+        s += jnp.einsum("bchp,bsp->bchs", q_pe, k_pe.astype(q_pe.dtype), preferred_element_type=jnp.float32)
+        s *= scale
+        pos = j * block + jnp.arange(block, dtype=jnp.int32)
+        visible = pos[None, None, :] <= limit[:, :, None]  # [R, C, block]
+        s = jnp.where(visible[:, :, None, :], s, -jnp.inf)
+        m_new = jnp.maximum(m, s.max(-1))
+        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # nothing visible yet: keep exp() finite
+        pr = jnp.exp(s - m_safe[..., None])
+        corr = jnp.exp(m - m_safe)
+        l = l * corr + pr.sum(-1)
+        acc = acc * corr[..., None] + jnp.einsum("bchs,bsr->bchr", pr.astype(q_lat.dtype),
+                                                 c_kv.astype(q_lat.dtype), preferred_element_type=jnp.float32)
+        return m_new, l, acc
+
+    init = (jnp.full((rows, c, h), -jnp.inf, jnp.float32), jnp.zeros((rows, c, h), jnp.float32),
+            jnp.zeros((rows, c, h, r), jnp.float32))
+    if n_blocks is None:
+        n_blocks = jnp.clip((jnp.max(jnp.minimum(q_pos[:, -1] + 1, kv_len)) + block - 1) // block, 0, n_blocks_max)
+    _, l, acc = lax.fori_loop(0, n_blocks, body, init)
+    return acc / jnp.where(l > 0, l, 1.0)[..., None]
