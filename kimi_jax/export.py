@@ -1,4 +1,5 @@
-"""Write a checkpoint directory in the official Kimi-K2-Thinking layout.
+"""Write a checkpoint directory in the official Kimi-K2-Thinking layout, and post-training INT4
+quantization of a float model's routed experts into that layout (`quantize_experts`).
 
 Used by the test fixtures, `scripts/make_fixture_checkpoint.py` and the nano model's export, so
 everything this project ships or tests is written by the same code, through the same name table
@@ -58,3 +59,26 @@ def write_checkpoint(directory, cfg: Config, tensors: Iterable[tuple[str, np.nda
         "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
     with open(os.path.join(directory, "generation_config.json"), "w", encoding="utf-8") as f:
         json.dump(gen, f, indent=2)
+
+
+def quantize_experts(model, group_size: int = 32):
+    """Post-training quantization: a copy of `model` whose routed experts are packed INT4 (the
+    checkpoint format), everything else unchanged. Used to export and to evaluate PTQ."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from kimi_jax import quant
+    from kimi_jax.config import Int4Quant
+    from kimi_jax.model import abstract_model
+
+    cfg = model.cfg.replace(quantization=Int4Quant(group_size=group_size))
+    src = dict(nnx.to_flat_state(nnx.state(model)))
+    graphdef, state = abstract_model(cfg, model.dtype)
+    flat = nnx.to_flat_state(state)
+    for path, var in flat:
+        value = src[path].get_value()
+        if quant.is_routed_expert(path, var):
+            value = quant.quantize(np.asarray(jax.device_get(value)), group_size, jnp.bfloat16)
+        var.set_value(value)
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))

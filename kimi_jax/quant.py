@@ -73,48 +73,9 @@ def quantize(w_out_in: np.ndarray, group_size: int, scale_dtype=jnp.bfloat16) ->
     return Int4Weight(jnp.asarray(packed), jnp.asarray(scale), w.shape[-1])
 
 
-def fake_quantize(w_out_in: jax.Array, group_size: int) -> jax.Array:
-    """What the INT4 export will turn dense [..., out, in] weights into, with a straight-through gradient.
-
-    Groups run along the input dim, as in the checkpoint. Scale (absmax / 7.5, rounded to bf16),
-    rounding and clamping match `kernels_pallas.int4.quantize_int4`, and the product is rounded to
-    bf16 like the reference dequant, so a QAT-trained model sees in training exactly the weights it
-    will be served with. The backward pass treats the rounding as identity (STE)."""
-    from kernels_pallas import int4 as int4_layout
-
-    *lead, n, k = w_out_in.shape
-    g = w_out_in.reshape(*lead, n, k // group_size, group_size).astype(jnp.float32)
-    absmax = jnp.max(jnp.abs(g), axis=-1, keepdims=True)
-    scale = (absmax / ((int4_layout.QMAX - int4_layout.QMIN) / 2)).astype(jnp.bfloat16).astype(jnp.float32)
-    scale = jnp.where(scale == 0, jnp.finfo(jnp.bfloat16).eps.astype(jnp.float32), scale)
-    q = jnp.clip(jnp.round(g / scale), int4_layout.QMIN, int4_layout.QMAX)
-    deq = (q * scale).astype(jnp.bfloat16).astype(jnp.float32).reshape(w_out_in.shape)
-    return w_out_in + jax.lax.stop_gradient(deq.astype(w_out_in.dtype) - w_out_in)
-
-
 def is_routed_expert(path, var) -> bool:
     """Whether a model parameter is routed-expert weights (the ones K2 ships as INT4): the
     parameters whose first declared axis is `experts` — not the shared expert, the dense layers'
     MLP or the router. Takes (path, variable) like the pairs of `nnx.to_flat_state`, so it is also
     an nnx filter."""
     return tuple(var.get_metadata().get("axes", ()))[:1] == ("experts",)
-
-
-def quantize_experts(model, group_size: int = 32):
-    """Post-training quantization: a copy of `model` whose routed experts are packed INT4 (the
-    checkpoint format), everything else unchanged. Used to export and to evaluate PTQ."""
-    from flax import nnx
-
-    from kimi_jax.config import Int4Quant
-    from kimi_jax.model import abstract_model
-
-    cfg = model.cfg.replace(quantization=Int4Quant(group_size=group_size))
-    src = dict(nnx.to_flat_state(nnx.state(model)))
-    graphdef, state = abstract_model(cfg, model.dtype)
-    flat = nnx.to_flat_state(state)
-    for path, var in flat:
-        value = src[path].get_value()
-        if is_routed_expert(path, var):
-            value = quantize(np.asarray(jax.device_get(value)), group_size, jnp.bfloat16)
-        var.set_value(value)
-    return nnx.merge(graphdef, nnx.from_flat_state(flat))

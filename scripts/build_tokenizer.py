@@ -6,6 +6,12 @@ special tokens and are never merged), then written as `tiktoken.model` (base64 t
 rank per line) plus `tokenizer_config.json` with K2's 256 special slots after the ranks, exactly the
 layout the runtime reads for the real model.
 
+Training splits text with K2's own pre-tokenizer pattern (the runtime's `PAT_STR`), so merges are
+learned on the pieces the runtime will cut. Digits are never merged: every number is a sequence of
+single-digit tokens. K2 itself merges up to three digits, but a few-million-parameter model copies
+"4821" far more reliably as four tokens from a ten-token alphabet it sees constantly than as
+"482" + "1" drawn from a thousand number tokens, each rare.
+
     python scripts/build_tokenizer.py --data out/agent_data --out out/nano_tokenizer
 """
 
@@ -48,10 +54,14 @@ def corpus(data_dir: str):
 
 
 def train_ranks(texts, n_ranks: int) -> dict[bytes, int]:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from kimi_jax.chat.tokenizer import PAT_STR
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PAT_STR), "isolated"), pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=n_ranks, min_frequency=2, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
@@ -65,7 +75,7 @@ def train_ranks(texts, n_ranks: int) -> dict[bytes, int]:
         ranks[bytes([b])] = b
     for token, _ in sorted(vocab.items(), key=lambda kv: kv[1]):
         data = bytes(alphabet[c] for c in token)
-        if len(data) > 1 and data not in ranks:
+        if len(data) > 1 and data not in ranks and not any(chr(b).isdigit() for b in data):
             ranks[data] = len(ranks)
     return ranks
 
@@ -87,6 +97,7 @@ def main(argv=None) -> int:
     tok = Tokenizer.from_dir(args.out)
     sample = "The user wants 17*23. I will use the calculator. 391"
     assert tok.decode(tok.encode(sample)) == sample
+    assert len(tok.encode("4821")) == 4, "digits must stay single tokens"
     print(f"wrote {args.out}: {len(ranks)} ranks + 256 special slots = vocab {tok.n_vocab}; "
           f"'{sample}' -> {len(tok.encode(sample))} tokens", file=sys.stderr)
     return 0

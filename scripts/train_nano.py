@@ -1,27 +1,37 @@
-"""Train kimi-k2-nano: a few-million-parameter K2-architecture model that thinks, calls tools and
-answers, with INT4 quantization-aware training of its routed experts, exported in the official
-Kimi-K2-Thinking checkpoint layout.
+"""Train kimi-k2-nano: a small K2-architecture model that thinks, calls tools and answers, with INT4
+quantization-aware training of its routed experts, exported in the official Kimi-K2-Thinking layout.
 
-    python scripts/make_agent_data.py            # out/agent_data/{train,eval}.jsonl
+    python scripts/make_agent_data.py            # out/agent_data/*.jsonl
     python scripts/build_tokenizer.py            # out/nano_tokenizer/
-    python scripts/train_nano.py                 # checkpoints/kimi-k2-nano/ (+ out/nano_float/)
+    python scripts/train_nano.py                 # out/kimi-k2-nano/ (+ out/nano_float/)
+
+The result replaces checkpoints/kimi-k2-nano only after scripts/eval_nano.py shows it meets the
+model card's targets.
+
+(or all three, sized for one 10-minute call on a lent GPU, with scripts/nano_pipeline.py). Run the
+scripts from the repository root with PYTHONPATH=. so they import this checkout's kimi_jax.
 
 Phases: (1) ordinary training of all weights; (2) QAT — the routed experts pass through symmetric
-INT4 group-32 fake quantization with a straight-through gradient, so the model learns weights that
-survive the exact rounding the export applies. The export quantizes with the same quantizer
-(kernels_pallas.int4) and writes through kimi_jax.export, the code path that fixtures use and the
-loader reads. The float weights before QAT go to out/nano_float for the PTQ comparison.
+INT4 group-32 fake quantization with a straight-through gradient (`fake_quantize`), so the model
+learns weights that survive the exact rounding the export applies. The float weights at the end of
+phase 1 are exported to --float-out at once, for the bf16 and PTQ rows of the evaluation.
 
-Each training sample is one conversation as the model sees it at its last step: the prompt
-rendered by the chat template (earlier steps of the running tool loop keep their reasoning) plus the
-final answer; the loss covers every assistant output of that turn (reasoning, tool calls, answer,
-<|im_end|>), nothing the user or the tools wrote.
+Each user turn of a conversation is one sample: the prompt as the agent loop renders it at that
+turn's last step (earlier turns without their reasoning, earlier steps of this turn with it) plus
+the final answer; the loss covers every assistant output of that turn (reasoning, tool calls,
+answer, <|im_end|>), nothing the user or the tools wrote. Samples are padded to the shortest of
+--seq-lens that holds them, and each batch comes from one length, so short chats cost little.
+
+Resumable: every --checkpoint-every steps the parameters, optimizer state and data position go to
+--train-state (atomically); `--resume` continues from there and reaches the same weights as an
+uninterrupted run.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -30,111 +40,282 @@ import time
 
 import numpy as np
 
+# ---- model: the only code here that knows how the model is built or which weights are experts ----
 
-def nano_config(tokenizer):
+MODEL_SIZES = {
+    # v2: deeper and wider than v1 where copying needs it (attention), 16.5 MB in the INT4 layout.
+    "nano": dict(hidden_size=320, intermediate_size=960, moe_intermediate_size=256, num_hidden_layers=6,
+                 n_routed_experts=8, num_experts_per_tok=2, q_lora_rank=160, kv_lora_rank=64, qk_nope_head_dim=32,
+                 qk_rope_head_dim=16, v_head_dim=32, num_attention_heads=6),
+    # The shipped v1 (8.5M parameters, 10.4 MB), kept to reproduce it.
+    "v1": dict(hidden_size=256, intermediate_size=768, moe_intermediate_size=256, num_hidden_layers=4,
+               n_routed_experts=8, num_experts_per_tok=2, q_lora_rank=128, kv_lora_rank=64, qk_nope_head_dim=32,
+               qk_rope_head_dim=16, v_head_dim=32, num_attention_heads=4),
+    # For tests: seconds per step on a CPU.
+    "toy": dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=64, num_hidden_layers=2,
+                n_routed_experts=4, num_experts_per_tok=2, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16,
+                qk_rope_head_dim=8, v_head_dim=16, num_attention_heads=2),
+}
+
+
+def nano_config(tokenizer, size: str = "nano"):
     from kimi_jax.config import Config, Yarn
 
     return Config(
-        vocab_size=tokenizer.n_vocab, hidden_size=256, intermediate_size=768, moe_intermediate_size=256,
-        num_hidden_layers=4, first_k_dense_replace=1, n_routed_experts=8, n_shared_experts=1,
-        num_experts_per_tok=2, n_group=1, topk_group=1, routed_scaling_factor=2.827,
-        q_lora_rank=128, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
-        num_attention_heads=4, rope_theta=50000.0,
+        vocab_size=tokenizer.n_vocab, first_k_dense_replace=1, n_shared_experts=1, n_group=1, topk_group=1,
+        routed_scaling_factor=2.827, rope_theta=50000.0,
         # K2's YaRN shape (factor x original context, beta 1/1) at nano scale: 4 x 256 = 1024 positions.
         rope_scaling=Yarn(factor=4.0, original_max_position_embeddings=256),
         max_position_embeddings=1024, rms_norm_eps=1e-5,
         bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.im_end_id,
-        pad_token_id=tokenizer.token_id("[PAD]"), quantization=None)
+        pad_token_id=tokenizer.token_id("[PAD]"), quantization=None, **MODEL_SIZES[size])
+
+
+def build_float_model(cfg, seed: int):
+    """The trainable model: float32 weights, routed experts dense (quantized only at export)."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from kimi_jax.model import KimiK2
+
+    return KimiK2(cfg, dtype=jnp.float32, rngs=nnx.Rngs(params=seed))
+
+
+def fake_quantize(w_out_in, group_size: int):
+    """What the INT4 export will turn dense [..., out, in] weights into, with a straight-through
+    gradient.
+
+    Groups run along the input dim, as in the checkpoint. Scale (absmax / 7.5, rounded to bf16),
+    rounding and clamping match `kernels_pallas.int4.quantize_int4`, and the product is rounded to
+    bf16 like the reference dequant, so a QAT-trained model sees in training exactly the weights it
+    will be served with. The backward pass treats the rounding as identity (STE)."""
+    import jax
+    import jax.numpy as jnp
+
+    from kernels_pallas import int4 as int4_layout
+
+    *lead, n, k = w_out_in.shape
+    g = w_out_in.reshape(*lead, n, k // group_size, group_size).astype(jnp.float32)
+    absmax = jnp.max(jnp.abs(g), axis=-1, keepdims=True)
+    scale = (absmax / ((int4_layout.QMAX - int4_layout.QMIN) / 2)).astype(jnp.bfloat16).astype(jnp.float32)
+    scale = jnp.where(scale == 0, jnp.finfo(jnp.bfloat16).eps.astype(jnp.float32), scale)
+    q = jnp.clip(jnp.round(g / scale), int4_layout.QMIN, int4_layout.QMAX)
+    deq = (q * scale).astype(jnp.bfloat16).astype(jnp.float32).reshape(w_out_in.shape)
+    return w_out_in + jax.lax.stop_gradient(deq.astype(w_out_in.dtype) - w_out_in)
+
+
+def with_fake_quantized_experts(state, group_size: int):
+    """The model state as QAT sees it: routed-expert weights through `fake_quantize`, all else as is.
+    Which weights are experts is `kimi_jax.quant.is_routed_expert`'s call, as for the export."""
+    from flax import nnx
+
+    from kimi_jax.quant import is_routed_expert
+
+    flat = []
+    for path, var in nnx.to_flat_state(state):
+        if is_routed_expert(path, var):
+            var = var.replace(fake_quantize(var.get_value(), group_size))
+        flat.append((path, var))
+    return nnx.from_flat_state(flat)
 
 
 # ---- data -------------------------------------------------------------------------------------
 
-def encode_sample(item, tokenizer, template):
-    """(ids, loss mask) of one conversation as seen at its final step."""
+def turn_samples(item, tokenizer, template):
+    """[(ids, loss mask)], one per user turn: the conversation up to that turn's answer, as the agent
+    loop renders it at the turn's last step, with the turn's assistant outputs masked in."""
     from kimi_jax.chat import format_output
     from kimi_jax.chat.prompt import encode_chat
 
     messages, tools = item["messages"], item.get("tools") or None
-    ids = encode_chat(tokenizer, template, messages[:-1], tools, add_generation_prompt=True)
-    ids = ids + tokenizer.encode(format_output(messages[-1]), allow_special=True)
-    mask = np.zeros(len(ids), np.float32)
-    turn_start = max(i for i, m in enumerate(messages) if m["role"] == "user")
-    for a, m in enumerate(messages):
-        if a > turn_start and m["role"] == "assistant":
-            start = len(encode_chat(tokenizer, template, messages[:a], tools, add_generation_prompt=True))
-            end = ids.index(tokenizer.im_end_id, start) + 1
-            mask[start:end] = 1.0
-    return np.asarray(ids, np.int32), mask
+    users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+    assistant, middle, im_end = (tokenizer.token_id(t) for t in ("<|im_assistant|>", "<|im_middle|>", "<|im_end|>"))
+    out = []
+    for t, start in enumerate(users):
+        end = users[t + 1] if t + 1 < len(users) else len(messages)
+        ids = encode_chat(tokenizer, template, messages[:end - 1], tools, add_generation_prompt=True)
+        ids = ids + tokenizer.encode(format_output(messages[end - 1]), allow_special=True)
+        arr = np.asarray(ids, np.int32)
+        mask = np.zeros(len(ids), np.float32)
+        turn_begin = np.flatnonzero(arr == tokenizer.token_id("<|im_user|>"))[-1]
+        for a in np.flatnonzero(arr == assistant):
+            if a < turn_begin:
+                continue
+            body = a + int(np.flatnonzero(arr[a:] == middle)[0]) + 1  # after "<|im_assistant|>assistant<|im_middle|>"
+            mask[body:a + int(np.flatnonzero(arr[a:] == im_end)[0]) + 1] = 1.0
+        out.append((arr, mask))
+    return out
 
 
-def load_samples(path, tokenizer, template, seq_len, vocab_file, cache_dir=None):
-    """Tokenized, padded samples; cached in `cache_dir` keyed by the data, vocabulary and length."""
-    import hashlib
+def _encode_lines(args):
+    lines, tokenizer_dir = args
+    from kimi_jax.chat import ChatTemplate, Tokenizer
 
+    tokenizer, template = Tokenizer.from_dir(tokenizer_dir), ChatTemplate.default()
+    return [s for line in lines for s in turn_samples(json.loads(line), tokenizer, template)]
+
+
+def load_samples(path, tokenizer_dir, max_len, cache_dir=None, workers=1):
+    """(tokens uint16 [n, max_len], mask uint8 [n, max_len], lengths [n], dropped): every turn sample
+    of a JSON-lines file, longer ones dropped; cached in `cache_dir` keyed by the data, the vocabulary
+    and max_len, and encoded on `workers` processes."""
     digest = hashlib.sha256()
-    for file in (path, vocab_file):
+    for file in (path, os.path.join(tokenizer_dir, "tiktoken.model")):
         with open(file, "rb") as f:
             digest.update(f.read())
-    digest.update(str(seq_len).encode())
+    digest.update(f"{max_len}/v2".encode())
     cache = os.path.join(cache_dir, f"{os.path.basename(path)}.{digest.hexdigest()[:16]}.npz") if cache_dir else None
     if cache and os.path.isfile(cache):
         z = np.load(cache)
-        return z["tokens"].astype(np.int32), z["mask"].astype(np.float32), int(z["dropped"]), int(z["longest"])
-    ids, masks, dropped = [], [], 0
+        return z["tokens"], z["mask"], z["lengths"], int(z["dropped"])
     with open(path, encoding="utf-8") as f:
-        for line in f:
-            x, m = encode_sample(json.loads(line), tokenizer, template)
-            if len(x) > seq_len:
-                dropped += 1
-                continue
-            ids.append(x)
-            masks.append(m)
-    pad = tokenizer.token_id("[PAD]")
-    tokens = np.full((len(ids), seq_len), pad, np.int32)
-    loss_mask = np.zeros((len(ids), seq_len), np.float32)
-    for i, (x, m) in enumerate(zip(ids, masks)):
-        tokens[i, :len(x)] = x
-        loss_mask[i, :len(m)] = m
-    longest = max(len(x) for x in ids)
+        lines = f.read().splitlines()
+    chunks = [(lines[i:i + 500], tokenizer_dir) for i in range(0, len(lines), 500)]
+    if workers > 1 and len(chunks) > 1:
+        import multiprocessing
+
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            samples = [s for part in pool.map(_encode_lines, chunks) for s in part]
+    else:
+        samples = [s for chunk in chunks for s in _encode_lines(chunk)]
+    kept = [(x, m) for x, m in samples if len(x) <= max_len]
+    if not kept:
+        raise ValueError(f"{path}: no conversation fits in {max_len} tokens")
+    from kimi_jax.chat import Tokenizer
+
+    pad = Tokenizer.from_dir(tokenizer_dir).token_id("[PAD]")
+    tokens = np.full((len(kept), max_len), pad, np.uint16)
+    mask = np.zeros((len(kept), max_len), np.uint8)
+    lengths = np.zeros(len(kept), np.int32)
+    for i, (x, m) in enumerate(kept):
+        tokens[i, :len(x)], mask[i, :len(m)], lengths[i] = x, m, len(x)
+    dropped = len(samples) - len(kept)
     if cache:
         os.makedirs(cache_dir, exist_ok=True)
-        np.savez_compressed(cache, tokens=tokens.astype(np.uint16), mask=loss_mask.astype(np.uint8), dropped=dropped,
-                            longest=longest)
-    return tokens, loss_mask, dropped, longest
+        tmp = cache + ".tmp.npz"
+        np.savez(tmp, tokens=tokens, mask=mask, lengths=lengths, dropped=dropped)
+        os.replace(tmp, cache)
+    return tokens, mask, lengths, dropped
 
+
+def epoch_batches(bucket_of: np.ndarray, batch: int, seed: int, epoch: int) -> list[np.ndarray]:
+    """The batches of one epoch: sample indices, each batch from one length bucket, in an order that
+    is a pure function of (seed, epoch) — what makes resuming exact."""
+    rng = np.random.default_rng([seed, epoch])
+    batches = []
+    for b in np.unique(bucket_of):
+        idx = np.flatnonzero(bucket_of == b)
+        rng.shuffle(idx)
+        batches += [idx[i:i + batch] for i in range(0, len(idx) - batch + 1, batch)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+# ---- resumable training state -----------------------------------------------------------------
+
+def save_train_state(directory, trees, meta: dict) -> None:
+    """Every array leaf of `trees` (keyed by its pytree path) plus `meta`, replaced atomically."""
+    import jax
+
+    os.makedirs(directory, exist_ok=True)
+    leaves = {jax.tree_util.keystr(p): np.asarray(jax.device_get(x))
+              for p, x in jax.tree_util.tree_flatten_with_path(trees)[0]}
+    tmp = os.path.join(directory, "state.tmp.npz")
+    np.savez(tmp, **leaves)
+    with open(os.path.join(directory, "meta.tmp.json"), "w", encoding="utf-8") as f:
+        json.dump(meta, f, indent=1)
+    os.replace(tmp, os.path.join(directory, "state.npz"))
+    os.replace(os.path.join(directory, "meta.tmp.json"), os.path.join(directory, "meta.json"))
+
+
+def load_train_state(directory, trees):
+    """(`trees` with every leaf replaced by the saved one, meta). Errors name the first mismatch."""
+    import jax
+
+    with open(os.path.join(directory, "meta.json"), encoding="utf-8") as f:
+        meta = json.load(f)
+    saved = np.load(os.path.join(directory, "state.npz"))
+    paths, treedef = jax.tree_util.tree_flatten_with_path(trees)
+    leaves = []
+    for p, x in paths:
+        key = jax.tree_util.keystr(p)
+        if key not in saved:
+            raise ValueError(f"{directory}/state.npz: no saved leaf {key} (was it written by another model size?)")
+        value = saved[key]
+        if value.shape != np.shape(x):
+            raise ValueError(f"{directory}/state.npz: {key} has shape {value.shape}, the model expects {np.shape(x)}")
+        leaves.append(jax.numpy.asarray(value, dtype=x.dtype))
+    return jax.tree_util.tree_unflatten(treedef, leaves), meta
+
+
+# Arguments that must not change across a resume (the others — output paths, logging, checkpoint
+# cadence, the time limit — may).
+RECIPE_ARGS = ("size", "steps", "qat_steps", "batch", "seq_lens", "lr", "group_size", "seed")
 
 
 # ---- training ---------------------------------------------------------------------------------
 
-def make_train_step(graphdef, optimizer, group_size):
+def make_train_step(graphdef, optimizer, group_size, accumulate: int = 1):
+    """(jitted train step, jitted loss). The step splits its batch into `accumulate` micro-batches
+    run one after another (summed gradients, the same update): memory for a CPU, speed for a GPU."""
     import jax
     import jax.numpy as jnp
     import optax
     from flax import nnx
 
-    from kimi_jax.quant import fake_quantize, is_routed_expert
-
-    def with_fake_quant(state):
-        flat = []
-        for path, var in nnx.to_flat_state(state):
-            if is_routed_expert(path, var):
-                var = var.replace(fake_quantize(var.get_value(), group_size))
-            flat.append((path, var))
-        return nnx.from_flat_state(flat)
-
     def loss_fn(state, tokens, mask, qat):
-        model = nnx.merge(graphdef, with_fake_quant(state) if qat else state)
+        model = nnx.merge(graphdef, with_fake_quantized_experts(state, group_size) if qat else state)
         logits = model.forward_no_cache(tokens[:, :-1])
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
         m = mask[:, 1:]
         return jnp.sum(ce * m) / jnp.maximum(jnp.sum(m), 1.0)
 
+    def masked_sums(state, tokens, mask, qat):  # (loss x count, count): micro-batches add up exactly
+        count = jnp.sum(mask[:, 1:])
+        return loss_fn(state, tokens, mask, qat) * count, count
+
     def step(state, opt_state, tokens, mask, qat):
-        loss, grads = jax.value_and_grad(loss_fn)(state, tokens, mask, qat)
+        if accumulate == 1:
+            loss, grads = jax.value_and_grad(loss_fn)(state, tokens, mask, qat)
+        else:
+            micro = lambda x: x.reshape(accumulate, x.shape[0] // accumulate, *x.shape[1:])  # noqa: E731
+
+            def one(carry, xs):
+                (total, count), grads = jax.value_and_grad(masked_sums, has_aux=True)(state, *xs, qat)
+                return jax.tree.map(jnp.add, carry, (grads, total, count)), None
+
+            zero = (jax.tree.map(jnp.zeros_like, state), jnp.float32(0), jnp.float32(0))
+            (grads, total, count), _ = jax.lax.scan(one, zero, (micro(tokens), micro(mask)))
+            count = jnp.maximum(count, 1.0)
+            loss, grads = total / count, jax.tree.map(lambda g: g / count, grads)
         updates, opt_state = optimizer.update(grads, opt_state, state)
         return optax.apply_updates(state, updates), opt_state, loss
 
     return jax.jit(step, donate_argnums=(0, 1), static_argnums=(4,)), jax.jit(loss_fn, static_argnums=(3,))
+
+
+class Batches:
+    """Length-bucketed batches over epochs; `position` (epoch, batch) is all a resume needs."""
+
+    def __init__(self, tokens, mask, lengths, seq_lens, batch, seed, position=(0, 0)):
+        self.tokens, self.mask, self.seq_lens, self.batch, self.seed = tokens, mask, seq_lens, batch, seed
+        self.bucket_of = np.searchsorted(np.asarray(seq_lens), lengths)
+        self.epoch, self.index = position
+        self.plan = epoch_batches(self.bucket_of, batch, seed, self.epoch)
+        if not self.plan:
+            raise ValueError(f"fewer samples per length bucket than one batch of {batch}")
+
+    @property
+    def position(self):
+        return [self.epoch, self.index]
+
+    def next(self):
+        if self.index >= len(self.plan):
+            self.epoch, self.index = self.epoch + 1, 0
+            self.plan = epoch_batches(self.bucket_of, self.batch, self.seed, self.epoch)
+        idx = self.plan[self.index]
+        self.index += 1
+        width = self.seq_lens[self.bucket_of[idx[0]]]
+        return self.tokens[idx, :width].astype(np.int32), self.mask[idx, :width].astype(np.float32)
 
 
 def train(args):
@@ -143,73 +324,150 @@ def train(args):
     import optax
     from flax import nnx
 
-    from kimi_jax.chat import ChatTemplate, Tokenizer
-    from kimi_jax.model import KimiK2
+    from kimi_jax.chat import Tokenizer
 
     tokenizer = Tokenizer.from_dir(args.tokenizer)
-    template = ChatTemplate.default()
-    cfg = nano_config(tokenizer)
+    cfg = nano_config(tokenizer, args.size)
+    seq_lens = sorted(args.seq_lens)
     t0 = time.perf_counter()
-    vocab = os.path.join(args.tokenizer, "tiktoken.model")
-    tokens, mask, dropped, longest = load_samples(os.path.join(args.data, "train.jsonl"), tokenizer, template,
-                                                  args.seq_len, vocab, args.cache)
-    ev_tokens, ev_mask, _, _ = load_samples(os.path.join(args.data, "eval.jsonl"), tokenizer, template, args.seq_len,
-                                            vocab, args.cache)
-    log(f"{len(tokens)} training samples (longest {longest} tokens, {dropped} over {args.seq_len} dropped), "
-        f"{len(ev_tokens)} eval samples, tokenized in {time.perf_counter() - t0:.0f}s")
+    tokens, mask, lengths, dropped = load_samples(os.path.join(args.data, "train.jsonl"), args.tokenizer, seq_lens[-1],
+                                                  args.cache, args.workers)
+    ev = load_samples(os.path.join(args.data, args.eval_set), args.tokenizer, seq_lens[-1], args.cache, 1)
+    log(f"{len(tokens)} training samples (mean {lengths.mean():.0f}, longest {lengths.max()} tokens; {dropped} over "
+        f"{seq_lens[-1]} dropped), {len(ev[0])} eval samples; data ready in {time.perf_counter() - t0:.0f}s")
 
-    model = KimiK2(cfg, dtype=jnp.float32, rngs=nnx.Rngs(params=args.seed))
-    graphdef, state = nnx.split(model)
-    n_params = sum(x.size for x in jax.tree.leaves(state))
-    total = args.steps + args.qat_steps
-    schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, min(200, total // 10), total, args.lr * 0.05)
-    optimizer = optax.chain(optax.clip_by_global_norm(1.0),
-                            optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=0.05))
+    graphdef, state = nnx.split(build_float_model(cfg, args.seed))
+    # The learning rate lives in the optimizer state and is set from the host each step, so the plan
+    # (and with it the schedule) can shrink to fit a time budget without recompiling.
+    adamw = optax.inject_hyperparams(optax.adamw)(learning_rate=0.0, b1=0.9, b2=0.95, weight_decay=0.05)
+    optimizer = optax.chain(optax.clip_by_global_norm(1.0), adamw)
     opt_state = optimizer.init(state)
-    step_fn, eval_fn = make_train_step(graphdef, optimizer, args.group_size)
-    rng = np.random.default_rng(args.seed)
-    order = rng.permutation(len(tokens))
-    pos = 0
-    log(f"model: {n_params / 1e6:.2f}M parameters; {args.steps} steps + {args.qat_steps} QAT steps of "
-        f"{args.batch} x {args.seq_len} tokens on {jax.devices()[0].platform}")
+    plan = Plan(args.steps, args.qat_steps, args.lr)
+    start, position, seconds_before, float_written = 0, (0, 0), 0.0, False
+    if args.resume and os.path.isfile(os.path.join(args.train_state, "meta.json")):
+        (state, opt_state), meta = load_train_state(args.train_state, (state, opt_state))
+        changed = [k for k in RECIPE_ARGS if meta["args"][k] != vars(args)[k]]
+        if changed:
+            raise ValueError(f"--resume: {', '.join(changed)} differ from the run saved in {args.train_state}")
+        start, position, seconds_before = meta["step"], tuple(meta["data_position"]), meta["train_seconds"]
+        float_written, plan = meta["float_written"], Plan(*meta["plan"], args.lr)
+        log(f"resumed from {args.train_state} at step {start}")
+    batches = Batches(tokens, mask, lengths, seq_lens, args.batch, args.seed, position)
+    step_fn, eval_fn = make_train_step(graphdef, optimizer, args.group_size, args.accumulate)
+    n_params = sum(x.size for x in jax.tree.leaves(state))
+    log(f"model '{args.size}': {n_params / 1e6:.2f}M parameters; steps {start}..{plan.total} ({plan.steps} float + "
+        f"{plan.qat_steps} QAT) of {args.batch} samples at lengths {seq_lens} on {jax.devices()[0].platform}")
 
     def evaluate(qat):
-        losses = [float(eval_fn(state, jnp.asarray(ev_tokens[i:i + args.batch]), jnp.asarray(ev_mask[i:i + args.batch]),
-                                qat)) for i in range(0, len(ev_tokens) - args.batch + 1, args.batch)]
-        return float(np.mean(losses)) if losses else float("nan")
+        # One padded length for all eval batches: one compile per phase instead of one per bucket.
+        ev_batches = Batches(*ev[:3], seq_lens[-1:], args.batch, 0)
+        losses = [float(eval_fn(state, *map(jnp.asarray, ev_batches.next()), qat)) for _ in ev_batches.plan]
+        return float(np.mean(losses))
 
-    float_state = None
-    t_train = time.perf_counter()
-    for step in range(total):
-        qat = step >= args.steps
-        if qat and float_state is None:
-            float_state = jax.tree.map(lambda x: np.asarray(x), state)
+    def checkpoint(step):
+        meta = {"step": step, "data_position": batches.position, "args": vars(args), "float_written": float_written,
+                "plan": [plan.steps, plan.qat_steps], "train_seconds": seconds_before + time.perf_counter() - t_train}
+        save_train_state(args.train_state, (state, opt_state), meta)
+
+    t_train, cpu0, step, step_seconds = time.perf_counter(), time.process_time(), start, []
+    while step < plan.total:
+        qat = step >= plan.steps
+        if qat and not float_written:
             log(f"float model: eval loss {evaluate(False):.4f}; INT4 fake-quant eval loss {evaluate(True):.4f}")
-        if pos + args.batch > len(order):
-            order, pos = rng.permutation(len(tokens)), 0
-        idx = order[pos:pos + args.batch]
-        pos += args.batch
-        state, opt_state, loss = step_fn(state, opt_state, jnp.asarray(tokens[idx]), jnp.asarray(mask[idx]), qat)
-        if step % args.log_every == 0 or step == total - 1:
-            elapsed = time.perf_counter() - t_train
-            log(f"step {step:5d} {'qat ' if qat else ''}loss {float(loss):.4f}  ({elapsed:.0f}s)")
-    if float_state is None:
-        float_state = jax.tree.map(lambda x: np.asarray(x), state)
-    log(f"QAT model: INT4 fake-quant eval loss {evaluate(True):.4f}; training took "
+            write_model_dir(args.float_out, nnx.merge(graphdef, state), args.tokenizer, generation_config(cfg, tokenizer))
+            float_written = True
+        x, m = batches.next()
+        opt_state[1].hyperparams["learning_rate"] = jnp.float32(plan.lr_at(step))
+        t_step = time.perf_counter()
+        state, opt_state, loss = step_fn(state, opt_state, jnp.asarray(x), jnp.asarray(m), qat)
+        step += 1
+        if args.max_train_seconds and len(step_seconds) < FIT_AFTER:
+            jax.block_until_ready(loss)
+            step_seconds.append(time.perf_counter() - t_step)
+            if len(step_seconds) == FIT_AFTER:
+                plan.fit(step, args.max_train_seconds - (time.perf_counter() - t_train), step_seconds)
+        elapsed = time.perf_counter() - t_train
+        if step % args.log_every == 0 or step == plan.total or step == start + 1:
+            log(f"step {step:5d} {'qat ' if qat else ''}loss {float(loss):.4f}  ({elapsed:.0f}s, "
+                f"{time.process_time() - cpu0:.0f}s CPU)")
+        if args.checkpoint_every and step % args.checkpoint_every == 0 and step < plan.total:
+            checkpoint(step)
+        if args.stop_after and step - start >= args.stop_after and step < plan.total:
+            checkpoint(step)
+            log(f"stopped after {args.stop_after} steps at step {step}; continue with --resume")
+            return None
+        if args.max_train_seconds and elapsed > args.max_train_seconds and step < plan.total:
+            plan.out_of_time(step)
+    if not float_written:  # no QAT phase: the float model is the final one
+        write_model_dir(args.float_out, nnx.merge(graphdef, state), args.tokenizer, generation_config(cfg, tokenizer))
+        float_written = True
+    checkpoint(step)
+    log(f"QAT model: INT4 fake-quant eval loss {evaluate(True):.4f}; trained {step - start} steps in "
         f"{time.perf_counter() - t_train:.0f}s")
-    return cfg, tokenizer, nnx.merge(graphdef, state), nnx.merge(graphdef, float_state), time.perf_counter() - t_train
+    return cfg, tokenizer, nnx.merge(graphdef, state), seconds_before + time.perf_counter() - t_train, plan
+
+
+FIT_AFTER = 30  # steps timed before a time budget shrinks the plan (the first ones include compiles)
+
+
+class Plan:
+    """How many float and QAT steps, and the learning rate at each: linear warm-up over the first
+    tenth (at most 300 steps), cosine decay to 5% at the end, QAT continuing the same curve."""
+
+    def __init__(self, steps: int, qat_steps: int, lr: float):
+        self.steps, self.qat_steps, self.lr = steps, qat_steps, lr
+        self.planned = (steps, qat_steps)
+
+    @property
+    def total(self) -> int:
+        return self.steps + self.qat_steps
+
+    def lr_at(self, step: int) -> float:
+        warmup = max(1, min(300, self.total // 10))
+        if step < warmup:
+            return self.lr * step / warmup
+        progress = min(1.0, (step - warmup) / max(1, self.total - warmup))
+        return self.lr * (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * progress)))
+
+    def fit(self, step: int, seconds_left: float, step_seconds: list[float]) -> None:
+        """Shrink both phases alike so the rest fits `seconds_left`, keeping room for the QAT
+        phase's compile (as long as the first steps took)."""
+        rate = float(np.median(step_seconds[len(step_seconds) // 2:]))
+        compile_allowance = 1.5 * sum(step_seconds[:2])
+        fits = step + int(max(0.0, seconds_left - compile_allowance) / rate)
+        log(f"time budget: {rate * 1e3:.0f} ms/step; {fits} of the planned {self.total} steps fit")
+        if fits < self.total:
+            scale = fits / self.total
+            self.qat_steps = max(1, round(self.qat_steps * scale)) if self.qat_steps else 0
+            self.steps = max(step, fits - self.qat_steps)
+
+    def out_of_time(self, step: int) -> None:
+        """Past the budget anyway: end the float phase now (QAT still runs), or end QAT now."""
+        if step < self.steps:
+            log(f"time limit at step {step}: moving on to the QAT phase")
+            self.steps = step
+        else:
+            log(f"time limit at step {step}: stopping")
+            self.qat_steps = step - self.steps
 
 
 # ---- export -----------------------------------------------------------------------------------
 
-def write_model_dir(out, model, tokenizer_dir, generation_config):
+def generation_config(cfg, tokenizer) -> dict:
+    return {"bos_token_id": cfg.bos_token_id, "eos_token_id": list(tokenizer.stop_ids), "do_sample": False,
+            "max_new_tokens": 256}
+
+
+def write_model_dir(out, model, tokenizer_dir, gen):
     from kimi_jax import export
     from kimi_jax.chat import ChatTemplate
     from kimi_jax.checkpoint import iter_hf_tensors
 
     if os.path.isdir(out):
         shutil.rmtree(out)
-    export.write_checkpoint(out, model.cfg, iter_hf_tensors(model), generation_config=generation_config)
+    # Shards of at most 15 MiB: small enough to come back from a lent GPU machine file by file.
+    export.write_checkpoint(out, model.cfg, iter_hf_tensors(model), generation_config=gen,
+                            max_shard_bytes=15 << 20)
     for name in ("tiktoken.model", "tokenizer_config.json"):
         shutil.copy2(os.path.join(tokenizer_dir, name), os.path.join(out, name))
     with open(os.path.join(out, "chat_template.jinja"), "w", encoding="utf-8") as f:
@@ -220,33 +478,50 @@ def log(msg):
     print(msg, file=sys.stderr, flush=True)
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", default="out/agent_data")
     ap.add_argument("--tokenizer", default="out/nano_tokenizer")
-    ap.add_argument("--out", default="checkpoints/kimi-k2-nano")
-    ap.add_argument("--float-out", default="out/nano_float", help="pre-QAT float weights (for the PTQ row)")
+    ap.add_argument("--out", default="out/kimi-k2-nano", help="the INT4 QAT checkpoint (official layout)")
+    ap.add_argument("--float-out", default="out/nano_float", help="float weights before QAT (bf16 and PTQ rows)")
     ap.add_argument("--cache", default="out/nano_cache", help="tokenized-data cache directory")
-    ap.add_argument("--steps", type=int, default=4000)
-    ap.add_argument("--qat-steps", type=int, default=800)
+    ap.add_argument("--train-state", default="out/nano_train_state", help="resumable checkpoint directory")
+    ap.add_argument("--resume", action="store_true", help="continue from --train-state if it holds a checkpoint")
+    ap.add_argument("--checkpoint-every", type=int, default=500)
+    ap.add_argument("--stop-after", type=int, default=0,
+                    help="train this many steps, checkpoint and exit (a long CPU run in pieces; then --resume)")
+    ap.add_argument("--max-train-seconds", type=float, default=0, help="stop early (keeping the QAT phase) after this")
+    ap.add_argument("--size", choices=tuple(MODEL_SIZES), default="nano")
+    ap.add_argument("--steps", type=int, default=6000)
+    ap.add_argument("--qat-steps", type=int, default=1000)
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--seq-len", type=int, default=416)
-    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--seq-lens", type=lambda s: [int(x) for x in s.split(",")], default=[384, 768],
+                    help="padded lengths, comma-separated; the longest is the cut-off")
+    ap.add_argument("--accumulate", type=int, default=1,
+                    help="micro-batches per step (same update, 1/N of the activation memory; 8 keeps --size nano "
+                         "near 4 GB on a CPU)")
+    ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--group-size", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workers", type=int, default=1, help="processes that tokenize the data")
+    ap.add_argument("--eval-set", default="heldout.jsonl", help="file under --data for the eval loss")
     ap.add_argument("--log-every", type=int, default=50)
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
 
-    from kimi_jax.quant import quantize_experts
 
-    cfg, tokenizer, model, float_model, seconds = train(args)
-    gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": list(tokenizer.stop_ids), "do_sample": False,
-           "max_new_tokens": 256}
-    write_model_dir(args.float_out, float_model, args.tokenizer, gen)
-    write_model_dir(args.out, quantize_experts(model, args.group_size), args.tokenizer, gen)
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from kimi_jax.export import quantize_experts
+
+    trained = train(args)
+    if trained is None:  # --stop-after: the run continues later
+        return 0
+    cfg, tokenizer, model, seconds, plan = trained
+    write_model_dir(args.out, quantize_experts(model, args.group_size), args.tokenizer, generation_config(cfg, tokenizer))
     with open(os.path.join(args.out, "training.json"), "w", encoding="utf-8") as f:
         json.dump({"command": "python scripts/train_nano.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                    "args": vars(args), "train_seconds": round(seconds, 1),
+                   "steps_planned": list(plan.planned), "steps_run": [plan.steps, plan.qat_steps],
                    "config": dataclasses.asdict(cfg)}, f, indent=2, default=str)
     size = sum(os.path.getsize(os.path.join(args.out, f)) for f in os.listdir(args.out))
     log(f"wrote {args.out} ({size / 1e6:.1f} MB) and {args.float_out}")
