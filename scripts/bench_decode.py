@@ -7,33 +7,22 @@ bytes over the device-to-device copy bandwidth measured in the same run is the f
 markdown table; --json writes the numbers.
 
     python scripts/bench_decode.py --layers 4 --context 4096      # on a GPU
+    python scripts/bench_decode.py --layers 4 --profile            # plus the per-kernel table of a step
     python scripts/bench_decode.py --tiny                          # CPU smoke run
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import sys
 import time
 
 import numpy as np
-
-
-def copy_bandwidth(nbytes=1 << 30, reps=10) -> float:
-    """Bytes read + written per second of a large device-to-device copy."""
-    import jax
-    import jax.numpy as jnp
-
-    x = jnp.ones((nbytes // 4,), jnp.float32)
-    f = jax.jit(lambda x: x + 1.0)
-    f(x).block_until_ready()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        y = f(x)
-    y.block_until_ready()
-    return 2 * nbytes * reps / (time.perf_counter() - t0)
+from bench_common import copy_bandwidth
+from profile_table import format_table, profile
 
 
 def step_bytes(model, batch: int, context: int) -> tuple[int, int]:
@@ -67,6 +56,9 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--tiny", action="store_true", help="small shapes (CPU smoke test)")
     ap.add_argument("--json", help="write results here")
+    ap.add_argument("--profile", action="store_true",
+                    help="also profile 10 engine steps at the first batch size: device time per kernel, device idle")
+    ap.add_argument("--impl", default=None, help="kernel implementation (default: the platform's)")
     args = ap.parse_args(argv)
 
     import jax
@@ -88,16 +80,19 @@ def main(argv=None) -> int:
     print(f"built {cfg.num_hidden_layers}-layer K2-shaped model in {time.perf_counter() - t0:.0f}s on {jax.devices()[0]}",
           file=sys.stderr)
     bw = copy_bandwidth(1 << 26 if args.tiny else 1 << 30)
+    profiles = {}
     rows = []
     for batch in (int(b) for b in args.batches.split(",")):
-        engine = BatchEngine(model, max_batch=batch, prefill_rows=batch, max_len=args.context + args.steps + 16,
-                             chunk=min(512, args.context))
+        engine = BatchEngine(model, max_batch=batch, prefill_rows=batch, max_len=args.context + args.steps + 64,
+                             chunk=min(512, args.context), impl=args.impl)
         rng = np.random.default_rng(batch)
-        engine.generate(rng.integers(0, 1000, (batch, args.context)).tolist(), SamplingParams(max_new_tokens=3))
-        reqs = engine.generate(rng.integers(0, 1000, (batch, args.context)).tolist(),  # not prefix-cached
+        engine.generate(rng.integers(0, min(1000, cfg.vocab_size), (batch, args.context)).tolist(), SamplingParams(max_new_tokens=3))
+        reqs = engine.generate(rng.integers(0, min(1000, cfg.vocab_size), (batch, args.context)).tolist(),  # not prefix-cached
                                SamplingParams(max_new_tokens=args.steps))
         first = max(r.first_token_at for r in reqs)
         step_s = (max(r.finished_at for r in reqs) - first) / max(1, args.steps - 1)
+        if args.profile and not profiles:
+            profiles[batch] = profile_steps(engine, rng.integers(0, min(1000, cfg.vocab_size), (batch, args.context)).tolist())
         need, exp = step_bytes(model, batch, args.context)
         rows.append(dict(batch=batch, context=args.context, step_ms=step_s * 1e3, tok_s=batch / step_s,
                          bytes_per_step=need, expert_bytes=exp, roofline_ms=need / bw * 1e3,
@@ -110,10 +105,30 @@ def main(argv=None) -> int:
         print(f"| {datetime.date.today()} | {dev} | {cfg.num_hidden_layers} | {r['batch']} | {r['context']} | "
               f"{r['step_ms']:.2f} | {r['tok_s']:,.0f} | {r['bytes_per_step'] / 1e9:.2f} GB | {r['roofline_ms']:.2f} | "
               f"{r['achieved_gb_s']:,.0f} ({r['achieved_gb_s'] / r['peak_gb_s']:.0%}) |")
+    for batch, table in profiles.items():
+        print(f"\nprofile of 10 engine steps (one decode step each), batch {batch}, context {args.context}:")
+        print(format_table(table))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": dev, "layers": cfg.num_hidden_layers, "rows": rows}, f, indent=2)
+            json.dump({"device": dev, "layers": cfg.num_hidden_layers, "rows": rows,
+                       "profiles": {b: dataclasses.asdict(t) for b, t in profiles.items()}}, f, indent=2)
     return 0
+
+
+def profile_steps(engine, prompts, steps: int = 10):
+    """Profile `steps` scheduler iterations of a running batch: each one dispatches a decode step
+    and reads the previous one's tokens, so host gaps show up as device idle time."""
+    from kimi_jax.sampling import SamplingParams
+
+    engine.generate(prompts[:1], SamplingParams(max_new_tokens=2))  # the programs are compiled already
+    for p in prompts:
+        engine.submit(p, SamplingParams(max_new_tokens=steps + 8))
+    while engine._prefilling or engine._waiting or engine._inbox:  # prefill everything first
+        engine.step()
+    table = profile(engine.step, steps=steps, warmup=2)
+    while engine.step():
+        pass
+    return table
 
 
 if __name__ == "__main__":
