@@ -1,10 +1,14 @@
-"""`python -m kimi_jax.convert --checkpoint HF_DIR --out DIR`: save loaded params for fast restore.
+"""`python -m kimi_jax.convert --checkpoint HF_DIR --out DIR`: save loaded params as an orbax checkpoint.
 
-Reading a HF checkpoint means parsing safetensors and transposing every matrix into the model's
-layout. The converted directory holds the parameters exactly as the model uses them (INT4 experts
-still packed) in an orbax checkpoint, so later loads are a straight, sharded, parallel restore.
-The config, tokenizer and template files are copied alongside, so `generate --checkpoint DIR`
-accepts either kind of directory.
+The converted directory holds the parameters exactly as the model holds them (INT4 experts still
+packed) in an orbax checkpoint, restored straight onto the devices by `load_converted`. The config,
+tokenizer and template files are copied alongside, so `generate --checkpoint DIR` accepts either
+kind of directory. The HF loader reads the official files at close to the speed the disk delivers
+them, so converting is a choice of storage format, not a speed-up (scripts/bench_load.py times both).
+
+The marker file records a format version: parameter paths follow the model's structure, so when
+that changes (version 2: one parameter per layer, `layers/<i>/...`) an older directory is refused
+with a message to convert again, rather than failing inside orbax.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from kimi_jax.config import Config
 from kimi_jax.errors import KimiError
 
 MARKER = "kimi_jax_convert.json"
+VERSION = 2
 PARAMS = "params"
 SIDE_FILES = ("config.json", "generation_config.json", "tiktoken.model", "tokenizer_config.json",
               "chat_template.jinja")
@@ -49,7 +54,7 @@ def convert(checkpoint: str, out: str, *, dtype=jnp.bfloat16, progress: bool = T
         if os.path.isfile(src):
             shutil.copy2(src, os.path.join(out, name))
     with open(os.path.join(out, MARKER), "w", encoding="utf-8") as f:
-        json.dump({"format": "kimi_jax-orbax", "version": 1, "dtype": jnp.dtype(dtype).name,
+        json.dump({"format": "kimi_jax-orbax", "version": VERSION, "dtype": jnp.dtype(dtype).name,
                    "source": os.path.abspath(checkpoint)}, f, indent=2)
 
 
@@ -60,6 +65,15 @@ def load_converted(directory: str, cfg: Config, *, dtype=jnp.bfloat16, mesh=None
     from kimi_jax.model import abstract_model
     from kimi_jax.sharding import placed_abstract
 
+    marker = os.path.join(directory, MARKER)
+    try:
+        with open(marker, encoding="utf-8") as f:
+            version = json.load(f).get("version")
+    except (OSError, ValueError, AttributeError) as e:
+        raise KimiError(f"{marker}: not a readable conversion marker ({e})") from None
+    if version != VERSION:
+        raise KimiError(f"{directory}: converted in format version {version}, but this kimi_jax reads version "
+                        f"{VERSION}; convert the original checkpoint again with python -m kimi_jax.convert")
     graphdef, state = abstract_model(cfg, dtype)
     targets = nnx.to_pure_dict(placed_abstract(state, mesh))
     try:
