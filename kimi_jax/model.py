@@ -96,6 +96,17 @@ class KimiK2(nnx.Module):
             return jnp.einsum("...d,vd->...v", h, self.lm_head[...], preferred_element_type=jnp.float32)
 
 
+class _OneKey:
+    """Stands in for nnx.Rngs when only shapes are wanted. Each draw from a real Rngs advances its
+    counter, a traced variable update for which flax asks the tracer for its sharding; building
+    that error message scans every operation traced so far, which made tracing the full 61-layer
+    K2 quadratic (93 s on a 2-core machine, before the loader could read a byte)."""
+
+    @staticmethod
+    def params():
+        return jax.random.key(0)
+
+
 def abstract_model(cfg: Config, dtype=jnp.bfloat16):
     """(graphdef, state) of a `KimiK2` with shapes and dtypes only: nothing is allocated."""
-    return nnx.split(nnx.eval_shape(lambda: KimiK2(cfg, dtype=dtype, rngs=nnx.Rngs(params=0))))
+    return nnx.split(nnx.eval_shape(lambda: KimiK2(cfg, dtype=dtype, rngs=_OneKey())))

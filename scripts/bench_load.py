@@ -14,8 +14,8 @@ measurement reads them from the page cache: (a) `cat FILES > /dev/null`, (b) `lo
 CPU, each run in a fresh process so its peak RSS is its own). "Beyond weights" is the peak RSS of
 that process minus its RSS before loading minus the bytes of the loaded parameters: on CPU the
 device memory is host memory, so this is the memory the loader needed on top of the model.
-(c) "touch" is a fresh process that allocates one new buffer per tensor of the checkpoint and
-writes it: what any CPU load pays on top of reading, which `cat` (one small buffer, reused) never
+(c) "touch" is a fresh process that allocates one new buffer per tensor of the checkpoint, as the
+loader does, and writes it: what any CPU load pays on top of reading, which `cat` (one small buffer, reused) never
 does. On a VM this first touch of memory can cost more than the read itself. The three alternate
 (cat, touch, load, cat, touch, load...) so that drifting machine load hits all of them.
 With --orbax the checkpoint is also converted (`kimi_jax.convert`) and `load_converted`'s restore is
@@ -84,14 +84,14 @@ def run_child(kind: str, directory: str) -> None:
     if kind == "touch":
         import numpy as np
 
-        from kimi_jax.checkpoint import CheckpointReader
+        from kimi_jax.checkpoint import CheckpointReader, _new_block
 
         with CheckpointReader(directory) as reader:
             sizes = [info.nbytes for f in reader.files.values() for info in f.tensors.values()]
         t0 = time.perf_counter()
         buffers = []
         for n in sizes:
-            buffers.append(np.empty(n, np.uint8))
+            buffers.append(_new_block((n,), np.dtype(np.uint8)))
             buffers[-1].fill(1)
         print(json.dumps({"seconds": time.perf_counter() - t0}))
         return
