@@ -3,8 +3,9 @@
 The converted directory holds the parameters exactly as the model holds them (INT4 experts still
 packed) in an orbax checkpoint, restored straight onto the devices by `load_converted`. The config,
 tokenizer and template files are copied alongside, so `generate --checkpoint DIR` accepts either
-kind of directory. The HF loader reads the official files at close to the speed the disk delivers
-them, so converting is a choice of storage format, not a speed-up (scripts/bench_load.py times both).
+kind of directory. Converting is a choice of storage format, not a speed-up: the HF loader copies
+the official files once, straight into device buffers, and has measured faster than this restore
+(`scripts/bench_load.py --orbax` times both on the same weights).
 
 The marker file records a format version: parameter paths follow the model's structure, so when
 that changes (version 2: one parameter per layer, `layers/<i>/...`) an older directory is refused
