@@ -15,9 +15,10 @@ CPU, each run in a fresh process so its peak RSS is its own). "Beyond weights" i
 that process minus its RSS before loading minus the bytes of the loaded parameters: on CPU the
 device memory is host memory, so this is the memory the loader needed on top of the model.
 (c) "touch" is a fresh process that allocates one new buffer per tensor of the checkpoint, as the
-loader does, and writes it: what any CPU load pays on top of reading, which `cat` (one small buffer, reused) never
-does. On a VM this first touch of memory can cost more than the read itself. The three alternate
-(cat, touch, load, cat, touch, load...) so that drifting machine load hits all of them.
+loader does, and writes it: what any CPU load pays on top of reading, which `cat` (one small
+buffer, reused) never does. On a VM this first touch of memory can cost more than the read itself.
+The three alternate (cat, touch, load, cat, touch, load...) so that drifting machine load hits all
+of them.
 With --orbax the checkpoint is also converted (`kimi_jax.convert`) and `load_converted`'s restore is
 timed against `cat` of the converted files the same way. Prints a summary, then one markdown row
 per measurement for BENCHMARKS.md (or JSON with --json).
@@ -61,7 +62,7 @@ def largest_tensor_bytes(directory) -> int:
 
 
 def child(kind: str, directory: str) -> dict:
-    """Load `directory` (kind 'hf' or 'orbax') in a fresh process; its seconds and memory."""
+    """Run `kind` ('hf' or 'orbax' load, or 'touch') on `directory` in a fresh process: its result."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": os.pathsep.join(
         filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", kind, directory], env=env,
