@@ -42,6 +42,7 @@ __all__ = ["paged_attention_tpu", "default_pages_per_block", "unsupported_reason
 # Keys per grid step, ~1.2 MB of K2 cache. libtpu's schedule (v5p, 8 heads, 128-token pages) takes
 # 207, 185 and 174 bundles per page at 4, 8 and 16 pages a step, against ~93 cycles of HBM time.
 BLOCK_TOKENS = 1024
+MAX_QUERIES = 512  # C * heads per row: the f32 output block [512, 512] is 1 MiB of VMEM
 DOT_NT = (((1,), (1,)), ((), ()))  # a [m, k] . b [n, k] -> [m, n]
 
 
@@ -51,8 +52,14 @@ def default_pages_per_block(page: int, table_pages: int) -> int:
 
 def unsupported_reason(q_lat, q_pe, kv_pages, page_table, q_start, kv_len, *, scale, kv_layout="rows",
                        **config) -> str | None:
-    """Why the kernel cannot take these arguments (page sizes it cannot tile), or None."""
+    """Why the kernel cannot take these arguments (page sizes it cannot tile, more queries per row
+    than its VMEM holds), or None."""
     page = page_size(kv_pages, kv_layout)
+    queries = q_lat.shape[1] * q_lat.shape[2]
+    if queries > MAX_QUERIES:
+        # A row's queries, their running output and scores live in VMEM for the whole row: fine for
+        # decode (one token, a few heads), not for a prefill chunk (C * H * r float32 alone is MBs).
+        return f"the TPU attention kernel holds at most {MAX_QUERIES} queries per row (C * heads); got {queries}"
     need = 128 if kv_layout == "lanes" else 16
     if page % need:
         return f"the TPU attention kernel needs {kv_layout!r} pages of a multiple of {need} tokens; got {page}"

@@ -1,10 +1,15 @@
-"""`python -m kimi_jax.convert --checkpoint HF_DIR --out DIR`: save loaded params for fast restore.
+"""`python -m kimi_jax.convert --checkpoint HF_DIR --out DIR`: save loaded params as an orbax checkpoint.
 
-Reading a HF checkpoint means parsing safetensors and transposing every matrix into the model's
-layout. The converted directory holds the parameters exactly as the model uses them (INT4 experts
-still packed) in an orbax checkpoint, so later loads are a straight, sharded, parallel restore.
-The config, tokenizer and template files are copied alongside, so `generate --checkpoint DIR`
-accepts either kind of directory.
+The converted directory holds the parameters exactly as the model holds them (INT4 experts still
+packed) in an orbax checkpoint, restored straight onto the devices by `load_converted`. The config,
+tokenizer and template files are copied alongside, so `generate --checkpoint DIR` accepts either
+kind of directory. Converting is a choice of storage format, not a speed-up: the HF loader copies
+the official files once, straight into device buffers, and has measured faster than this restore
+(`scripts/bench_load.py --orbax` times both on the same weights).
+
+The marker file records a format version: parameter paths follow the model's structure, so when
+that changes (version 2: one parameter per layer, `layers/<i>/...`) an older directory is refused
+with a message to convert again, rather than failing inside orbax.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from kimi_jax.config import Config
 from kimi_jax.errors import KimiError
 
 MARKER = "kimi_jax_convert.json"
+VERSION = 2
 PARAMS = "params"
 SIDE_FILES = ("config.json", "generation_config.json", "tiktoken.model", "tokenizer_config.json",
               "chat_template.jinja")
@@ -39,7 +45,7 @@ def convert(checkpoint: str, out: str, *, dtype=jnp.bfloat16, progress: bool = T
 
     if os.path.exists(out) and os.listdir(out):
         raise KimiError(f"--out {out} exists and is not empty")
-    model, cfg = load_model(checkpoint, dtype=dtype, progress=progress)
+    model, cfg = load_model(checkpoint, dtype=dtype, progress=progress, expert_layout="ct")
     os.makedirs(out, exist_ok=True)
     state = nnx.to_pure_dict(nnx.state(model))
     with ocp.StandardCheckpointer() as ckpt:
@@ -49,17 +55,28 @@ def convert(checkpoint: str, out: str, *, dtype=jnp.bfloat16, progress: bool = T
         if os.path.isfile(src):
             shutil.copy2(src, os.path.join(out, name))
     with open(os.path.join(out, MARKER), "w", encoding="utf-8") as f:
-        json.dump({"format": "kimi_jax-orbax", "version": 1, "dtype": jnp.dtype(dtype).name,
+        json.dump({"format": "kimi_jax-orbax", "version": VERSION, "dtype": jnp.dtype(dtype).name,
                    "source": os.path.abspath(checkpoint)}, f, indent=2)
 
 
 def load_converted(directory: str, cfg: Config, *, dtype=jnp.bfloat16, mesh=None):
-    """Restore a converted directory straight onto the devices of `mesh` (or the default device)."""
+    """Restore a converted directory straight onto the devices of `mesh` (or the default device).
+    Experts are stored in the checkpoint's layout and moved into the devices' own after restoring."""
     import orbax.checkpoint as ocp
 
+    from kimi_jax.checkpoint import expert_layout_for, relayout_experts
     from kimi_jax.model import abstract_model
     from kimi_jax.sharding import placed_abstract
 
+    marker = os.path.join(directory, MARKER)
+    try:
+        with open(marker, encoding="utf-8") as f:
+            version = json.load(f).get("version")
+    except (OSError, ValueError, AttributeError) as e:
+        raise KimiError(f"{marker}: not a readable conversion marker ({e})") from None
+    if version != VERSION:
+        raise KimiError(f"{directory}: converted in format version {version}, but this kimi_jax reads version "
+                        f"{VERSION}; convert the original checkpoint again with python -m kimi_jax.convert")
     graphdef, state = abstract_model(cfg, dtype)
     targets = nnx.to_pure_dict(placed_abstract(state, mesh))
     try:
@@ -68,6 +85,13 @@ def load_converted(directory: str, cfg: Config, *, dtype=jnp.bfloat16, mesh=None
     except Exception as e:  # orbax raises many kinds; the user needs the directory and the cause
         raise KimiError(f"{directory}: cannot restore converted parameters ({type(e).__name__}: {e})") from None
     nnx.replace_by_pure_dict(state, restored)
+    layout = expert_layout_for(cfg, mesh)
+    if layout != "ct":
+        target_graph, target = abstract_model(cfg, dtype, expert_layout=layout)
+        relayout, loaded = relayout_experts(target, mesh), dict(nnx.to_flat_state(state))
+        for path, var in nnx.to_flat_state(target):
+            var.set_value(relayout(path, loaded[path].get_value()))
+        graphdef, state = target_graph, target
     return nnx.merge(graphdef, state)
 
 

@@ -35,22 +35,33 @@ def write_checkpoint(directory, cfg: Config, tensors: Iterable[tuple[str, np.nda
     Shards are named like the official ones, `model-00001-of-000062.safetensors` (five digits for
     the shard, six for the total — the release's own quirk)."""
     os.makedirs(directory, exist_ok=True)
-    shards: list[dict[str, np.ndarray]] = [{}]
-    size = 0
-    total = 0
+    # Each shard is written as soon as it is full, so memory holds one shard, not the checkpoint; the
+    # names carry the shard count, known only at the end, so shards are renamed then.
+    written: list[tuple[str, list[str]]] = []  # (temporary path, tensor names)
+    shard: dict[str, np.ndarray] = {}
+    size = total = 0
+
+    def flush():
+        path = os.path.join(directory, f".shard-{len(written) + 1:05d}.safetensors.partial")
+        save_file(shard, path, metadata={"format": "pt"})
+        written.append((path, list(shard)))
+        shard.clear()
+
     for name, arr in tensors:
         arr = np.ascontiguousarray(_stored(name, arr, float_dtype))
-        if shards[-1] and size + arr.nbytes > max_shard_bytes:
-            shards.append({})
+        if shard and size + arr.nbytes > max_shard_bytes:
+            flush()
             size = 0
-        shards[-1][name] = arr
+        shard[name] = arr
         size += arr.nbytes
         total += arr.nbytes
+    if shard or not written:
+        flush()
     weight_map = {}
-    for k, shard in enumerate(shards, 1):
-        file = f"model-{k:05d}-of-{len(shards):06d}.safetensors"
-        save_file(shard, os.path.join(directory, file), metadata={"format": "pt"})
-        weight_map.update({name: file for name in shard})
+    for k, (path, names) in enumerate(written, 1):
+        file = f"model-{k:05d}-of-{len(written):06d}.safetensors"
+        os.replace(path, os.path.join(directory, file))
+        weight_map.update({name: file for name in names})
     with open(os.path.join(directory, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=2)
     with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:

@@ -8,6 +8,7 @@ compressed-tensors quantizer when the config asks for INT4.
 
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -33,7 +34,7 @@ def random_hf_tensors(cfg: Config, seed: int = 0):
             elif len(shape) == 1:  # norm weights: near one, not exactly, so a missing norm shows
                 yield name, (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
             elif name == "model.embed_tokens.weight":
-                yield name, rng.standard_normal(shape).astype(np.float32)
+                yield name, _normal(rng, shape)
             elif entry.leaf == "packed":
                 out_f = shape[0]
                 in_f = cfg.moe_intermediate_size if ".down_proj." in name else cfg.hidden_size
@@ -44,9 +45,18 @@ def random_hf_tensors(cfg: Config, seed: int = 0):
                 yield name, packed
                 yield name.replace("weight_packed", "weight_scale"), scale
             else:
-                yield name, (rng.standard_normal(shape) / np.sqrt(shape[-1])).astype(np.float32)
+                yield name, _normal(rng, shape, np.sqrt(shape[-1]))
     for name, shape in checkpoint.weight_shape_names(cfg).items():
         yield name, np.asarray(shape, np.int64)
+
+
+def _normal(rng, shape, divisor=1.0) -> np.ndarray:
+    """float32 normal draws divided by `divisor`, drawn a million at a time: the same numbers as one
+    float64 draw of the whole shape, without a vocabulary-sized float64 matrix in memory."""
+    out = np.empty(math.prod(shape), np.float32)
+    for i in range(0, out.size, 1 << 20):
+        out[i:i + (1 << 20)] = rng.standard_normal(min(1 << 20, out.size - i)) / divisor
+    return out.reshape(shape)
 
 
 def with_fixture_token_ids(cfg: Config) -> Config:

@@ -100,3 +100,17 @@ def test_ops_run_the_tpu_kernel_for_either_page_layout_and_the_gpu_one_for_rows_
     got = ops.paged_attention(*args, scale=SCALE, kv_layout="lanes", impl="interpret_tpu")
     want = paged_attention_ref(q_lat, q_pe, rows, *args[3:], scale=SCALE)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5)
+
+
+def test_a_prefill_chunk_too_large_for_vmem_runs_the_reference():
+    from kernels_pallas import ops
+    from kernels_pallas.paged_attention_tpu import MAX_QUERIES
+
+    q = jnp.zeros((1, MAX_QUERIES // 8 + 1, 8, 32), jnp.float32)  # one query too many
+    pool = jnp.zeros((4, 40, 128), jnp.float32)
+    args = (q, q[..., :8], pool, jnp.ones((1, 2), jnp.int32), jnp.zeros(1, jnp.int32), jnp.ones(1, jnp.int32))
+    chosen, _ = ops.paged_attention.choose("pallas_tpu", *args, scale=1.0, kv_layout="lanes")
+    assert chosen == "xla"
+    chosen, _ = ops.paged_attention.choose("pallas_tpu", q[:, :1], q[:, :1, :, :8], *args[2:], scale=1.0,
+                                           kv_layout="lanes")
+    assert chosen == "pallas_tpu"

@@ -1,0 +1,229 @@
+"""Checkpoint load time against reading the same files with `cat`, and the host memory it takes.
+
+    PYTHONPATH=. python scripts/bench_load.py --quick                     # tiny fixture, seconds
+    PYTHONPATH=. python scripts/bench_load.py --orbax                     # writes the 6 GB K2-shaped
+                                                                         # slice to a temporary dir
+    PYTHONPATH=. python scripts/bench_load.py --checkpoint DIR --orbax   # an existing directory
+
+Without --checkpoint a fixture is written first: by default the K2-shaped slice of issue 11
+(`--preset k2-thinking --int4 --group-size 32 --layers 2 --experts 16`: 6 GB, which needs that
+much free disk and twice that in free memory), or what the config flags say.
+
+The page cache cannot be dropped here, so the files are read once first (with `cat`) and every
+measurement reads them from the page cache: (a) `cat FILES > /dev/null`, (b) `load_model` (bf16,
+CPU, each run in a fresh process so its peak RSS is its own). "Beyond weights" is the peak RSS of
+that process minus its RSS before loading minus the bytes of the loaded parameters: on CPU the
+device memory is host memory, so this is the memory the loader needed on top of the model.
+(c) "touch" is a fresh process that allocates one new buffer per tensor of the checkpoint, as the
+loader does, and writes it: what any CPU load pays on top of reading, which `cat` (one small
+buffer, reused) never does. On a VM this first touch of memory can cost more than the read itself.
+The three alternate (cat, touch, load, cat, touch, load...) so that drifting machine load hits all
+of them.
+With --orbax the checkpoint is also converted (`kimi_jax.convert`) and `load_converted`'s restore is
+timed against `cat` of the converted files the same way. Prints a summary, then one markdown row
+per measurement for BENCHMARKS.md (or JSON with --json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TARGET_RATIO = 2.0  # load within 2x the page-cache read time
+TARGET_BEYOND = 2.0  # peak host memory beyond the weights within 2x the largest tensor
+
+
+def checkpoint_files(directory) -> list[str]:
+    return sorted(str(p) for p in pathlib.Path(directory).rglob("*") if p.is_file())
+
+
+def cat_seconds(files: list[str]) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(["cat", *files], stdout=subprocess.DEVNULL, check=True)
+    return time.perf_counter() - t0
+
+
+def largest_tensor_bytes(directory) -> int:
+    from kimi_jax.checkpoint import CheckpointReader
+
+    with CheckpointReader(directory) as reader:
+        return max(info.nbytes for f in reader.files.values() for info in f.tensors.values())
+
+
+def child(kind: str, directory: str) -> dict:
+    """Run `kind` ('hf' or 'orbax' load, or 'touch') on `directory` in a fresh process: its result."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": os.pathsep.join(
+        filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", kind, directory], env=env,
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"{kind} load of {directory} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def rss_bytes(field: str) -> int:
+    """VmRSS (now) or VmHWM (peak) of this process, from /proc (Linux)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def run_child(kind: str, directory: str) -> None:
+    if kind == "touch":
+        import numpy as np
+
+        from kimi_jax.checkpoint import CheckpointReader, _new_block
+
+        with CheckpointReader(directory) as reader:
+            sizes = [info.nbytes for f in reader.files.values() for info in f.tensors.values()]
+        t0 = time.perf_counter()
+        buffers = []
+        for n in sizes:
+            buffers.append(_new_block((n,), np.dtype(np.uint8)))
+            buffers[-1].fill(1)
+        print(json.dumps({"seconds": time.perf_counter() - t0}))
+        return
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    jax.devices()  # start the backend before the baseline: its memory is not the loader's
+    baseline = rss_bytes("VmRSS")
+    t0 = time.perf_counter()
+    if kind == "hf":
+        from kimi_jax.checkpoint import load_model
+
+        model, _ = load_model(directory, dtype=jnp.bfloat16, progress=False)
+    else:
+        from kimi_jax.config import Config
+        from kimi_jax.convert import load_converted
+
+        model = load_converted(directory, Config.from_hf(directory), dtype=jnp.bfloat16)
+    leaves = jax.tree.leaves(nnx.state(model))
+    jax.block_until_ready(leaves)
+    seconds = time.perf_counter() - t0
+    weights = sum(x.nbytes for x in leaves)
+    print(json.dumps({"seconds": seconds, "weights": weights, "baseline_rss": baseline,
+                      "peak_rss": rss_bytes("VmHWM")}))
+
+
+def measure(kind: str, directory: str, repeat: int, hf_directory: str) -> dict:
+    """cat, touch and load of `directory`, alternating, `repeat` times each; the best of each."""
+    files = checkpoint_files(directory)
+    cat_seconds(files)  # warm the page cache
+    cats, touches, loads = [], [], []
+    for _ in range(repeat):
+        cats.append(cat_seconds(files))
+        touches.append(child("touch", hf_directory)["seconds"])
+        loads.append(child(kind, directory))
+    best = min(loads, key=lambda r: r["seconds"])
+    return {"kind": kind, "files": len(files), "bytes": sum(os.path.getsize(f) for f in files),
+            "cat_s": min(cats), "touch_s": min(touches), "load_s": best["seconds"], "weights": best["weights"],
+            "beyond": max(r["peak_rss"] - r["baseline_rss"] - r["weights"] for r in loads),
+            "runs": {"cat_s": cats, "touch_s": touches, "load_s": [r["seconds"] for r in loads]}}
+
+
+def machine() -> str:
+    from bench_cpu import cpu_name
+
+    return f"{cpu_name()}, {os.cpu_count()} cores"
+
+
+def size(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.3g} {unit}" if unit != "B" else f"{n:.0f} B"
+        n /= 1000
+
+
+def row(r: dict, largest: int, command: str) -> str:
+    ratio = r["load_s"] / r["cat_s"]
+    beyond = r["beyond"] / largest
+    met = ["met" if ok else "not met" for ok in (ratio <= TARGET_RATIO, beyond <= TARGET_BEYOND)]
+    what = "load_model (bf16)" if r["kind"] == "hf" else "orbax restore (bf16)"
+    return (f"| {datetime.date.today()} | {machine()} | `{command}` | {what} | {size(r['bytes'])} in "
+            f"{r['files']} files, largest tensor {size(largest)} | {r['cat_s']:.2f} s | {r['touch_s']:.2f} s | "
+            f"{r['load_s']:.2f} s ({size(r['bytes'] / r['load_s'])}/s) | {ratio:.1f}× ({met[0]}) | "
+            f"{size(max(r['beyond'], 0))}, {beyond:.2f}× largest ({met[1]}) |")
+
+
+HEADER = ("| date | machine | command | load | files | cat (page cache) | touch (fresh memory) | load | load / cat "
+          "(target ≤ 2×) | peak RSS beyond weights (target ≤ 2× largest tensor) |\n"
+          "|---|---|---|---|---|---|---|---|---|---|")
+
+
+def main(argv=None) -> int:
+    from make_fixture_checkpoint import add_config_args, fixture_config
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--checkpoint", help="an existing HF checkpoint directory (else a fixture is written)")
+    ap.add_argument("--out", help="where to write the fixture (default: a temporary directory, removed after)")
+    add_config_args(ap)
+    ap.add_argument("--quick", action="store_true", help="a tiny fixture: the whole run takes seconds")
+    ap.add_argument("--orbax", action="store_true", help="also convert to orbax and time its restore")
+    ap.add_argument("--repeat", type=int, default=1, help="runs of each measurement; the best is reported")
+    ap.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    ap.set_defaults(preset="k2-thinking", int4=True, group_size=32, layers=2, experts=16)
+    ap.add_argument("--child", nargs=2, metavar=("KIND", "DIR"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        run_child(*args.child)
+        return 0
+    if args.quick and args.checkpoint:
+        ap.error("--quick writes its own tiny fixture; it takes no --checkpoint")
+
+    from kimi_jax.config import TINY, Int4Quant
+    from kimi_jax.fixtures import make_fixture_checkpoint, with_fixture_token_ids
+
+    cfg = with_fixture_token_ids(TINY.replace(quantization=Int4Quant(group_size=16))) if args.quick \
+        else fixture_config(args)
+
+    scratch = tempfile.mkdtemp(prefix="bench_load_")
+    try:
+        directory = args.checkpoint
+        if directory is None:
+            directory = args.out or os.path.join(scratch, "hf")
+            t0 = time.perf_counter()
+            make_fixture_checkpoint(directory, cfg, tokenizer=False)
+            print(f"wrote the fixture in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        largest = largest_tensor_bytes(directory)
+        results = [measure("hf", directory, args.repeat, directory)]
+        if args.orbax:
+            from kimi_jax.convert import convert
+
+            converted = os.path.join(scratch, "orbax")
+            t0 = time.perf_counter()
+            convert(directory, converted, progress=False)
+            print(f"converted in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+            results.append(measure("orbax", converted, args.repeat, directory))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    command = "python scripts/bench_load.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.json:
+        print(json.dumps({"largest_tensor": largest, "results": results}, indent=2))
+        return 0
+    for r in results:
+        print(f"{r['kind']}: {size(r['bytes'])} in {r['files']} files; cat {r['cat_s']:.2f} s, touch "
+              f"{r['touch_s']:.2f} s, load {r['load_s']:.2f} s ({r['load_s'] / r['cat_s']:.1f}x cat); peak RSS "
+              f"beyond the {size(r['weights'])} of weights {size(r['beyond'])} ({r['beyond'] / largest:.2f}x the "
+              f"largest tensor, {size(largest)})", file=sys.stderr)
+    print(HEADER)
+    print("\n".join(row(r, largest, command.strip()) for r in results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
