@@ -93,16 +93,21 @@ class Op:
         self.name, self.reference, self.kernels = name, reference, kernels
         self.__doc__ = reference.__doc__
 
-    def choose(self, impl: str, *args, **kwargs) -> tuple[str, Callable]:
-        """(implementation that will run, its function) for these arguments under `impl`."""
+    def fallback_reason(self, impl: str, *args, **kwargs) -> str | None:
+        """Why `impl` cannot run these arguments (so the XLA reference will), or None if it can."""
         if impl not in IMPLS:
             raise ValueError(f"unknown impl {impl!r} for {self.name}; expected one of {IMPLS}")
-        kernel = self.kernels.get(impl)
         if impl == "xla":
-            return "xla", self.reference
-        reason = "no kernel" if kernel is None else kernel.unsupported(*args, **kwargs)
+            return None
+        kernel = self.kernels.get(impl)
+        return "no kernel" if kernel is None else kernel.unsupported(*args, **kwargs)
+
+    def choose(self, impl: str, *args, **kwargs) -> tuple[str, Callable]:
+        """(implementation that will run, its function) for these arguments under `impl`; logs
+        each distinct fallback once."""
+        reason = self.fallback_reason(impl, *args, **kwargs)
         if reason is None:
-            return impl, kernel.fn
+            return impl, (self.reference if impl == "xla" else self.kernels[impl].fn)
         if (self.name, impl, reason) not in _logged:
             _logged.add((self.name, impl, reason))
             _log.warning("%s: %s falls back to the XLA reference (%s)", self.name, impl, reason)

@@ -5,7 +5,6 @@ mid-page; rows include an empty cache and a single token. Widths are the smalles
 (latent 32, rope 16); 4 heads pad to a 16-row tile.
 """
 
-import logging
 
 import jax.numpy as jnp
 import numpy as np
@@ -63,15 +62,14 @@ def test_default_tiling_fills_the_gpu_with_splits_only_where_rows_are_few():
     assert attention_config(rows=1, heads_x_queries=8, max_tokens=300)["n_splits"] == 2  # 256-token minimum
 
 
-def test_ops_run_the_kernel_and_fall_back_for_widths_triton_cannot_tile(caplog):
+def test_ops_run_the_kernel_and_fall_back_for_widths_triton_cannot_tile():
     args = paged_case(np.random.default_rng(3), [9, 30], 1)
     assert ops.paged_attention.choose("interpret_gpu", *args, scale=SCALE)[0] == "interpret_gpu"
     got = ops.paged_attention(*args, scale=SCALE, impl="interpret_gpu")
     np.testing.assert_allclose(np.asarray(got), np.asarray(paged_attention_ref(*args, scale=SCALE)), atol=2e-5)
     narrow = (args[0], args[1][..., :8], args[2][..., :LAT + 8], *args[3:])  # rope width 8 < 16
-    with caplog.at_level(logging.WARNING, logger="kernels_pallas.ops"):
-        assert ops.paged_attention.choose("interpret_gpu", *narrow, scale=SCALE)[0] == "xla"
-    assert "rope width of at least 16; got 8" in caplog.text
+    assert ops.paged_attention.choose("interpret_gpu", *narrow, scale=SCALE)[0] == "xla"
+    assert "rope width of at least 16; got 8" in ops.paged_attention.fallback_reason("interpret_gpu", *narrow, scale=SCALE)
     with pytest.raises(ValueError, match="rope width"):
         paged_attention_gpu(*narrow, scale=SCALE, interpret=True)
     assert ops.paged_attention.choose("pallas_tpu", *args, scale=SCALE)[0] == "xla"  # no TPU kernel here yet
