@@ -103,10 +103,11 @@ def _shardings(state, mesh: Mesh | None):
 
 def random_model(cfg: Config, *, seed: int = 0, dtype: str | jnp.dtype = "bfloat16",
                  mesh: Mesh | MeshSpec | str | None = None) -> KimiK2:
-    """A `KimiK2` with random weights (INT4 experts when `cfg.quantization` says so), drawn as
-    `KimiK2(cfg, dtype=dtype, rngs=nnx.Rngs(params=seed))` draws them, but in one compiled program
-    that writes each device's blocks in place: a model too big for one device never passes through
-    one. (Compiled and eager draws may round a value's last bit differently.)"""
+    """A `KimiK2` with random weights (INT4 experts when `cfg.quantization` says so) from the
+    module's own initializers, as `KimiK2(cfg, dtype=dtype, rngs=nnx.Rngs(params=seed))` draws
+    them, but in one compiled program that writes each device's blocks in place: a model too big
+    for one device never passes through one. The same seed gives the same weights on any mesh;
+    the compiled draw may round a value's last bit differently from the eager constructor."""
     graphdef, draw = _random_drawer(cfg, model_dtype(dtype), resolve_mesh(mesh, cfg))
     return nnx.merge(graphdef, draw(jax.random.key(seed)))
 
