@@ -21,6 +21,7 @@ _EXPORTS = {
     # the model as a Flax module
     "Config": "kimi_jax.config",
     "KimiK2": "kimi_jax.model",
+    "Int4Weight": "kimi_jax.quant",
     "load": "kimi_jax.loading",
     "random_model": "kimi_jax.loading",
     "DEFAULT_CHECKPOINT": "kimi_jax.generate",
@@ -52,6 +53,7 @@ if TYPE_CHECKING:  # what editors and type checkers see; at run time the names l
     from kimi_jax.generate import DEFAULT_CHECKPOINT  # noqa: F401
     from kimi_jax.loading import device_mesh, load, random_model, shard  # noqa: F401
     from kimi_jax.model import KimiK2  # noqa: F401
+    from kimi_jax.quant import Int4Weight  # noqa: F401
     from kimi_jax.router_trace import RouterChoices, router_choices  # noqa: F401
     from kimi_jax.runtime import Runtime  # noqa: F401
     from kimi_jax.sampling import SamplingParams  # noqa: F401
