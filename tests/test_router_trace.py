@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from reference import load_reference
 
 import kimi_jax
 from kimi_jax.batching import BatchEngine
 from kimi_jax.config import TINY
 from kimi_jax.engine import decode_step
 from kimi_jax.fixtures import with_fixture_token_ids
+from kimi_jax.reference import load_reference
 from kimi_jax.router_trace import _traced_routing
 from kimi_jax.sampling import SamplingParams, knob_arrays
 
