@@ -68,7 +68,8 @@ class Conversation:
     model answers; `messages` holds the OpenAI-style history the next turn continues."""
 
     def __init__(self, runtime: Runtime, *, tools: ToolRegistry | None = None, system: str | None = None,
-                 sampling: SamplingParams | None = None, max_steps: int = 300, tool_timeout: float = 10.0, tool_names: list[str] | None = None):
+                 sampling: SamplingParams | None = None, max_steps: int = 300, tool_timeout: float = 10.0,
+                 tool_names: list[str] | None = None):
         runtime.require_chat()
         if max_steps < 1:
             raise KimiError(f"max_steps must be >= 1, got {max_steps}")

@@ -186,7 +186,9 @@ def _capturing(module: nnx.Module) -> bool:
     Outside `nnx.capture`, Flax 0.12 still stores a sown value on the module itself (deprecated):
     every eager call would grow a live model by a tuple entry, and an `nnx.jit` step would return
     the values as extra outputs and retrace as the tuple grows. So the router records only when
-    captured, and the serving and training programs never contain the record at all."""
+    captured, and the serving and training programs never contain the record at all. Flax marks
+    captured modules with `__captures__` (its own attribute, not API: if a release renames it,
+    `router_choices` says that no layer recorded anything instead of returning wrong data)."""
     return hasattr(module, "__captures__")
 
 
