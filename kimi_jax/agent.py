@@ -16,12 +16,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from kimi_jax.chat import StreamParser, parse_output
 from kimi_jax.chat.prompt import encode_chat
 from kimi_jax.errors import KimiError
 from kimi_jax.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from kimi_jax.runtime import Runtime
+    from kimi_jax.tools import ToolRegistry
 
 
 @dataclasses.dataclass
@@ -41,6 +45,10 @@ class StepStartEvent:
 
 @dataclasses.dataclass
 class TurnResult:
+    """What one `Conversation.send` produced: the final reasoning and answer, every model step with
+    the tool results it caused, the generated token ids, why the turn stopped, token usage and
+    seconds, and any parser warnings."""
+
     reasoning_content: str | None
     content: str
     tool_calls: list[dict]  # of the final assistant message (non-empty only when stopped early)
@@ -51,12 +59,17 @@ class TurnResult:
     warnings: list[str]
 
     def to_json(self) -> dict:
+        """The result as plain JSON-ready data (what `generate --json` prints)."""
         return dataclasses.asdict(self)
 
 
 class Conversation:
-    def __init__(self, runtime, *, tools=None, system: str | None = None, sampling: SamplingParams | None = None,
-                 max_steps: int = 300, tool_timeout: float = 10.0, tool_names: list[str] | None = None):
+    """A chat with tools: `send(text)` runs model steps and the tool calls they make until the
+    model answers; `messages` holds the OpenAI-style history the next turn continues."""
+
+    def __init__(self, runtime: Runtime, *, tools: ToolRegistry | None = None, system: str | None = None,
+                 sampling: SamplingParams | None = None, max_steps: int = 300, tool_timeout: float = 10.0,
+                 tool_names: list[str] | None = None):
         runtime.require_chat()
         if max_steps < 1:
             raise KimiError(f"max_steps must be >= 1, got {max_steps}")

@@ -37,13 +37,14 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from kimi_jax.cache import DISCARD_PAGE, PagedCache, pages_for
 from kimi_jax.cache import layout_for as cache_layout_for
 from kimi_jax.distributed import broadcast_from_main, global_array, is_main, to_host
 from kimi_jax.engine import decode_step, prefill_step, put_rows
 from kimi_jax.errors import KimiError
-from kimi_jax.model import default_impl
+from kimi_jax.model import KimiK2, default_impl
 from kimi_jax.pages import PagePool
 from kimi_jax.sampling import SamplingParams, knob_arrays
 
@@ -57,6 +58,9 @@ _ids = itertools.count()
 
 @dataclasses.dataclass(eq=False)
 class Request:
+    """One prompt in the engine: its generated `tokens` grow while it runs, `done` is set and
+    `finish_reason` says why when it ends; timings are `time.perf_counter()` seconds."""
+
     prompt_ids: list[int]
     sampling: SamplingParams
     on_event: Callable | None = None
@@ -78,6 +82,7 @@ class Request:
 
     @property
     def prompt_tokens(self) -> int:
+        """Length of the prompt in tokens."""
         return len(self.prompt_ids)
 
     def cancel(self) -> None:
@@ -86,9 +91,12 @@ class Request:
 
 
 class BatchEngine:
-    def __init__(self, model, *, max_batch: int = 8, max_len: int = 4096, chunk: int = 128,
+    """Runs requests of token ids through a model with continuous batching over a paged cache
+    (see the module docstring); `generate` for a batch, `submit`/`wait`/`start` for a stream."""
+
+    def __init__(self, model: KimiK2, *, max_batch: int = 8, max_len: int = 4096, chunk: int = 128,
                  page_size: int | None = None, n_pages: int | None = None, prefill_rows: int = 1,
-                 max_queue: int = 64, mesh=None, impl: str | None = None, mirror: bool = False):
+                 max_queue: int = 64, mesh: Mesh | None = None, impl: str | None = None, mirror: bool = False):
         """`impl`: the kernels (kernels_pallas.ops IMPLS); default: the best for the mesh's devices.
         `page_size`: tokens per cache page (default: what the devices read best, cache.layout_for).
         `mirror`: process 0's requests are replayed on every other process (several hosts)."""
@@ -193,6 +201,7 @@ class BatchEngine:
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop the background thread after its current step (requests stay where they are)."""
         with self._lock:
             self._running = False
             self._wake.notify()
@@ -216,6 +225,8 @@ class BatchEngine:
             self.step()
 
     def metrics(self) -> dict:
+        """A snapshot of load and throughput: slots, queue, pages, prefix-cache hits, token counts
+        and the generation rate over the last 10 seconds."""
         busy = sum(r is not None for r in self._slots)
         now = time.perf_counter()
         window = [(t, n) for t, n in self._recent if now - t < 10.0]

@@ -77,6 +77,9 @@ class Int4Quant:
 
 @dataclasses.dataclass(frozen=True)
 class Config:
+    """A K2-architecture model's hyperparameters under their config.json names; the defaults are
+    Kimi K2 Thinking's. Read one with `Config.from_hf(dir)`, change one with `cfg.replace(...)`."""
+
     vocab_size: int = 163840
     hidden_size: int = 7168
     intermediate_size: int = 18432  # dense SwiGLU of the first `first_k_dense_replace` layers
@@ -114,14 +117,17 @@ class Config:
     # ---- derived sizes ------------------------------------------------------------------------
     @property
     def qk_head_dim(self) -> int:
+        """Query/key width per head: the no-rope part plus the rope part."""
         return self.qk_nope_head_dim + self.qk_rope_head_dim
 
     @property
     def n_dense_layers(self) -> int:
+        """Layers with a dense SwiGLU instead of experts (the first ones)."""
         return self.first_k_dense_replace
 
     @property
     def n_moe_layers(self) -> int:
+        """Layers with routed experts."""
         return self.num_hidden_layers - self.first_k_dense_replace
 
     @property
@@ -187,6 +193,7 @@ class Config:
         return out
 
     def replace(self, **changes) -> "Config":
+        """A copy with `changes` (field=value) applied and validated like a config.json."""
         cfg = dataclasses.replace(self, **changes)
         _validate(cfg, "config")
         return cfg

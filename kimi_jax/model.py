@@ -52,7 +52,12 @@ class DecoderLayer(nnx.Module):
 
 
 class KimiK2(nnx.Module):
-    def __init__(self, cfg: Config, *, dtype=jnp.bfloat16, rngs: nnx.Rngs | None = None, expert_layout: str = "ct"):
+    """The whole decoder: `embed`, `layers` (a `DecoderLayer` each: `attn` is MLA, `mlp` a dense
+    MLP or a `MoE`), `norm` and `lm_head`, with weights in the checkpoint's [out, in] orientation.
+    `KimiK2(cfg)` draws random weights; `kimi_jax.load(dir)` builds one from a checkpoint."""
+
+    def __init__(self, cfg: Config, *, dtype: jnp.dtype = jnp.bfloat16, rngs: nnx.Rngs | None = None,
+                 expert_layout: str = "ct"):
         """Random weights (see kimi_jax.checkpoint for real ones). `expert_layout`: where INT4
         routed experts sit in device memory ("ct", the checkpoint's, or "tpu"; kernels_pallas/layout.py)."""
         rngs = rngs if rngs is not None else nnx.Rngs(params=0)
@@ -66,7 +71,8 @@ class KimiK2(nnx.Module):
         self.lm_head = param(rngs, (v, d), ("vocab", "embed"), dtype)
 
     # ---- forward ------------------------------------------------------------------------------
-    def __call__(self, tokens: jax.Array, batch: AttnBatch, pages: tuple | None, *, impl: str):
+    def __call__(self, tokens: jax.Array, batch: AttnBatch, pages: tuple | None, *,
+                 impl: str) -> tuple[jax.Array, tuple | None]:
         """Run tokens [b,c] through every layer. `batch` says where each token sits (cache.py);
         `pages` holds each layer's page pool (written in place and returned), or None to attend
         within the chunk only; `impl` names the kernels (kernels_pallas.ops: "xla", "pallas_gpu",
@@ -79,7 +85,8 @@ class KimiK2(nnx.Module):
             new_pages.append(p)
         return x, (None if pages is None else tuple(new_pages))
 
-    def forward_cached(self, tokens: jax.Array, batch: AttnBatch, cache: PagedCache, *, impl: str):
+    def forward_cached(self, tokens: jax.Array, batch: AttnBatch, cache: PagedCache, *,
+                       impl: str) -> tuple[jax.Array, PagedCache]:
         """A chunk through the cache: hidden states [b,c,d] and the cache with its pools updated
         (lengths and page table are the caller's to advance)."""
         x, pages = self(tokens, batch, cache.pages, impl=impl)

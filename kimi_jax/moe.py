@@ -4,6 +4,10 @@ Routing: sigmoid scores; `e_score_correction_bias` is added only to *choose* exp
 within the best `topk_group` of `n_group` groups); the mixing weights come from the unbiased scores,
 normalized over the chosen k and multiplied by `routed_scaling_factor`.
 
+Under `nnx.capture(..., nnx.Intermediate)` each MoE layer records its routing as the intermediate
+`ROUTING`: {"expert_ids" [t,k], "weights" [t,k], "scores" [t,e] (the unbiased sigmoid affinities)};
+`kimi_jax.router_choices` collects them for a prompt.
+
 Dispatch: the t·k (token, expert) assignments are sorted by expert so each expert sees one
 contiguous run of rows; `expert_ffn` then runs one grouped matmul per projection over those runs
 (kernels_pallas.ops: Pallas INT4 kernels, `ragged_dot`, or the CPU row-block reference).
@@ -23,11 +27,17 @@ from kimi_jax.layers import INIT_STD, MLP, param
 from kimi_jax.quant import Int4Weight
 from kimi_jax.sharding import spec_for
 
+ROUTING = "routing"  # name of the intermediate each MoE layer sows under nnx.capture
 
-def route(x: jax.Array, router: jax.Array, bias: jax.Array, cfg: Config) -> tuple[jax.Array, jax.Array]:
-    """x [t,d] -> (weights [t,k] float32, expert ids [t,k] int32)."""
+
+def router_scores(x: jax.Array, router: jax.Array) -> jax.Array:
+    """x [t,d] -> every token's sigmoid affinity for every routed expert, [t,e] float32."""
     logits = jnp.einsum("td,ed->te", x.astype(jnp.float32), router.astype(jnp.float32))
-    scores = jax.nn.sigmoid(logits)
+    return jax.nn.sigmoid(logits)
+
+
+def select_experts(scores: jax.Array, bias: jax.Array, cfg: Config) -> tuple[jax.Array, jax.Array]:
+    """Affinities [t,e] -> (mixing weights [t,k] float32, expert ids [t,k] int32)."""
     choice = scores + bias.astype(jnp.float32)
     if cfg.n_group > 1:
         t = choice.shape[0]
@@ -41,6 +51,11 @@ def route(x: jax.Array, router: jax.Array, bias: jax.Array, cfg: Config) -> tupl
     if cfg.norm_topk_prob and cfg.num_experts_per_tok > 1:
         w = w / (w.sum(-1, keepdims=True) + 1e-20)
     return w * cfg.routed_scaling_factor, idx.astype(jnp.int32)
+
+
+def route(x: jax.Array, router: jax.Array, bias: jax.Array, cfg: Config) -> tuple[jax.Array, jax.Array]:
+    """x [t,d] -> (weights [t,k] float32, expert ids [t,k] int32)."""
+    return select_experts(router_scores(x, router), bias, cfg)
 
 
 def expert_ffn(xs: jax.Array, gate, up, down, group_sizes: jax.Array, impl: str) -> jax.Array:
@@ -126,7 +141,10 @@ class MoE(nnx.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         with jax.named_scope("router"):
-            w, idx = route(x, self.router[...], self.router_bias[...], self.cfg)
+            scores = router_scores(x, self.router[...])
+            w, idx = select_experts(scores, self.router_bias[...], self.cfg)
+        if _capturing(self):
+            self.sow(nnx.Intermediate, ROUTING, {"expert_ids": idx, "weights": w, "scores": scores})
         mesh = jax.sharding.get_abstract_mesh()
         with jax.named_scope("routed_experts"):
             y = self._experts(x, w, idx, impl) if mesh.empty else self._experts_sharded(x, w, idx, impl, mesh)
@@ -160,6 +178,18 @@ class MoE(nnx.Module):
         rows = P("data") if x.shape[0] % mesh.shape["data"] == 0 else P()
         return jax.shard_map(body, mesh=mesh, in_specs=(rows, rows, rows, *map(spec, projections)),
                              out_specs=rows, check_vma=False)(x, w, idx, *(v.get_value() for v in projections))
+
+
+def _capturing(module: nnx.Module) -> bool:
+    """Whether `module` runs inside `nnx.capture`, the only time anyone reads what it sows.
+
+    Outside `nnx.capture`, Flax 0.12 still stores a sown value on the module itself (deprecated):
+    every eager call would grow a live model by a tuple entry, and an `nnx.jit` step would return
+    the values as extra outputs and retrace as the tuple grows. So the router records only when
+    captured, and the serving and training programs never contain the record at all. Flax marks
+    captured modules with `__captures__` (its own attribute, not API: if a release renames it,
+    `router_choices` says that no layer recorded anything instead of returning wrong data)."""
+    return hasattr(module, "__captures__")
 
 
 def _stored_shape(weights) -> tuple[int, ...]:

@@ -17,6 +17,11 @@ import numpy as np
 
 @dataclasses.dataclass
 class Int4Weight:
+    """A packed INT4 weight: eight signed 4-bit values per int32 word and one scale per group of
+    `group_size` inputs, a pytree of two arrays. In layout "ct" (compressed-tensors, as the
+    checkpoint stores it) the words run along the input dimension; other layouts reorder the same
+    bits for a device's kernels (`to_layout`)."""
+
     packed: jax.Array  # int32 [..., out, ceil(in / 8)] in layout "ct"
     scale: jax.Array  # [..., out, in / group_size] in layout "ct"
     in_features: int  # static: the logical input size (packing may pad it to a multiple of 8)
@@ -24,25 +29,29 @@ class Int4Weight:
 
     @property
     def group_size(self) -> int:
+        """Inputs sharing one scale."""
         from kernels_pallas.layout import scale_groups
 
         return self.in_features // scale_groups(self.scale, self.layout)
 
     @property
     def out_features(self) -> int:
+        """Output rows of each matrix."""
         from kernels_pallas.layout import features
 
         return features(self.packed, self.scale, self.layout)[0]
 
     @property
-    def dtype(self):
+    def dtype(self) -> jnp.dtype:
+        """The scales' dtype, which dequantized values round to."""
         return self.scale.dtype
 
     @property
     def nbytes(self) -> int:
+        """Bytes held: packed words plus scales."""
         return self.packed.size * 4 + self.scale.size * jnp.dtype(self.scale.dtype).itemsize
 
-    def dequantize(self, dtype=jnp.float32) -> jax.Array:
+    def dequantize(self, dtype: jnp.dtype = jnp.float32) -> jax.Array:
         """[..., out, in] — for tests and export only; the model never calls this on experts."""
         from kernels_pallas.layout import dequantize
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
-import jax.numpy as jnp
+from jax.sharding import Mesh
 
 from kimi_jax.batching import BatchEngine
 from kimi_jax.config import Config
@@ -21,6 +21,9 @@ DEFAULT_MAX_LEN = 4096
 
 @dataclasses.dataclass
 class Runtime:
+    """Everything needed to chat with a checkpoint: `cfg`, `model`, an `engine` (BatchEngine), the
+    checkpoint's `tokenizer` and chat `template` (None when it ships none) and the device `mesh`."""
+
     cfg: Config
     model: object
     engine: BatchEngine
@@ -30,21 +33,20 @@ class Runtime:
     mesh: object | None = None
 
     @classmethod
-    def load(cls, checkpoint: str, *, dtype="bfloat16", max_len: int | None = None, mesh: str | None = None,
+    def load(cls, checkpoint: str, *, dtype: str = "bfloat16", max_len: int | None = None, mesh: Mesh | str | None = None,
              chunk: int = 128, max_batch: int = 1, page_size: int | None = None, n_pages: int | None = None,
              max_queue: int = 64, mirror: bool = False, progress: bool = True) -> "Runtime":
         """Load weights onto the devices and build the engine: `max_batch` decode slots of up to
-        `max_len` tokens each, over a paged cache (`page_size` tokens a page, `n_pages` pages)."""
-        from kimi_jax import convert
-        from kimi_jax.checkpoint import load_model
-        from kimi_jax.sharding import MeshSpec, default_mesh_spec, make_mesh
+        `max_len` tokens each, over a paged cache (`page_size` tokens a page, `n_pages` pages).
+
+        `mesh` is a `jax.sharding.Mesh`, text such as "expert=4,tensor=2", or None for every local
+        device (kimi_jax.loading); on a single device the programs run unsharded."""
+        from kimi_jax.loading import load, model_dtype, resolve_mesh
 
         if not os.path.isdir(checkpoint):
             raise KimiError(f"checkpoint directory '{checkpoint}' not found")
         cfg = Config.from_hf(checkpoint)
-        jdtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}.get(str(dtype))
-        if jdtype is None:
-            raise KimiError(f"--dtype must be bfloat16 or float32, got '{dtype}'")
+        jdtype = model_dtype(dtype)
         # Every setting is checked before the weights are read: for K2 that read is 594 GB.
         max_len = max_len or min(DEFAULT_MAX_LEN, cfg.max_position_embeddings)
         if max_len < 2:
@@ -54,14 +56,10 @@ class Runtime:
                             f"{cfg.max_position_embeddings}")
         if max_batch < 1:
             raise KimiError(f"--max-batch must be >= 1, got {max_batch}")
-        import jax
-
-        spec = MeshSpec.parse(mesh) if mesh else default_mesh_spec(cfg, jax.device_count())
-        device_mesh = make_mesh(spec) if spec.size > 1 else None
-        if convert.is_converted(checkpoint):
-            model = convert.load_converted(checkpoint, cfg, dtype=jdtype, mesh=device_mesh)
-        else:
-            model, _ = load_model(checkpoint, dtype=jdtype, mesh=device_mesh, progress=progress)
+        device_mesh = resolve_mesh(mesh or "auto", cfg)
+        if device_mesh.size == 1:
+            device_mesh = None
+        model = load(checkpoint, dtype=jdtype, mesh=device_mesh, progress=progress)
         tokenizer = template = None
         if os.path.isfile(os.path.join(checkpoint, "tiktoken.model")):
             from kimi_jax.chat import Tokenizer
@@ -82,7 +80,17 @@ class Runtime:
             ids.add(self.cfg.eos_token_id)
         return tuple(sorted(ids))
 
+    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """Prompt token ids for OpenAI-style `messages` (and `tools` specs) through the checkpoint's
+        chat template, ending where the assistant's reply starts. Message text cannot inject
+        control tokens: only the template's own markup becomes special tokens."""
+        from kimi_jax.chat.prompt import encode_chat
+
+        self.require_chat()
+        return encode_chat(self.tokenizer, self.template, messages, tools)
+
     def require_chat(self) -> None:
+        """Raise a KimiError naming the missing file unless this checkpoint can chat."""
         if self.tokenizer is None or self.template is None:
             missing = "tiktoken.model" if self.tokenizer is None else "chat_template.jinja"
             raise KimiError(f"{self.checkpoint}: {missing} not found; chat mode needs the tokenizer and chat "

@@ -19,6 +19,8 @@ from kimi_jax.errors import KimiError
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
+    """How one request picks its tokens and when it stops (values are checked on creation)."""
+
     temperature: float = 0.0  # 0 = greedy
     top_k: int = 0  # 0 = no top-k cut
     top_p: float = 1.0  # 1 = no nucleus cut

@@ -38,12 +38,15 @@ DEFAULT_RULES: Mapping[str, str | None] = {
 
 @dataclasses.dataclass(frozen=True)
 class MeshSpec:
+    """The size of each mesh axis; their product is the number of devices."""
+
     data: int = 1
     expert: int = 1
     tensor: int = 1
 
     @property
     def size(self) -> int:
+        """Devices the mesh spans."""
         return self.data * self.expert * self.tensor
 
     @classmethod

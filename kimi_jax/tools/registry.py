@@ -235,7 +235,7 @@ class ToolRegistry:
         self._tools: dict[str, _Tool] = {}
         self.max_result_chars = max_result_chars
 
-    def register(self, fn: Callable | None = None, *, name: str | None = None):
+    def register(self, fn: Callable | None = None, *, name: str | None = None) -> Callable:
         """Add `fn` as a tool; usable as `@registry.register` or `@registry.register(name=...)`."""
         if fn is None:
             return lambda f: self.register(f, name=name)
@@ -248,6 +248,7 @@ class ToolRegistry:
         return fn
 
     def names(self) -> list[str]:
+        """The registered tools' names, in registration order."""
         return list(self._tools)
 
     def __contains__(self, name) -> bool:
@@ -263,7 +264,7 @@ class ToolRegistry:
                 raise KeyError(f"unknown tool {n!r}")
         return [self._tools[n].spec() for n in (self._tools if names is None else names)]
 
-    def call(self, name: str, arguments, *, timeout: float = 10.0) -> ToolResult:
+    def call(self, name: str, arguments: str | dict, *, timeout: float = 10.0) -> ToolResult:
         """Run tool `name` with `arguments` (a JSON object string, or an already-parsed dict)."""
         tool = self._tools.get(name)
         if tool is None:
