@@ -49,12 +49,15 @@ def device_mesh(cfg: Config, spec: MeshSpec | str | None = None,
     """A mesh with the axes ("data", "expert", "tensor") over `devices` (default: every device).
 
     `spec` gives the axis sizes ("expert=4,tensor=2" or a `MeshSpec`); None or "auto" picks the
-    default for `cfg`: experts over as many devices as divide the expert count, then heads."""
+    default for `cfg`: experts over as many devices as divide the expert count, then heads. A spec
+    of size 1 ("data=1") is the first device alone; any other spec must use every device."""
     devices = list(jax.devices() if devices is None else devices)
     if spec is None or spec == "auto":
         spec = default_mesh_spec(cfg, len(devices))
     elif isinstance(spec, str):
         spec = MeshSpec.parse(spec)
+    if spec.size == 1:  # one device is always available: the first, however many there are
+        devices = devices[:1]
     return make_mesh(spec, devices)
 
 
