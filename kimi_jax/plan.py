@@ -15,6 +15,7 @@ Pallas kernels replaced by their XLA references; the weight and cache figures ar
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -68,6 +69,26 @@ def target_devices(target: str, devices: int):
                         "install libtpu matching your jax, e.g. pip install 'jax[tpu]'") from None
 
 
+@contextlib.contextmanager
+def _persistent_cache_off(off: bool):
+    """An executable compiled for a described topology (no such device here) cannot be loaded back,
+    so JAX's on-disk compilation cache must neither store nor look up these programs."""
+    if not off:
+        yield
+        return
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache
+
+    was = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()  # it remembers whether it is in use; make it ask again
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_compilation_cache", was)
+        compilation_cache.reset_cache()
+
+
 def compile_steps(cfg, *, devices, mesh_text: str | None, max_len: int, batch: int, chunk: int,
                   dtype="bfloat16", page_size: int | None = None, steps=("prefill", "decode")):
     """Lower and compile the prefill and decode steps of the abstract model for `devices`.
@@ -116,7 +137,7 @@ def compile_steps(cfg, *, devices, mesh_text: str | None, max_len: int, batch: i
                                             knobs, impl=impl),
     }
     compiled = {}
-    with jax.set_mesh(mesh):
+    with jax.set_mesh(mesh), _persistent_cache_off(platform != jax.default_backend()):
         for name in steps:
             lower = lowerings[name]
             t0 = time.perf_counter()

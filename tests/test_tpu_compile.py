@@ -6,7 +6,9 @@ checkpoint-layout minor dimensions (16 scale columns, 32 down words per device) 
 of 128, so the checkpoint layout would be copied (the last test shows the walk sees that).
 """
 
+import functools
 import math
+import os
 
 import jax
 import pytest
@@ -28,6 +30,22 @@ STEP_CONFIG = TINY_CONFIG.replace(
     quantization=Int4Quant(group_size=32))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def persistent_cache(tmp_path_factory):
+    """JAX's on-disk compilation cache on, as the CLI, server and notebook turn it on; the plan must
+    keep topology compiles (which cannot be loaded back) out of it."""
+    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+            "jax_persistent_cache_min_entry_size_bytes")
+    saved = {k: getattr(jax.config, k) for k in keys}
+    directory = tmp_path_factory.mktemp("xla_cache")
+    for k, v in zip(keys, (str(directory), 0.0, 0)):
+        jax.config.update(k, v)
+    yield directory
+    for k, v in saved.items():
+        jax.config.update(k, v)
+
+
+@functools.cache  # the tests below share compiles
 def _decode_step(target, cfg):
     devices = plan.target_devices(target, 8)
     info, compiled, state, cache = plan.compile_steps(cfg, devices=devices, mesh_text="tensor=8", max_len=1024,
@@ -88,3 +106,8 @@ def test_copies_are_found_by_result_shape_in_hlo_text():
 """
     found = check.copies_of(hlo, [(8, 256, 16), (8, 512, 32), (4, 4)])
     assert found == ["copy copy.3 bf16[8,256,16]", "fusion fusion.2 s32[8,512,32]", "transpose transpose.1 f32[4,4]"]
+
+
+def test_topology_compiles_leave_nothing_in_the_persistent_cache(persistent_cache):
+    _decode_step("v5p:2x2x2", STEP_CONFIG)  # compiled, by this test or an earlier one, with the cache on
+    assert os.listdir(persistent_cache) == []
