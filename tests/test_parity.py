@@ -39,18 +39,34 @@ VARIANTS = {
 TOL = 1e-4
 
 
+_CASES = {}
+
+
+def _case(name, fixture_dir):
+    if name not in _CASES:
+        cfg = with_fixture_token_ids(VARIANTS[name])
+        path = fixture_dir(name, cfg, tokenizer=False)
+        model, loaded_cfg = load_model(path, dtype=jnp.float32, progress=False)
+        assert loaded_cfg == cfg
+        _CASES[name] = SimpleNamespace(
+            cfg=cfg, model=model, ref=load_reference(path),
+            engine=BatchEngine(model, max_batch=4, max_len=96, chunk=8, page_size=4),
+            full=nnx.jit(lambda m, t: m.forward_no_cache(t)),
+            rng=np.random.default_rng(zlib.crc32(name.encode())),
+        )
+    return _CASES[name]
+
+
 @pytest.fixture(scope="module", params=list(VARIANTS))
 def case(request, fixture_dir):
-    cfg = with_fixture_token_ids(VARIANTS[request.param])
-    path = fixture_dir(request.param, cfg, tokenizer=False)
-    model, loaded_cfg = load_model(path, dtype=jnp.float32, progress=False)
-    assert loaded_cfg == cfg
-    return SimpleNamespace(
-        cfg=cfg, model=model, ref=load_reference(path),
-        engine=BatchEngine(model, max_batch=4, max_len=96, chunk=8, page_size=4),
-        full=nnx.jit(lambda m, t: m.forward_no_cache(t)),
-        rng=np.random.default_rng(zlib.crc32(request.param.encode())),
-    )
+    """Each architecture variant: the numerics tests run on all of them."""
+    return _case(request.param, fixture_dir)
+
+
+@pytest.fixture(scope="module")
+def k2(fixture_dir):
+    """K2's own variant: the engine-behaviour tests (batching, stopping, queueing) need only one."""
+    return _case("k2_shape", fixture_dir)
 
 
 def _prompts(case, *lengths):
@@ -99,21 +115,21 @@ def test_chunked_prefill_equals_one_shot(case):
     assert np.abs(chunked.latents(0, 30) - whole.latents(0, 30)).max() <= TOL
 
 
-def test_each_prompt_of_a_batch_equals_the_prompt_alone(case):
-    prompts = _prompts(case, 3, 11, 17)
-    batch_logits = Rows(case.model, 3, 96).prefill(prompts, chunk=8)
-    batch = case.engine.generate(prompts, SamplingParams(max_new_tokens=10))
+def test_each_prompt_of_a_batch_equals_the_prompt_alone(k2):
+    prompts = _prompts(k2, 3, 11, 17)
+    batch_logits = Rows(k2.model, 3, 96).prefill(prompts, chunk=8)
+    batch = k2.engine.generate(prompts, SamplingParams(max_new_tokens=10))
     for row, prompt in enumerate(prompts):
-        alone_logits = Rows(case.model, 1, 96).prefill([prompt], chunk=8)
+        alone_logits = Rows(k2.model, 1, 96).prefill([prompt], chunk=8)
         assert np.abs(batch_logits[row] - alone_logits[0]).max() <= TOL
-        (alone,) = case.engine.generate([prompt], SamplingParams(max_new_tokens=10))
+        (alone,) = k2.engine.generate([prompt], SamplingParams(max_new_tokens=10))
         assert batch[row].tokens == alone.tokens
 
 
-def test_prompts_of_any_length_reuse_one_compiled_prefill_and_decode(fixture_dir):
-    cfg = with_fixture_token_ids(TINY)
-    model, _ = load_model(fixture_dir("k2_shape", cfg, tokenizer=False), dtype=jnp.float32, progress=False)
-    first = BatchEngine(model, max_batch=2, max_len=64, chunk=8, page_size=4)
+def test_prompts_of_any_length_reuse_one_compiled_prefill_and_decode(k2):
+    model = k2.model
+    # Shapes no other test uses, so this test sees their first compile whatever ran before.
+    first = BatchEngine(model, max_batch=2, max_len=72, chunk=8, page_size=4)
     rng = np.random.default_rng(0)
     before = engine.compile_counts()
     for lengths in ((1, 5), (9, 30), (17, 2), (40, 40)):
@@ -122,36 +138,36 @@ def test_prompts_of_any_length_reuse_one_compiled_prefill_and_decode(fixture_dir
     after_first = engine.compile_counts()
     assert {k: after_first[k] - before[k] for k in before} == {"prefill": 1, "decode": 1}
     # A second engine of the same shapes runs the same programs.
-    second = BatchEngine(model, max_batch=2, max_len=64, chunk=8, page_size=4)
+    second = BatchEngine(model, max_batch=2, max_len=72, chunk=8, page_size=4)
     second.generate([[1, 2, 3]], SamplingParams(max_new_tokens=3))
     assert engine.compile_counts() == after_first
 
 
-def test_generation_stops_at_stop_token_and_at_the_context_limit(case):
-    (prompt,) = _prompts(case, 5)
-    (free,) = case.engine.generate([prompt], SamplingParams(max_new_tokens=12))
+def test_generation_stops_at_stop_token_and_at_the_context_limit(k2):
+    (prompt,) = _prompts(k2, 5)
+    (free,) = k2.engine.generate([prompt], SamplingParams(max_new_tokens=12))
     stop_at = free.tokens[4]
-    (stopped,) = case.engine.generate([prompt], SamplingParams(max_new_tokens=12, stop_ids=(stop_at,)))
+    (stopped,) = k2.engine.generate([prompt], SamplingParams(max_new_tokens=12, stop_ids=(stop_at,)))
     first = free.tokens.index(stop_at)
     assert stopped.tokens == free.tokens[:first + 1] and stopped.finish_reason == "stop"
     # A 96-token context and a 90-token prompt leave room for 6 tokens.
-    (long_prompt,) = _prompts(case, 90)
-    (full,) = case.engine.generate([long_prompt], SamplingParams(max_new_tokens=50))
+    (long_prompt,) = _prompts(k2, 90)
+    (full,) = k2.engine.generate([long_prompt], SamplingParams(max_new_tokens=50))
     assert full.finish_reason == "length" and len(full.tokens) == 6
 
 
-def test_bad_prompts_raise_readable_errors(case):
+def test_bad_prompts_raise_readable_errors(k2):
     with pytest.raises(KimiError, match="empty prompt"):
-        case.engine.submit([], SamplingParams())
+        k2.engine.submit([], SamplingParams())
     with pytest.raises(KimiError, match="does not fit the context of 96 tokens"):
-        case.engine.submit([1] * 96, SamplingParams())
+        k2.engine.submit([1] * 96, SamplingParams())
     with pytest.raises(KimiError, match="outside the vocabulary"):
-        case.engine.submit([case.cfg.vocab_size], SamplingParams())
+        k2.engine.submit([k2.cfg.vocab_size], SamplingParams())
 
 
-def test_more_prompts_than_slots_and_queue_all_finish_in_order(case):
-    small = BatchEngine(case.model, max_batch=2, max_len=32, chunk=8, page_size=4, max_queue=1)
-    prompts = _prompts(case, 3, 5, 4, 6, 2)
+def test_more_prompts_than_slots_and_queue_all_finish_in_order(k2):
+    small = BatchEngine(k2.model, max_batch=2, max_len=32, chunk=8, page_size=4, max_queue=1)
+    prompts = _prompts(k2, 3, 5, 4, 6, 2)
     done = small.generate(prompts, SamplingParams(max_new_tokens=3))
     assert [r.prompt_ids for r in done] == prompts and all(len(r.tokens) == 3 for r in done)
-    assert [r.tokens for r in done] == [r.tokens for r in case.engine.generate(prompts, SamplingParams(max_new_tokens=3))]
+    assert [r.tokens for r in done] == [r.tokens for r in k2.engine.generate(prompts, SamplingParams(max_new_tokens=3))]

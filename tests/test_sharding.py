@@ -28,19 +28,34 @@ MESHES = ["data=1,expert=8,tensor=1", "data=1,expert=4,tensor=2", "data=2,expert
 PROMPTS = [list(range(3, 14)), list(range(40, 45))]
 
 
-@pytest.fixture(scope="module", params=list(CONFIGS))
-def single(request, fixture_dir):
-    path = fixture_dir(f"mesh_{request.param}", CONFIGS[request.param], tokenizer=False)
-    model, _ = load_model(path, dtype=jnp.float32, progress=False)
-    logits = Rows(model, 2, 64).prefill(PROMPTS, chunk=8)
-    engine = BatchEngine(model, max_batch=2, max_len=64, chunk=8, page_size=4)
-    tokens = [r.tokens for r in engine.generate(PROMPTS, SamplingParams(max_new_tokens=12))]
-    return path, logits, tokens
+_SINGLE = {}
 
 
-@pytest.mark.parametrize("mesh_text", MESHES)
-def test_sharded_model_matches_one_device(single, mesh_text):
-    path, logits, tokens = single
+@pytest.fixture(scope="module")
+def one_device(fixture_dir):
+    """name -> (checkpoint, prefill logits and greedy tokens on one device), each computed once."""
+    def get(name):
+        if name not in _SINGLE:
+            path = fixture_dir(f"mesh_{name}", CONFIGS[name], tokenizer=False)
+            model, _ = load_model(path, dtype=jnp.float32, progress=False)
+            logits = Rows(model, 2, 64).prefill(PROMPTS, chunk=8)
+            engine = BatchEngine(model, max_batch=2, max_len=64, chunk=8, page_size=4)
+            tokens = [r.tokens for r in engine.generate(PROMPTS, SamplingParams(max_new_tokens=12))]
+            _SINGLE[name] = path, logits, tokens
+        return _SINGLE[name]
+    return get
+
+
+@pytest.fixture(scope="module")
+def single(one_device):
+    """The INT4 checkpoint, the product's own format: the tests beyond the numerics use it."""
+    return one_device("int4")
+
+
+# INT4 on every mesh; bf16 (the dense-expert path) on the mesh that splits all three axes.
+@pytest.mark.parametrize("name, mesh_text", [("int4", m) for m in MESHES] + [("bf16", MESHES[2])])
+def test_sharded_model_matches_one_device(one_device, name, mesh_text):
+    path, logits, tokens = one_device(name)
     mesh = make_mesh(MeshSpec.parse(mesh_text))
     model, _ = load_model(path, dtype=jnp.float32, mesh=mesh, progress=False)
     sharded_logits = Rows(model, 2, 64, mesh=mesh).prefill(PROMPTS, chunk=8)
@@ -78,7 +93,7 @@ def test_slots_not_divisible_by_the_data_axis_are_refused(single):
 
 
 def test_memory_plan_of_a_mid_size_config(tmp_path, capsys):
-    cfg = TINY.replace(hidden_size=512, num_hidden_layers=4, n_routed_experts=16, moe_intermediate_size=256,
+    cfg = TINY.replace(hidden_size=512, num_hidden_layers=2, n_routed_experts=16, moe_intermediate_size=256,
                        intermediate_size=1024, vocab_size=4096, quantization=Int4Quant())
     (tmp_path / "config.json").write_text(json.dumps(cfg.to_hf()))
     assert plan.main(["--config", str(tmp_path / "config.json"), "--devices", "8", "--max-len", "4096",
@@ -93,7 +108,7 @@ def test_memory_plan_of_a_mid_size_config(tmp_path, capsys):
     # one 4096-token sequence in 64-token pages plus the discard page; (kv_lora + rope) bf16 per token
     # and layer, plus the page table and lengths
     assert (p["pages"], p["page_size"]) == (65, 64)
-    assert p["cache_bytes"] == 4 * 65 * 64 * (32 + 8) * 2 + 64 * 4 + 4
+    assert p["cache_bytes"] == cfg.num_hidden_layers * 65 * 64 * (32 + 8) * 2 + 64 * 4 + 4
     assert 0 < p["expert_weight_bytes"] < p["weight_bytes"]
     assert p["prefill_temp_bytes"] > 0 and p["decode_temp_bytes"] > 0
     assert p["fits"]["1 GB"]["1"] > p["fits"]["1 GB"]["8"] > 0
