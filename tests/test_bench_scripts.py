@@ -3,6 +3,7 @@ typo in a late section must show up here, not after the first ten minutes of a l
 
 import json
 
+import pytest
 from scripts_loader import load_script
 
 load_script("bench_common")  # the benchmarks import these siblings by name
@@ -12,6 +13,7 @@ bench_attention = load_script("bench_attention")
 gpu_session = load_script("gpu_session")
 
 
+@pytest.mark.slow
 def test_gpu_session_runs_every_section_and_writes_its_tables(tmp_path):
     rc = gpu_session.main(["--tiny", "--impl", "xla", "--out", str(tmp_path), "--reps", "2",
                            "--hook", """-c "print('whole step hook ran')" """])

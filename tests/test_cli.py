@@ -69,6 +69,7 @@ def test_module_entry_point_reports_bad_config_without_traceback(tmp_path):
     assert "field 'n_group'" in proc.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_compiled_programs_are_kept_for_the_next_run_unless_turned_off(ckpt, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("KIMI_JAX_COMPILE_CACHE", str(tmp_path / "unused"))
     args = ["--checkpoint", ckpt, "--prompt-ids", "5,6,7", "--max-new-tokens", "2", "--json"]

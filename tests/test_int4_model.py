@@ -53,6 +53,7 @@ def test_int4_logits_and_greedy_tokens_match_transformers_with_compressed_tensor
     assert engine.generate([prompt], SamplingParams(max_new_tokens=32))[0].tokens == reference_greedy(ref, prompt, 32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["interpret_gpu", "interpret_tpu"])
 def test_interpreted_pallas_kernels_give_the_reference_logits(int4, impl):
     # The INT4 expert kernels and the paged decode attention, through prefill and decode steps. The

@@ -56,6 +56,7 @@ def test_loading_onto_a_mesh_splits_experts_and_heads_and_computes_the_same_logi
     np.testing.assert_allclose(sharded, np.asarray(forward(plain, tokens)), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_random_models_are_reproducible_and_drawn_in_place_on_the_mesh():
     # Two layers (one dense, one MoE): every random draw adds to the compile (~1 s each on 2 cores).
     cfg = TINY.replace(num_hidden_layers=2, quantization=Int4Quant(group_size=16))

@@ -10,6 +10,8 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+pytestmark = pytest.mark.slow  # the whole module; `pytest -m "not slow"` skips it
+
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK = ROOT / "notebooks" / "quickstart.ipynb"
 CELL_TIMEOUT_S = 600  # the first chat turn compiles prefill and decode: ~10 s idle, minutes on a loaded 2-core box

@@ -16,6 +16,8 @@ import pytest
 from kimi_jax.runtime import Runtime
 from kimi_jax.sampling import SamplingParams
 
+pytestmark = pytest.mark.slow  # the whole module; `pytest -m "not slow"` skips it
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NANO = os.path.join(ROOT, "checkpoints", "kimi-k2-nano")
 MESH = "data=1,expert=4,tensor=2"  # 8 devices: 4 on each process

@@ -196,6 +196,7 @@ async def _stream_all(server, requests, watch=None):
     return results
 
 
+@pytest.mark.slow
 def test_32_concurrent_streaming_clients_all_finish_with_their_solo_outputs(server, client):
     questions = _questions(16)
     solo = []

@@ -53,6 +53,7 @@ def single(one_device):
 
 
 # INT4 on every mesh; bf16 (the dense-expert path) on the mesh that splits all three axes.
+@pytest.mark.slow
 @pytest.mark.parametrize("name, mesh_text", [("int4", m) for m in MESHES] + [("bf16", MESHES[2])])
 def test_sharded_model_matches_one_device(one_device, name, mesh_text):
     path, logits, tokens = one_device(name)
@@ -92,6 +93,7 @@ def test_slots_not_divisible_by_the_data_axis_are_refused(single):
         BatchEngine(model, max_batch=1, max_len=64, chunk=8, mesh=mesh)
 
 
+@pytest.mark.slow
 def test_memory_plan_of_a_mid_size_config(tmp_path, capsys):
     cfg = TINY.replace(hidden_size=512, num_hidden_layers=2, n_routed_experts=16, moe_intermediate_size=256,
                        intermediate_size=1024, vocab_size=4096, quantization=Int4Quant())
@@ -129,6 +131,7 @@ def _spawn(path, port, pid, timeout=60):
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow
 def test_two_processes_generate_the_same_tokens_as_one(single):
     path, _, tokens = single
     port = _free_port()

@@ -20,6 +20,8 @@ from kimi_jax.config import TINY as TINY_CONFIG
 from kimi_jax.config import Int4Quant
 from kimi_jax.quant import is_routed_expert
 
+pytestmark = pytest.mark.slow  # the whole module; `pytest -m "not slow"` skips it
+
 check = load_script("tpu_compile_check")
 TINY = check.CONFIGS["tiny"]
 # The smallest K2-shaped model whose every sharded dimension suits the TPU layouts at tensor=8.
@@ -110,4 +112,5 @@ def test_copies_are_found_by_result_shape_in_hlo_text():
 
 def test_topology_compiles_leave_nothing_in_the_persistent_cache(persistent_cache):
     _decode_step("v5p:2x2x2", STEP_CONFIG)  # compiled, by this test or an earlier one, with the cache on
-    assert os.listdir(persistent_cache) == []
+    # Host-side helpers compiled for the CPU may be stored; the TPU programs must not be.
+    assert [name for name in os.listdir(persistent_cache) if "decode_step" in name] == []

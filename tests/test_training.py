@@ -107,6 +107,7 @@ def compile_cache(tmp_path):
         jax.config.update(k, v)
 
 
+@pytest.mark.slow
 def test_training_runs_end_to_end_resumes_exactly_and_exports_a_servable_checkpoint(pipeline, capsys, compile_cache):
     # The shipped model's recipe at toy size: both phases, the export through the official INT4
     # layout, a run split by --stop-after/--resume that ends with the same weights, and the result
