@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import datetime
 import json
 import logging
@@ -146,13 +147,18 @@ async def run_level(url, model, specs, tools, clients: int, args) -> dict:
 
 
 def static_decode_tok_s(runtime, batch: int, steps: int, prompt_len: int = 64) -> float:
-    """Decode tokens/s of the static-batch engine: `batch` rows, `steps` steps, no stop tokens."""
+    """Decode tokens/s with every slot busy from start to end: `batch` prompts submitted together,
+    `steps` tokens each, no stop tokens; timed from the last row's first token to the last row's end,
+    when all rows step together through the same compiled decode program."""
     from kimi_jax.sampling import SamplingParams
 
     prompts = [[(7 * i + j) % 1000 + 1 for j in range(prompt_len)] for i in range(batch)]
-    runtime.engine.generate(prompts, SamplingParams(max_new_tokens=2)).run()  # compile
-    gen = runtime.engine.generate(prompts, SamplingParams(max_new_tokens=steps)).run()
-    return batch * len(gen.tokens[0]) / gen.decode_seconds
+    params = SamplingParams(max_new_tokens=steps, temperature=0.0)
+    runtime.engine.generate(prompts, dataclasses.replace(params, max_new_tokens=2))  # compile
+    runtime.engine.generate([[p[0] + 1, *p[1:]] for p in prompts], params)  # warm, nothing shared below
+    done = runtime.engine.generate([[p[0] + 2, *p[1:]] for p in prompts], params)
+    start, end = max(r.first_token_at for r in done), max(r.finished_at for r in done)
+    return sum(len(r.tokens) - 1 for r in done) / (end - start)
 
 
 def machine() -> str:

@@ -5,6 +5,8 @@ import random
 
 from scripts_loader import load_script
 
+from kimi_jax.generate import DEFAULT_CHECKPOINT
+from kimi_jax.runtime import Runtime
 from kimi_jax.tools import builtin_tools
 
 
@@ -20,3 +22,11 @@ def test_an_agent_runs_returned_calls_then_asks_its_next_question():
     agent.extend({"role": "assistant", "content": "42", "reasoning_content": "done"})
     assert [m["role"] for m in agent.messages[-2:]] == ["assistant", "user"]
     assert agent.messages[-1]["content"].strip()
+
+
+def test_the_static_batch_reference_times_full_slots_of_the_engine():
+    bench = load_script("bench_serve")
+    runtime = Runtime.load(DEFAULT_CHECKPOINT, max_batch=2, max_len=128, progress=False)
+    tok_s = bench.static_decode_tok_s(runtime, batch=2, steps=6, prompt_len=8)
+    assert 0 < tok_s < float("inf")
+    assert runtime.engine.metrics()["slots_busy"] == 0  # every request finished
