@@ -52,6 +52,7 @@ def parse_args(argv=None):
     p.add_argument("--max-len", type=int, default=None)
     p.add_argument("--max-batch", type=int, default=None, help="engine slots (default: the top concurrency)")
     p.add_argument("--static-steps", type=int, default=64, help="decode steps of the static-batch reference")
+    p.add_argument("--page-size", type=int, default=None, help="cache tokens per page (default: the server's)")
     p.add_argument("--mesh")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     p.add_argument("--seed", type=int, default=0)
@@ -181,7 +182,8 @@ def main(argv=None) -> int:
     serve_args = serve.build_parser().parse_args(
         [*(["--checkpoint", args.checkpoint] if args.checkpoint else []), "--dtype", args.dtype,
          "--max-batch", str(args.max_batch or max(args.levels)), "--max-queue", str(4 * max(args.levels)),
-         *(["--max-len", str(args.max_len)] if args.max_len else []), *(["--mesh", args.mesh] if args.mesh else [])])
+         *(["--max-len", str(args.max_len)] if args.max_len else []), *(["--mesh", args.mesh] if args.mesh else []),
+         *(["--page-size", str(args.page_size)] if args.page_size else [])])
     t0 = time.perf_counter()
     service, engine = serve.build_service(serve_args)
     print(f"server ready in {time.perf_counter() - t0:.1f}s: {service.runtime.checkpoint}", file=sys.stderr)
