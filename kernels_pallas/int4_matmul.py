@@ -115,17 +115,22 @@ def tpu_grouped_call(x, weights, group_sizes, *, swiglu, block_m, block_n=512, i
         out_specs=pl.BlockSpec((bm, bn), lambda j, t, vg, vb, off, nv: (vb[t], j)),
     )
     kernel = functools.partial(_tpu_kernel, bm=bm, k8=k8, swiglu=swiglu)
-    out = pl.pallas_call(
-        kernel,
-        out_shape=jax.ShapeDtypeStruct((m_pad, n), x.dtype),
-        grid_spec=grid_spec,
+    out = tpu_visit_call(kernel, grid_spec, jax.ShapeDtypeStruct((m_pad, n), x.dtype), interpret=interpret,
+                         name="int4_swiglu_tpu" if swiglu else "int4_matmul_tpu",
+                         )(*visits, x_pm, spread_matrix(k8, group, weights[0][1].dtype), *[a for p in weights for a in p])
+    return out[:m]
+
+
+def tpu_visit_call(kernel, grid_spec, out_shape, *, interpret, name: str):
+    """The pallas_call of a TPU kernel whose grid is (column block, visit) over `tpu_visits`."""
+    from jax.experimental.pallas import tpu as pltpu
+
+    return pl.pallas_call(
+        kernel, out_shape=out_shape, grid_spec=grid_spec,
         # Visits revisit output blocks, so only the column axis may be split across cores.
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary"),
                                              vmem_limit_bytes=48 * 2**20),
-        interpret=interpret,
-        name="int4_swiglu_tpu" if swiglu else "int4_matmul_tpu",
-    )(*visits, x_pm, spread_matrix(k8, group, weights[0][1].dtype), *[a for p in weights for a in p])
-    return out[:m]
+        interpret=interpret, name=name)
 
 
 # ---------------------------------------------------------------------------------------------

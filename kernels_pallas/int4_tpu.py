@@ -41,7 +41,7 @@ from jax.experimental import pallas as pl
 
 from kernels_pallas.dequant import aligned_divisor
 from kernels_pallas.grouped_moe import mask_padding_rows, rows_per_expert, silu_mul
-from kernels_pallas.int4_matmul import tpu_visits
+from kernels_pallas.int4_matmul import tpu_visit_call, tpu_visits
 from kernels_pallas.layout import TILE_GROUPS, features
 
 __all__ = ["grouped_int4_swiglu_tpu", "grouped_int4_matmul_tpu", "int4_matmul_tpu", "tpu_layout_call",
@@ -296,16 +296,9 @@ def tpu_layout_call(x, weights, group_sizes, *, swiglu, block_m=None, block_n=No
     )
     kernel = functools.partial(_layout_kernel, bm=bm, group=group, swiglu=swiglu, scale_after=scale_after,
                                stride0=not interpret)
-    out = pl.pallas_call(
-        kernel,
-        out_shape=jax.ShapeDtypeStruct((m_pad, n), x.dtype),
-        grid_spec=grid_spec,
-        # Visits revisit output blocks, so only the column axis may be split across cores.
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary"),
-                                             vmem_limit_bytes=48 * 2**20),
-        interpret=interpret,
-        name="int4_swiglu_tpu_layout" if swiglu else "int4_matmul_tpu_layout",
-    )(*visits, x_pad, xsum, *[a for pair in weights for a in pair])
+    out = tpu_visit_call(kernel, grid_spec, jax.ShapeDtypeStruct((m_pad, n), x.dtype), interpret=interpret,
+                         name="int4_swiglu_tpu_layout" if swiglu else "int4_matmul_tpu_layout",
+                         )(*visits, x_pad, xsum, *[a for pair in weights for a in pair])
     return mask_padding_rows(out[:m], group_sizes)
 
 

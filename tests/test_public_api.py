@@ -139,3 +139,15 @@ def test_public_names_never_shadow_submodules():
     assert not {p.stem for p in (ROOT / "kimi_jax").iterdir()} & set(kimi_jax.__all__)
     with pytest.raises(AttributeError, match="no attribute 'load_modle'"):
         kimi_jax.load_modle  # noqa: B018
+
+
+@pytest.mark.slow
+def test_the_readme_python_example_runs_as_written(capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)  # the example uses the bundled model's relative path
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    blocks = [b for b in FENCE.findall(readme) if "import kimi_jax" in b or "import jax, kimi_jax" in b]
+    assert len(blocks) == 1
+    exec(compile(blocks[0], str(ROOT / "README.md"), "exec"), {"__name__": "readme"})  # noqa: S102
+    printed = capsys.readouterr().out.splitlines()
+    assert "391" in printed[0]  # the agent's answer, through the calculator
+    assert len(printed[1].strip("[]").split(",")) == 8  # eight generated token ids
