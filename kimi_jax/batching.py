@@ -47,6 +47,7 @@ from kimi_jax.errors import KimiError
 from kimi_jax.model import KimiK2, default_impl
 from kimi_jax.pages import PagePool
 from kimi_jax.sampling import SamplingParams, knob_arrays
+from kimi_jax.sharding import platform_of
 
 
 class QueueFull(KimiError):
@@ -109,7 +110,7 @@ class BatchEngine:
         self.max_batch, self.max_len, self.chunk, self.prefill_rows = max_batch, max_len, chunk, prefill_rows
         self.max_queue = max_queue
         self.mesh = mesh
-        platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+        platform = platform_of(mesh)
         self.impl = impl or default_impl(platform)
         kv_layout, default_page = cache_layout_for(platform)
         page_size = page_size or default_page

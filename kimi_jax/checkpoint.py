@@ -33,10 +33,10 @@ from tqdm.auto import tqdm
 
 from kimi_jax.config import Config
 from kimi_jax.errors import CheckpointError, KimiError
-from kimi_jax.model import KimiK2, abstract_model
+from kimi_jax.model import KimiK2, abstract_model, expert_layout_for
 from kimi_jax.quant import Int4Weight
 from kimi_jax.safetensors_file import SafetensorsFile, TensorInfo
-from kimi_jax.sharding import DEFAULT_RULES, param_axes, sharding_for
+from kimi_jax.sharding import DEFAULT_RULES, param_axes, platform_of, sharding_for
 
 FLOAT_DTYPES = ("BF16", "F16", "F32")
 INT_DTYPES = ("I32", "I64")
@@ -394,16 +394,6 @@ def _plan(reader: CheckpointReader, cfg: Config, flat, mesh, rules) -> list[_Par
     return plan
 
 
-def expert_layout_for(cfg: Config, mesh=None) -> str:
-    """The INT4 expert layout the kernels of the mesh's devices (default: JAX's default backend)
-    read best (kernels_pallas/layout.py): the checkpoint's own ("ct") except on TPU."""
-    from kernels_pallas.layout import layout_for
-
-    if cfg.quantization is None:
-        return "ct"
-    return layout_for(mesh.devices.flat[0].platform if mesh is not None else jax.default_backend())
-
-
 def relayout_experts(target_state, mesh=None, rules=DEFAULT_RULES) -> Callable:
     """transform(path, value) that moves an INT4 routed-expert parameter, loaded in the checkpoint
     layout, into the layout and sharding `target_state` (an abstract state) gives it. Runs on the
@@ -438,7 +428,7 @@ def load_state(directory, cfg: Config, *, dtype=jnp.bfloat16, mesh=None, rules=D
     (a repacked INT4 expert layout, say), made on the device one parameter at a time so memory stays
     bounded. `value` is a jax.Array or, for INT4 routed experts, an `Int4Weight`.
     `workers` threads read in parallel (default: the CPU count, at most 8)."""
-    expert_layout = expert_layout or expert_layout_for(cfg, mesh)
+    expert_layout = expert_layout or expert_layout_for(cfg, platform_of(mesh))
     with CheckpointReader(directory) as reader:
         validate(reader, cfg)
         graphdef, state = abstract_model(cfg, dtype, expert_layout=expert_layout)

@@ -64,9 +64,9 @@ def load_converted(directory: str, cfg: Config, *, dtype=jnp.bfloat16, mesh=None
     Experts are stored in the checkpoint's layout and moved into the devices' own after restoring."""
     import orbax.checkpoint as ocp
 
-    from kimi_jax.checkpoint import expert_layout_for, relayout_experts
-    from kimi_jax.model import abstract_model
-    from kimi_jax.sharding import placed_abstract
+    from kimi_jax.checkpoint import relayout_experts
+    from kimi_jax.model import abstract_model, expert_layout_for
+    from kimi_jax.sharding import placed_abstract, platform_of
 
     marker = os.path.join(directory, MARKER)
     try:
@@ -85,7 +85,7 @@ def load_converted(directory: str, cfg: Config, *, dtype=jnp.bfloat16, mesh=None
     except Exception as e:  # orbax raises many kinds; the user needs the directory and the cause
         raise KimiError(f"{directory}: cannot restore converted parameters ({type(e).__name__}: {e})") from None
     nnx.replace_by_pure_dict(state, restored)
-    layout = expert_layout_for(cfg, mesh)
+    layout = expert_layout_for(cfg, platform_of(mesh))
     if layout != "ct":
         target_graph, target = abstract_model(cfg, dtype, expert_layout=layout)
         relayout, loaded = relayout_experts(target, mesh), dict(nnx.to_flat_state(state))

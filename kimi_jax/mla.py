@@ -123,11 +123,18 @@ def _write(pages, batch: AttnBatch, rows, impl: str):
     data = "data" if rows.shape[0] % mesh.shape["data"] == 0 else None
 
     def local(pages, page, slot, rows):
-        first = jax.lax.axis_index("data") * pages.shape[0] if data else 0
-        page = jnp.clip(page - first, 0, pages.shape[0] - 1)  # padding -> this shard's reserved page
+        page = _local_pages(page, pages, data)  # padding -> this shard's reserved page
         return ops.write_pages(pages, page, slot, rows, kv_layout=batch.kv_layout, impl=impl)
 
     return jax.shard_map(local, mesh=mesh, in_specs=(P(data),) * 4, out_specs=P(data), check_vma=False)(*args)
+
+
+def _local_pages(page_ids, pages, data: str | None):
+    """Global page numbers -> indices into this device's part of the pool, inside a shard_map where
+    the pool is split over `data` (or not: `data` None). This device holds pages [first, first + n);
+    numbers outside that range are clipped into it (padding rows and other shards' pages)."""
+    first = jax.lax.axis_index("data") * pages.shape[0] if data else 0
+    return jnp.clip(page_ids - first, 0, pages.shape[0] - 1)
 
 
 def _paged_attention(q_lat, q_pe, pages, batch: AttnBatch, scale: float, impl: str):
@@ -145,9 +152,7 @@ def _paged_attention(q_lat, q_pe, pages, batch: AttnBatch, scale: float, impl: s
     q_spec = P(data, None, heads, None)
 
     def local(q_lat, q_pe, pages, table, q_start, kv_len):
-        # Page numbers are global; this device holds pages [first, first + n) of the pool.
-        first = jax.lax.axis_index("data") * pages.shape[0] if data else 0
-        table = jnp.clip(table - first, 0, pages.shape[0] - 1)
+        table = _local_pages(table, pages, data)
         return ops.paged_attention(q_lat, q_pe, pages, table, q_start, kv_len, **kw)
 
     return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, q_spec, P(data), P(data), P(data), P(data)),

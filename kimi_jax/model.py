@@ -118,6 +118,14 @@ def default_impl(platform: str | None = None) -> str:
     return ops.impl_for_platform(platform or jax.default_backend())
 
 
+def expert_layout_for(cfg: Config, platform: str | None = None) -> str:
+    """The INT4 expert layout the kernels of `platform` (default: JAX's default backend) read best
+    (kernels_pallas/layout.py): the checkpoint's own ("ct") except on TPU, and for bf16 experts."""
+    from kernels_pallas.layout import layout_for
+
+    return "ct" if cfg.quantization is None else layout_for(platform or jax.default_backend())
+
+
 class _OneKey:
     """Stands in for nnx.Rngs when only shapes are wanted. Each draw from a real Rngs advances its
     counter, a traced variable update for which flax asks the tracer for its sharding; building

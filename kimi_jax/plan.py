@@ -69,6 +69,10 @@ def target_devices(target: str, devices: int):
                         "install libtpu matching your jax, e.g. pip install 'jax[tpu]'") from None
 
 
+# How the TPU compiler refuses a program that exceeds HBM; its figure counts parameters and cache too.
+_HBM_REFUSAL = re.compile(r"HLO temporaries \(([\d.]+)G\)")
+
+
 @contextlib.contextmanager
 def _persistent_cache_off(off: bool):
     """An executable compiled for a described topology (no such device here) cannot be loaded back,
@@ -101,18 +105,17 @@ def compile_steps(cfg, *, devices, mesh_text: str | None, max_len: int, batch: i
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from kernels_pallas.layout import layout_for as expert_layout_for
     from kimi_jax.cache import PagedCache, pages_for
     from kimi_jax.cache import layout_for as cache_layout_for
     from kimi_jax.engine import decode_step, prefill_step
-    from kimi_jax.model import abstract_model, default_impl
+    from kimi_jax.model import abstract_model, default_impl, expert_layout_for
     from kimi_jax.sharding import MeshSpec, default_mesh_spec, make_mesh, placed_abstract
 
     spec = MeshSpec.parse(mesh_text) if mesh_text else default_mesh_spec(cfg, len(devices))
     mesh = make_mesh(spec, devices)
     jdtype = jnp.dtype(dtype)
     platform = devices[0].platform
-    expert_layout = expert_layout_for(platform) if cfg.quantization is not None else "ct"
+    expert_layout = expert_layout_for(cfg, platform)
     kv_layout, default_page = cache_layout_for(platform)
     page_size = page_size or default_page
     graphdef, state = abstract_model(cfg, jdtype, expert_layout=expert_layout)
@@ -144,7 +147,7 @@ def compile_steps(cfg, *, devices, mesh_text: str | None, max_len: int, batch: i
             try:
                 compiled[name] = lower().compile()
             except Exception as e:  # the TPU compiler refuses programs that exceed HBM: that is an answer
-                if not re.search(r"HLO temporaries \(([\d.]+)G\)", str(e)):
+                if not _HBM_REFUSAL.search(str(e)):
                     raise
                 compiled[name] = e
             info["compile_seconds"][name] = round(time.perf_counter() - t0, 1)
@@ -170,8 +173,7 @@ def plan(cfg, *, devices, mesh_text: str | None, max_len: int, batch: int, chunk
     pool_bytes = sum(_shard_bytes(x) for x in cache.pages)
     for name, result in compiled.items():
         if isinstance(result, Exception):
-            need = re.search(r"HLO temporaries \(([\d.]+)G\)", str(result))
-            # The compiler's figure counts parameters and the cache too; keep the total apart.
+            need = _HBM_REFUSAL.search(str(result))  # a total: keep it apart from the temporaries
             out[f"{name}_total_bytes_required"] = int(float(need.group(1)) * GIB)
             out[f"{name}_temp_bytes"] = out[f"{name}_total_bytes_required"] - weights - cache_bytes
             out[f"{name}_error"] = str(result).splitlines()[0][:300]

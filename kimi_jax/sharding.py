@@ -80,6 +80,11 @@ def make_mesh(spec: MeshSpec, devices=None) -> Mesh:
     return Mesh(arr, MESH_AXES)
 
 
+def platform_of(mesh: Mesh | None) -> str:
+    """The platform ("cpu", "gpu", "tpu") of a mesh's devices; without one, JAX's default backend."""
+    return mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+
+
 def spec_for(axes, shape, mesh: Mesh | None, rules: Mapping[str, str | None] = DEFAULT_RULES,
              *, name: str = "array") -> P:
     """PartitionSpec for a value whose dims are named `axes`; checks each split divides its dim."""
