@@ -1,12 +1,13 @@
-"""Evaluate kimi-k2-nano through the real agent loop, greedy, on four sets that cannot flatter it.
+"""Evaluate kimi-k2-nano through the real agent loop, greedy, on five sets that cannot flatter it.
 
     python scripts/eval_nano.py --qat checkpoints/kimi-k2-nano --float out/nano_float --data out/agent_data
     python scripts/eval_nano.py --limit 8      # a quick look: the first 8 items of each set
 
 Sets (written by scripts/make_agent_data.py): `heldout` (training families, unseen values),
 `paraphrase` (questions worded by templates training never saw), `ood` (questions no tool answers
-and greetings: the reply must come without a tool call) and `multistep` (two or three calls, a
-result feeding the next call). Variants: the float weights before QAT served in bf16, the same
+and greetings: the reply must come without a tool call), `multistep` (two or three calls, a
+result feeding the next call) and `followup` (a second turn that works on the first turn's answer,
+"Now add 50 to that."; both turns must be right). Variants: the float weights before QAT served in bf16, the same
 weights quantized after training (INT4 PTQ), and the QAT checkpoint (INT4 QAT).
 
 Every item is replayed user turn by user turn with the model's own replies; tools run for real
@@ -32,9 +33,11 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-SETS = ("heldout", "paraphrase", "ood", "multistep")
-SET_TITLES = {"heldout": "held-out", "paraphrase": "paraphrase", "ood": "out-of-domain", "multistep": "multi-step"}
-TARGETS = {"heldout": 0.90, "paraphrase": 0.85, "ood": 0.80, "multistep": 0.75}  # for the shipped INT4 QAT model
+SETS = ("heldout", "paraphrase", "ood", "multistep", "followup")
+SET_TITLES = {"heldout": "held-out", "paraphrase": "paraphrase", "ood": "out-of-domain", "multistep": "multi-step",
+              "followup": "second turn"}
+# For the shipped INT4 QAT model (issue 18).
+TARGETS = {"heldout": 0.90, "paraphrase": 0.80, "ood": 0.80, "multistep": 0.75, "followup": 0.80}
 
 
 # ---- scoring (pure: transcripts in, verdicts out) ---------------------------------------------------
