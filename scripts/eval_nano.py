@@ -43,10 +43,12 @@ TARGETS = {"heldout": 0.90, "paraphrase": 0.80, "ood": 0.80, "multistep": 0.75, 
 # ---- scoring (pure: transcripts in, verdicts out) ---------------------------------------------------
 
 def tool_steps(messages: list[dict]) -> list[tuple[str, str, str]]:
-    """(name, arguments, result) of every tool call in an OpenAI-style message list, in order."""
-    results = {m.get("tool_call_id"): m["content"] for m in messages if m["role"] == "tool"}
-    return [(c["function"]["name"], c["function"]["arguments"], results.get(c["id"], ""))
-            for m in messages if m["role"] == "assistant" for c in m.get("tool_calls") or []]
+    """(name, arguments, result) of every tool call in an OpenAI-style message list, in order.
+    Results pair with calls by position, not by id: a weak model may give two calls one id."""
+    calls = [c for m in messages if m["role"] == "assistant" for c in m.get("tool_calls") or []]
+    results = [m["content"] for m in messages if m["role"] == "tool"]
+    results += [""] * (len(calls) - len(results))
+    return [(c["function"]["name"], c["function"]["arguments"], r) for c, r in zip(calls, results)]
 
 
 def _is_error(result: str) -> bool:
