@@ -116,7 +116,10 @@ def load_variants(args) -> dict:
         engine = BatchEngine(q, max_batch=1, max_len=rt.engine.max_len, chunk=rt.engine.chunk,
                              page_size=rt.engine.page_size, mesh=rt.mesh)
         variants["INT4 PTQ"] = dataclasses.replace(rt, model=q, engine=engine)
-    variants["INT4 QAT"] = Runtime.load(args.qat, dtype="bfloat16", max_len=args.max_len, progress=False)
+    if args.qat:
+        variants["INT4 QAT"] = Runtime.load(args.qat, dtype="bfloat16", max_len=args.max_len, progress=False)
+    if not variants:
+        raise SystemExit("error: nothing to evaluate: --qat and --float are both empty")
     return variants
 
 
@@ -147,7 +150,7 @@ def markdown(summary: dict, sets: list[str]) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--qat", default="checkpoints/kimi-k2-nano")
+    ap.add_argument("--qat", default="checkpoints/kimi-k2-nano", help="INT4 checkpoint ('' to skip it)")
     ap.add_argument("--float", default="out/nano_float", help="pre-QAT float checkpoint ('' to skip bf16 and PTQ)")
     ap.add_argument("--data", default="out/agent_data")
     ap.add_argument("--sets", default=",".join(SETS), help=f"comma-separated subset of {','.join(SETS)}")
