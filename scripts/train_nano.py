@@ -324,7 +324,7 @@ def train(args):
         if changed:
             raise ValueError(f"--resume: {', '.join(changed)} differ from the run saved in {args.train_state}")
         start, position, seconds_before = meta["step"], tuple(meta["data_position"]), meta["train_seconds"]
-        float_written, plan = meta["float_written"], Plan(*meta["plan"], args.lr)
+        float_written, (plan.steps, plan.qat_steps) = meta["float_written"], meta["plan"]
         log(f"resumed from {args.train_state} at step {start}")
     batches = PackedBatches(*train_data, prefix, args.row_len, args.batch, args.seed, position)
     log(f"{len(batches.lengths)} training samples ({batches.shared.mean():.0%} continue the {len(prefix)}-token "
@@ -347,6 +347,7 @@ def train(args):
         save_train_state(args.train_state, (state, opt_state), meta)
 
     t_train, cpu0, step, step_seconds = time.perf_counter(), time.process_time(), start, []
+    t_step = t_train
     while step < plan.total:
         qat = step >= plan.steps
         if qat and not float_written:
@@ -355,15 +356,16 @@ def train(args):
             float_written = True
         batch = as_device(batches.next())
         opt_state[1].hyperparams["learning_rate"] = jnp.float32(plan.lr_at(step))
-        t_step = time.perf_counter()
         state, opt_state, loss = step_fn(state, opt_state, batch, qat)
         step += 1
-        if args.max_train_seconds and len(step_seconds) < FIT_AFTER:
+        if args.max_train_seconds:  # the machine may be shared: re-plan as its speed changes
             jax.block_until_ready(loss)
             step_seconds.append(time.perf_counter() - t_step)
-            if len(step_seconds) == FIT_AFTER:
-                plan.fit(step, args.max_train_seconds - seconds_before - (time.perf_counter() - t_train),
-                         step_seconds)
+            t_step = time.perf_counter()
+            if len(step_seconds) >= FIT_AFTER and (len(step_seconds) - FIT_AFTER) % REFIT_EVERY == 0:
+                plan.fit(step, args.max_train_seconds - seconds_before - (t_step - t_train),
+                         float(np.median(step_seconds[-RATE_WINDOW:])),
+                         1.5 * sum(step_seconds[:2]) if step < plan.steps else 0.0)
         elapsed = time.perf_counter() - t_train
         if step % args.log_every == 0 or step == plan.total or step == start + 1:
             log(f"step {step:5d} {'qat ' if qat else ''}loss {float(loss):.4f}  ({elapsed:.0f}s, "
@@ -385,7 +387,9 @@ def train(args):
     return cfg, tokenizer, nnx.merge(graphdef, state), seconds_before + time.perf_counter() - t_train, plan
 
 
-FIT_AFTER = 30  # steps timed before a time budget shrinks the plan (the first ones include compiles)
+# A time budget re-plans after FIT_AFTER timed steps (the first ones include compiles), then every
+# REFIT_EVERY steps at the median pace of the last RATE_WINDOW.
+FIT_AFTER, REFIT_EVERY, RATE_WINDOW = 30, 20, 20
 
 
 class Plan:
@@ -407,17 +411,23 @@ class Plan:
         progress = min(1.0, (step - warmup) / max(1, self.total - warmup))
         return self.lr * (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * progress)))
 
-    def fit(self, step: int, seconds_left: float, step_seconds: list[float]) -> None:
-        """Shrink both phases alike so the rest fits `seconds_left`, keeping room for the QAT
-        phase's compile (as long as the first steps took)."""
-        rate = float(np.median(step_seconds[len(step_seconds) // 2:]))
-        compile_allowance = 1.5 * sum(step_seconds[:2])
+    def fit(self, step: int, seconds_left: float, rate: float, compile_allowance: float = 0.0) -> None:
+        """Size the rest of the run to `seconds_left` at `rate` seconds a step (less the QAT
+        phase's compile still to come): both phases alike while in the float phase, the QAT phase
+        alone once in it; never past the steps first planned, never before `step`."""
         fits = step + int(max(0.0, seconds_left - compile_allowance) / rate)
-        log(f"time budget: {rate * 1e3:.0f} ms/step; {fits} of the planned {self.total} steps fit")
-        if fits < self.total:
-            scale = fits / self.total
-            self.qat_steps = max(1, round(self.qat_steps * scale)) if self.qat_steps else 0
-            self.steps = max(step, fits - self.qat_steps)
+        limit = min(fits, sum(self.planned))
+        before = (self.steps, self.qat_steps)
+        if step >= self.steps:
+            self.qat_steps = max(step - self.steps, limit - self.steps)
+        else:
+            self.qat_steps = max(1, round(self.planned[1] * limit / sum(self.planned))) if self.planned[1] else 0
+            self.steps = limit - self.qat_steps
+            if self.steps < step:  # the float phase ends now; QAT gets what is left (one step at least)
+                self.steps, self.qat_steps = step, max(1, limit - step) if self.planned[1] else 0
+        if (self.steps, self.qat_steps) != before:
+            log(f"time budget: {rate * 1e3:.0f} ms/step at step {step}; plan now {self.steps} float + "
+                f"{self.qat_steps} QAT steps")
 
     def out_of_time(self, step: int) -> None:
         """Past the budget anyway: end the float phase now (QAT still runs), or end QAT now."""

@@ -134,6 +134,21 @@ def test_packing_fills_rows_once_per_epoch_and_replays_from_a_saved_position():
             np.testing.assert_array_equal(got[key], expected[key])
 
 
+def test_a_time_budget_resizes_the_plan_as_the_pace_changes():
+    plan = tn.Plan(1000, 200, 1e-3)
+    plan.fit(100, seconds_left=500.0, rate=1.0)  # 600 steps fit: both phases shrink alike
+    assert (plan.steps, plan.qat_steps) == (500, 100)
+    plan.fit(200, seconds_left=2000.0, rate=1.0)  # faster again: back up, but never past the first plan
+    assert (plan.steps, plan.qat_steps) == (1000, 200)
+    plan.fit(1050, seconds_left=50.0, rate=1.0)  # in the QAT phase only it changes
+    assert (plan.steps, plan.qat_steps) == (1000, 100)
+    plan.fit(1090, seconds_left=0.0, rate=1.0)  # out of time: ends at the current step
+    assert plan.total == 1090
+    late = tn.Plan(1000, 200, 1e-3)
+    late.fit(400, seconds_left=10.0, rate=1.0, compile_allowance=20.0)  # the QAT compile no longer fits
+    assert late.steps == 400 and late.qat_steps == 1
+
+
 def test_a_train_state_round_trips_and_a_mismatched_one_is_refused(tmp_path):
     trees = ({"w": jnp.arange(6.0).reshape(2, 3)}, (jnp.int32(7), [jnp.ones(4)]))
     tn.save_train_state(tmp_path, trees, {"step": 5})
