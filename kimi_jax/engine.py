@@ -35,7 +35,7 @@ from kimi_jax.cache import layout_for as cache_layout_for
 from kimi_jax.distributed import broadcast_from_main, global_array, is_main, to_host
 from kimi_jax.errors import KimiError
 from kimi_jax.model import KimiK2, default_impl
-from kimi_jax.pages import PagePool
+from kimi_jax.pages import PagePool, pages_for
 from kimi_jax.sampling import SamplingParams
 from kimi_jax.scheduler import DecodeWork, PrefillWork, QueueFull, Request, Scheduler
 from kimi_jax.sharding import platform_of
@@ -136,6 +136,9 @@ class BatchEngine:
         self.page_size = page_size or default_page
         n_pages = n_pages or default_pool_pages(max_batch, max_len, self.page_size, data)
         self.pool = PagePool(n_pages, self.page_size, shards=data)
+        if self.pool.capacity < pages_for(max_len, self.page_size):
+            raise KimiError(f"a cache of {n_pages} pages of {self.page_size} tokens cannot hold one request of "
+                            f"max_len {max_len} tokens" + (f" per data shard ({data})" if data > 1 else ""))
         cache = PagedCache.create(self.cfg, slots=max_batch, max_len=max_len, page_size=self.page_size,
                                   n_pages=n_pages, dtype=model.dtype, mesh=mesh, kv_layout=kv_layout)
         self.device = JaxDevice(model, cache, mesh=mesh, impl=self.impl)

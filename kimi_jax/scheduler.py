@@ -275,8 +275,9 @@ class Scheduler:
                     r._halted = False
         if resume:
             self.device.resume(resume)
-        prefill_waits = bool(self.waiting or self.prefilling)
-        if any(m is not None for m in masks.values()) or prefill_waits:
+        # Short blocks while a prompt is being prefilled, so its chunks keep coming; a request that
+        # waits for a slot or pages gains nothing from them.
+        if any(m is not None for m in masks.values()) or self.prefilling:
             steps = self.decode_steps[0]
         else:
             need = max(r._limit - r._sampled for r in ready)

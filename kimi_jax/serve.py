@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--page-size", type=int, default=None,
                    help="cache tokens per page (default 64; 128 on TPU). Requests share whole pages of a common "
                         "prefix, so smaller pages share more of it")
+    p.add_argument("--n-pages", type=int, default=None,
+                   help="pages in the latent cache (default: --max-batch requests of --max-len tokens, and as "
+                        "much again for cached prefixes; `python -m kimi_jax.plan` sizes the same pool)")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     p.add_argument("--mesh", help="device mesh, e.g. data=1,expert=4,tensor=2 (default: all local devices)")
     p.add_argument("--no-warmup", action="store_true", help="skip compiling the engine before listening")
@@ -67,14 +70,15 @@ def build_service(args, *, mirror: bool = False):
     from kimi_jax.sampling import SamplingParams, checkpoint_defaults
     from kimi_jax.server.service import Service, Settings
 
-    for flag in ("max_batch", "max_len", "max_tokens", "max_queue", "max_body_bytes", "chunk", "page_size"):
+    for flag in ("max_batch", "max_len", "max_tokens", "max_queue", "max_body_bytes", "chunk", "page_size", "n_pages"):
         _positive(getattr(args, flag), "--" + flag.replace("_", "-"))
     checkpoint = args.checkpoint or DEFAULT_CHECKPOINT
     if not os.path.isdir(checkpoint):
         hint = "" if args.checkpoint else " (the bundled default model is missing; pass --checkpoint DIR)"
         raise KimiError(f"checkpoint directory '{checkpoint}' not found{hint}")
     rt = Runtime.load(checkpoint, dtype=args.dtype, max_len=args.max_len, mesh=args.mesh, chunk=args.chunk,
-                      max_batch=args.max_batch, max_queue=args.max_queue, page_size=args.page_size, mirror=mirror,
+                      max_batch=args.max_batch, max_queue=args.max_queue, page_size=args.page_size,
+                      n_pages=args.n_pages, mirror=mirror,
                       progress=False)
     rt.require_chat()
     engine, max_len = rt.engine, rt.engine.max_len

@@ -43,7 +43,7 @@ from jax.sharding import PartitionSpec as P
 
 from kimi_jax.cache import PagedCache
 from kimi_jax.distributed import global_array
-from kimi_jax.sampling import allowed_by_mask, row_keys, sample
+from kimi_jax.draw import allowed_by_mask, row_keys, sample
 
 
 class ModelDef:

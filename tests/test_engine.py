@@ -106,8 +106,11 @@ def test_bad_prompts_raise_readable_errors(engines):
         engine.submit([1] * 96, SamplingParams())
     with pytest.raises(KimiError, match="outside the vocabulary"):
         engine.submit([CFG.vocab_size], SamplingParams())
+    tiny = KimiK2(CFG.replace(num_hidden_layers=1), dtype=jnp.float32)
     with pytest.raises(KimiError, match="decode steps per dispatch must be >= 1"):
-        BatchEngine(KimiK2(CFG.replace(num_hidden_layers=1), dtype=jnp.float32), max_len=16, decode_steps=(0,))
+        BatchEngine(tiny, max_len=16, decode_steps=(0,))
+    with pytest.raises(KimiError, match="cannot hold one request of max_len 64 tokens"):
+        BatchEngine(tiny, max_len=64, page_size=4, n_pages=8)
 
 
 def test_more_prompts_than_slots_and_queue_all_finish_in_order(model, engines):

@@ -5,8 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from kimi_jax.draw import row_keys, sample
 from kimi_jax.errors import KimiError
-from kimi_jax.sampling import SamplingParams, knob_arrays, row_keys, sample
+from kimi_jax.sampling import SamplingParams, knob_arrays
 
 PROBS = np.array([0.5, 0.3, 0.15, 0.05])
 
