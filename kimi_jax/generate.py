@@ -83,8 +83,6 @@ def run(args) -> int:
     from kimi_jax.runtime import Runtime
     from kimi_jax.sampling import SamplingParams, checkpoint_defaults
 
-    compile_cache.enable_from(args)
-
     checkpoint = args.checkpoint or DEFAULT_CHECKPOINT
     if not os.path.isdir(checkpoint):
         hint = "" if args.checkpoint else " (the bundled default model is missing; pass --checkpoint DIR)"
@@ -105,7 +103,7 @@ def run(args) -> int:
     log = sys.stderr
     t0 = time.perf_counter()
     rt = Runtime.load(checkpoint, dtype=args.dtype, max_len=args.max_len, mesh=args.mesh, chunk=args.chunk,
-                      progress=not args.json)
+                      progress=not args.json, compile_cache=compile_cache.from_args(args))
     print(f"loaded {checkpoint} in {time.perf_counter() - t0:.1f}s", file=log)
 
     if args.prompt_ids is not None or args.raw:
