@@ -9,13 +9,19 @@ The public API is the names in `__all__` (documented in docs/api.md):
     kimi_jax.Conversation(rt, tools=kimi_jax.builtin_tools()).send("What is 17 * 23?")
 
 The top level is lazy: `import kimi_jax` imports no JAX until a name is used, so `import kimi_jax.chat`
-(tokenizer, template, parser) stays free of JAX.
+(tokenizer, template, parser) stays free of JAX. Importing it does pin JAX to the CPU on a machine
+with no accelerator but libtpu installed, so that JAX's TPU probe does not fill the terminal with
+libtpu's warnings (kimi_jax/tpu_probe.py).
 """
 
 from __future__ import annotations
 
 import importlib
 from typing import TYPE_CHECKING
+
+from kimi_jax.tpu_probe import skip_absent_tpu
+
+skip_absent_tpu()  # before anything starts JAX's backends: every entry point imports this package first
 
 _EXPORTS = {
     # the model as a Flax module

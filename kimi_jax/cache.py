@@ -1,6 +1,6 @@
 """The paged MLA latent cache: per token and layer only the normalized latent c_kv and the rotated
 shared rope key k_pe, one row of kv_lora_rank + qk_rope_head_dim values (576 for K2, 35x less than
-per-head K/V; perf-targets.md), kept in fixed-size pages.
+per-head K/V; docs/performance-targets.md), kept in fixed-size pages.
 
     pages      per layer [n_pages, page_size, r + p]   the pool ("rows" layout; page 0 is never handed out)
                or [n_pages, r + p, page_size]          ("lanes": TPU, where a minor dimension of 576

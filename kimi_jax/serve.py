@@ -78,8 +78,7 @@ def build_service(args, *, mirror: bool = False):
         raise KimiError(f"checkpoint directory '{checkpoint}' not found{hint}")
     rt = Runtime.load(checkpoint, dtype=args.dtype, max_len=args.max_len, mesh=args.mesh, chunk=args.chunk,
                       max_batch=args.max_batch, max_queue=args.max_queue, page_size=args.page_size,
-                      n_pages=args.n_pages, mirror=mirror,
-                      progress=False)
+                      n_pages=args.n_pages, mirror=mirror, progress=False, compile_cache=compile_cache.from_args(args))
     rt.require_chat()
     engine, max_len = rt.engine, rt.engine.max_len
     settings = Settings(model_name=args.served_model_name or os.path.basename(os.path.abspath(checkpoint)),
@@ -140,14 +139,13 @@ def main(argv=None) -> int:
 
         from kimi_jax.server.app import create_app
     except ImportError as e:
-        print(f"error: the server needs the 'serve' extra (pip install 'kimi-jax[serve]'): {e}", file=sys.stderr)
+        print(f"error: the server needs the 'serve' extra (from the repository: pip install -e '.[serve]'): {e}", file=sys.stderr)
         return 2
     if args.host not in LOOPBACK and not args.api_key:
         log.warning("listening on %s without --api-key: anyone who can reach it can use it", args.host)
     try:
         t0 = time.perf_counter()
         mirror = distributed.initialize_from(args)
-        compile_cache.enable_from(args)
         service, engine = build_service(args, mirror=mirror)
     except KimiError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -39,7 +39,7 @@ def step_bytes(model, batch: int, context: int) -> tuple[int, int]:
         if path == ("embed",):
             size = size // cfg.vocab_size * batch  # only the rows of this step's tokens
         elif is_routed_expert(path, var):
-            # distinct experts touched per layer under uniform routing (perf-targets.md)
+            # distinct experts touched per layer under uniform routing (docs/performance-targets.md)
             touched = cfg.n_routed_experts * (1 - (1 - cfg.num_experts_per_tok / cfg.n_routed_experts) ** batch)
             size = int(size * touched / cfg.n_routed_experts)
             experts += size
