@@ -37,17 +37,19 @@ from kimi_jax.errors import KimiError
 from kimi_jax.model import KimiK2, default_impl
 from kimi_jax.pages import PagePool, pages_for
 from kimi_jax.sampling import SamplingParams
-from kimi_jax.scheduler import DecodeWork, PrefillWork, QueueFull, Request, Scheduler
+from kimi_jax.scheduler import (
+    DEFAULT_CHUNK,
+    DEFAULT_DECODE_STEPS,
+    DecodeWork,
+    PrefillWork,
+    QueueFull,
+    Request,
+    Scheduler,
+)
 from kimi_jax.sharding import platform_of
 from kimi_jax.steps import SlotState, decode_steps, prefill_step, resume_slots, split_model
 
-__all__ = ["BatchEngine", "JaxDevice", "QueueFull", "Request", "DEFAULT_DECODE_STEPS"]
-
-# Decode steps per dispatch the scheduler may choose: one while prompts wait for their prefill
-# (and for constrained rows), a block of 16 when every slot is decoding. 16 steps of K2 on 8 GPUs
-# take ~15 ms at the memory roofline, short enough for smooth streaming; on a CPU, pass (1,) or a
-# shorter block for finer-grained streaming.
-DEFAULT_DECODE_STEPS = (1, 16)
+__all__ = ["BatchEngine", "JaxDevice", "QueueFull", "Request", "DEFAULT_CHUNK", "DEFAULT_DECODE_STEPS"]
 
 
 class JaxDevice:
@@ -111,7 +113,7 @@ class BatchEngine:
     """Runs requests of token ids through a model with continuous batching over a paged cache
     (see the module doc); `generate` for a batch, `submit`/`wait`/`start` for a stream."""
 
-    def __init__(self, model: KimiK2, *, max_batch: int = 8, max_len: int = 4096, chunk: int = 128,
+    def __init__(self, model: KimiK2, *, max_batch: int = 8, max_len: int = 4096, chunk: int = DEFAULT_CHUNK,
                  page_size: int | None = None, n_pages: int | None = None, prefill_rows: int = 1,
                  max_queue: int = 64, mesh: Mesh | None = None, impl: str | None = None, mirror: bool = False,
                  decode_steps: Sequence[int] = DEFAULT_DECODE_STEPS):

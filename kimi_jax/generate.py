@@ -21,6 +21,7 @@ import time
 
 from kimi_jax import compile_cache, distributed
 from kimi_jax.errors import KimiError
+from kimi_jax.scheduler import DEFAULT_CHUNK
 
 DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                   "checkpoints", "kimi-k2-nano")
@@ -53,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     p.add_argument("--mesh", help="device mesh, e.g. data=1,expert=4,tensor=2 (default: all local devices)")
-    p.add_argument("--chunk", type=int, default=128, help="prefill chunk size in tokens")
+    p.add_argument("--chunk", type=int, default=DEFAULT_CHUNK, help="prefill chunk size in tokens")
     distributed.add_arguments(p)
     compile_cache.add_arguments(p)
     p.add_argument("--json", action="store_true", help="print one JSON object and nothing else on stdout")

@@ -15,6 +15,7 @@ from jax.sharding import Mesh
 from kimi_jax.config import Config
 from kimi_jax.engine import BatchEngine
 from kimi_jax.errors import KimiError
+from kimi_jax.scheduler import DEFAULT_CHUNK
 
 DEFAULT_MAX_LEN = 4096
 
@@ -34,7 +35,7 @@ class Runtime:
 
     @classmethod
     def load(cls, checkpoint: str, *, dtype: str = "bfloat16", max_len: int | None = None, mesh: Mesh | str | None = None,
-             chunk: int = 128, max_batch: int = 1, page_size: int | None = None, n_pages: int | None = None,
+             chunk: int = DEFAULT_CHUNK, max_batch: int = 1, page_size: int | None = None, n_pages: int | None = None,
              max_queue: int = 64, mirror: bool = False, progress: bool = True,
              compile_cache: str | bool = True) -> "Runtime":
         """Load weights onto the devices and build the engine: `max_batch` decode slots of up to

@@ -21,6 +21,7 @@ import time
 from kimi_jax import compile_cache, distributed
 from kimi_jax.errors import KimiError
 from kimi_jax.generate import DEFAULT_CHECKPOINT
+from kimi_jax.scheduler import DEFAULT_CHUNK
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -41,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the most completion tokens one request may ask for (default: --max-len)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429 (default 64)")
     p.add_argument("--max-body-bytes", type=int, default=8 << 20, help="request body limit (default 8 MiB)")
-    p.add_argument("--chunk", type=int, default=128, help="prefill chunk size in tokens")
+    p.add_argument("--chunk", type=int, default=DEFAULT_CHUNK, help="prefill chunk size in tokens")
     p.add_argument("--page-size", type=int, default=None,
                    help="cache tokens per page (default 64; 128 on TPU). Requests share whole pages of a common "
                         "prefix, so smaller pages share more of it")

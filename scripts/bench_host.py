@@ -28,16 +28,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from kimi_jax.config import TINY
-from kimi_jax.engine import DEFAULT_DECODE_STEPS, BatchEngine
+from kimi_jax.engine import BatchEngine
 from kimi_jax.model import KimiK2
 from kimi_jax.sampling import SamplingParams
-from kimi_jax.scheduler import DecodeWork
+from kimi_jax.scheduler import DEFAULT_DECODE_STEPS, DecodeWork
 from kimi_jax.steps import SlotState
 
 
-def engine_ms_per_step(engine: BatchEngine, batch: int, tokens: int) -> float:
-    """Median over requests of (last token time - first token time) / steps between them."""
-    prompts = [[1 + i, 2, 3, 4] for i in range(batch)]
+def engine_ms_per_step(engine: BatchEngine, requests: int, tokens: int) -> float:
+    """Median over `requests` requests run together of (last token time - first token time) / steps
+    between them."""
+    prompts = [[1 + i, 2, 3, 4] for i in range(requests)]
     done = engine.generate(prompts, SamplingParams(max_new_tokens=tokens + 1))
     return 1e3 * float(np.median([(r.finished_at - r.first_token_at) / (len(r.tokens) - 1) for r in done]))
 
@@ -61,6 +62,18 @@ def device_ms_per_step(engine: BatchEngine, batch: int, steps: int, reps: int) -
     return 1e3 * (time.perf_counter() - t0) / (reps * steps)
 
 
+def idle_slot_ratio(model, slots: int, tokens: int) -> dict:
+    """One request alone in a 1-slot engine and in a `slots`-slot engine: ms per decode step of
+    each (the second must not pay for its idle slots)."""
+    out = {}
+    for n in (1, slots):
+        engine = BatchEngine(model, max_batch=n, max_len=2 * tokens + 64, chunk=16)
+        engine_ms_per_step(engine, 1, max(DEFAULT_DECODE_STEPS) + 2)  # compiles
+        out[n] = engine_ms_per_step(engine, 1, tokens)
+    return {"slots": slots, "alone_ms": round(out[1], 2), "one_of_many_ms": round(out[slots], 2),
+            "ratio": round(out[slots] / out[1], 3)}
+
+
 def mesh_context_us(reps: int = 2000) -> float:
     """Microseconds to enter and leave `jax.set_mesh` of a mesh over every local device."""
     mesh = jax.make_mesh((len(jax.devices()),), ("data",))
@@ -76,8 +89,19 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=61)
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--tokens", type=int, default=64, help="decode steps timed per request")
+    ap.add_argument("--checkpoint", help="instead: one request alone in a 1-slot and in a 32-slot engine of this "
+                                         "checkpoint (e.g. a K2-shaped INT4 slice), ms per decode step")
     ap.add_argument("--json", help="also write the rows to this file")
     args = ap.parse_args(argv)
+    if args.checkpoint:
+        import kimi_jax
+
+        row = idle_slot_ratio(kimi_jax.load(args.checkpoint, dtype="bfloat16"), 32, args.tokens)
+        print(json.dumps(row))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(row, f)
+        return 0
     cfg = TINY.replace(num_hidden_layers=args.layers, first_k_dense_replace=1)
     model = KimiK2(cfg, dtype=jnp.float32)
     block = max(DEFAULT_DECODE_STEPS)
