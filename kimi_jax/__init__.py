@@ -9,13 +9,19 @@ The public API is the names in `__all__` (documented in docs/api.md):
     kimi_jax.Conversation(rt, tools=kimi_jax.builtin_tools()).send("What is 17 * 23?")
 
 The top level is lazy: `import kimi_jax` imports no JAX until a name is used, so `import kimi_jax.chat`
-(tokenizer, template, parser) stays free of JAX.
+(tokenizer, template, parser) stays free of JAX. Importing it does pin JAX to the CPU on a machine
+with no accelerator but libtpu installed, so that JAX's TPU probe does not fill the terminal with
+libtpu's warnings (kimi_jax/tpu_probe.py).
 """
 
 from __future__ import annotations
 
 import importlib
 from typing import TYPE_CHECKING
+
+from kimi_jax.tpu_probe import skip_absent_tpu
+
+skip_absent_tpu()  # before anything starts JAX's backends: every entry point imports this package first
 
 _EXPORTS = {
     # the model as a Flax module
@@ -33,8 +39,8 @@ _EXPORTS = {
     "shard": "kimi_jax.loading",
     # generation and the agent loop
     "Runtime": "kimi_jax.runtime",
-    "BatchEngine": "kimi_jax.batching",
-    "Request": "kimi_jax.batching",
+    "BatchEngine": "kimi_jax.engine",
+    "Request": "kimi_jax.engine",
     "SamplingParams": "kimi_jax.sampling",
     "Conversation": "kimi_jax.agent",
     "TurnResult": "kimi_jax.agent",
@@ -47,8 +53,8 @@ __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # what editors and type checkers see; at run time the names load on first use
     from kimi_jax.agent import Conversation, TurnResult  # noqa: F401
-    from kimi_jax.batching import BatchEngine, Request  # noqa: F401
     from kimi_jax.config import Config  # noqa: F401
+    from kimi_jax.engine import BatchEngine, Request  # noqa: F401
     from kimi_jax.errors import KimiError  # noqa: F401
     from kimi_jax.generate import DEFAULT_CHECKPOINT  # noqa: F401
     from kimi_jax.loading import device_mesh, load, random_model, shard  # noqa: F401

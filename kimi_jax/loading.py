@@ -77,16 +77,21 @@ def resolve_mesh(mesh: Mesh | MeshSpec | str | None, cfg: Config) -> Mesh | None
 
 
 def load(directory: str | os.PathLike, *, dtype: str | jnp.dtype = "bfloat16",
-         mesh: Mesh | MeshSpec | str | None = None, progress: bool = True) -> KimiK2:
+         mesh: Mesh | MeshSpec | str | None = None, progress: bool = True,
+         compile_cache: str | bool = True) -> KimiK2:
     """Load a K2-architecture checkpoint into a `KimiK2` (its config is `model.cfg`).
 
     `directory` is a Hugging Face layout directory (config.json + safetensors, INT4 experts as
     compressed-tensors `pack-quantized`) or one written by `python -m kimi_jax.convert`. Every
     tensor's name, dtype and shape is checked before anything is allocated. Without `mesh` the
-    weights go to the default device; with one, each device reads only its own blocks."""
+    weights go to the default device; with one, each device reads only its own blocks.
+    `compile_cache`: keep compiled programs on disk for the next run (kimi_jax/compile_cache.py):
+    True for the per-user directory, a directory, or False."""
+    from kimi_jax import compile_cache as cache
     from kimi_jax import convert
     from kimi_jax.checkpoint import load_model
 
+    cache.use(compile_cache)
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
         raise KimiError(f"checkpoint directory '{directory}' not found")

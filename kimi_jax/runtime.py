@@ -12,9 +12,10 @@ import os
 
 from jax.sharding import Mesh
 
-from kimi_jax.batching import BatchEngine
 from kimi_jax.config import Config
+from kimi_jax.engine import BatchEngine
 from kimi_jax.errors import KimiError
+from kimi_jax.scheduler import DEFAULT_CHUNK
 
 DEFAULT_MAX_LEN = 4096
 
@@ -34,10 +35,13 @@ class Runtime:
 
     @classmethod
     def load(cls, checkpoint: str, *, dtype: str = "bfloat16", max_len: int | None = None, mesh: Mesh | str | None = None,
-             chunk: int = 128, max_batch: int = 1, page_size: int | None = None, n_pages: int | None = None,
-             max_queue: int = 64, mirror: bool = False, progress: bool = True) -> "Runtime":
+             chunk: int = DEFAULT_CHUNK, max_batch: int = 1, page_size: int | None = None, n_pages: int | None = None,
+             max_queue: int = 64, mirror: bool = False, progress: bool = True,
+             compile_cache: str | bool = True) -> "Runtime":
         """Load weights onto the devices and build the engine: `max_batch` decode slots of up to
         `max_len` tokens each, over a paged cache (`page_size` tokens a page, `n_pages` pages).
+        Compiled programs are kept on disk for the next run unless `compile_cache=False`
+        (kimi_jax.load has the same switch).
 
         `mesh` is a `jax.sharding.Mesh`, text such as "expert=4,tensor=2", or None for every local
         device (kimi_jax.loading); on a single device the programs run unsharded."""
@@ -59,7 +63,7 @@ class Runtime:
         device_mesh = resolve_mesh(mesh or "auto", cfg)
         if device_mesh.size == 1:
             device_mesh = None
-        model = load(checkpoint, dtype=jdtype, mesh=device_mesh, progress=progress)
+        model = load(checkpoint, dtype=jdtype, mesh=device_mesh, progress=progress, compile_cache=compile_cache)
         tokenizer = template = None
         if os.path.isfile(os.path.join(checkpoint, "tiktoken.model")):
             from kimi_jax.chat import Tokenizer

@@ -104,7 +104,7 @@ def run_item(rt, item: dict, max_steps: int) -> tuple[list[dict], str]:
 
 
 def load_variants(args) -> dict:
-    from kimi_jax.batching import BatchEngine
+    from kimi_jax.engine import BatchEngine
     from kimi_jax.export import quantize_experts
     from kimi_jax.runtime import Runtime
 

@@ -24,10 +24,10 @@ import logging
 import secrets
 from typing import AsyncIterator
 
-from kimi_jax.batching import QueueFull
 from kimi_jax.chat.parser import name_from_id
 from kimi_jax.chat.prompt import encode_chat
 from kimi_jax.chat.tool_calls import k2_call_id, normalize_history
+from kimi_jax.engine import QueueFull
 from kimi_jax.errors import KimiError
 from kimi_jax.sampling import SamplingParams
 from kimi_jax.server.errors import APIError, bad_request
