@@ -103,11 +103,15 @@ class PagedCache:
         table = jnp.take(self.page_table, slots, axis=0, mode="clip")
         return self._batch(cfg, table, positions, valid, q_start, q_start + n_valid)
 
-    def rows_batch(self, cfg: Config, table, lengths, alive) -> AttnBatch:
-        """One token per row at its length `lengths[b]`, over the pages `table[b]` (rows packed
-        from slots by the caller); rows that are not alive write to the discard page."""
-        return self._batch(cfg, table, lengths[:, None], alive[:, None], lengths,
-                           lengths + alive.astype(jnp.int32))
+    def rows_batch(self, cfg: Config, table, lengths, n_valid, width: int = 1) -> AttnBatch:
+        """`width` tokens per row from its length `lengths[b]` on, over the pages `table[b]` (rows
+        packed from slots by the caller), of which the first n_valid[b] are real: a decode step
+        feeds one (n_valid 0 or 1), a verify step the last token and its drafts. Tokens past
+        n_valid write to the discard page."""
+        n_valid = n_valid.astype(jnp.int32)
+        positions = lengths[:, None] + jnp.arange(width, dtype=jnp.int32)[None, :]
+        valid = jnp.arange(width)[None, :] < n_valid[:, None]
+        return self._batch(cfg, table, positions, valid, lengths, lengths + n_valid)
 
     def _batch(self, cfg, table, positions, valid, q_start, kv_len) -> AttnBatch:
         ps = self.page_size

@@ -45,9 +45,11 @@ from kimi_jax.scheduler import (
     QueueFull,
     Request,
     Scheduler,
+    VerifyWork,
 )
 from kimi_jax.sharding import platform_of
-from kimi_jax.steps import SlotState, decode_steps, prefill_step, resume_slots, split_model
+from kimi_jax.speculation import DEFAULT_DRAFT_TOKENS, FixedCosts, Speculator, check_settings
+from kimi_jax.steps import SlotState, decode_steps, prefill_step, resume_slots, split_model, verify_step
 
 __all__ = ["BatchEngine", "JaxDevice", "QueueFull", "Request", "DEFAULT_CHUNK", "DEFAULT_DECODE_STEPS"]
 
@@ -102,6 +104,14 @@ class JaxDevice:
                 impl=self.impl)
         return tokens
 
+    def verify(self, work: VerifyWork):
+        mask = None if work.mask is None else self._put(work.mask)
+        with self._context():
+            tokens, self.cache, self.state = verify_step(
+                self.model_def, self.weights, self.cache, self.state, self._put(work.rows), self._put(work.drafts),
+                self._put(work.n_draft), self.knobs, mask, impl=self.impl)
+        return tokens
+
     def resume(self, slots: list[int]) -> None:
         self.state = resume_slots(self.state, self._put(np.asarray(slots, np.int32)))
 
@@ -116,16 +126,20 @@ class BatchEngine:
     def __init__(self, model: KimiK2, *, max_batch: int = 8, max_len: int = 4096, chunk: int = DEFAULT_CHUNK,
                  page_size: int | None = None, n_pages: int | None = None, prefill_rows: int = 1,
                  max_queue: int = 64, mesh: Mesh | None = None, impl: str | None = None, mirror: bool = False,
-                 decode_steps: Sequence[int] = DEFAULT_DECODE_STEPS):
+                 decode_steps: Sequence[int] = DEFAULT_DECODE_STEPS, speculate: str = "off",
+                 draft_tokens: int = DEFAULT_DRAFT_TOKENS):
         """`impl`: the kernels (kernels_pallas.ops IMPLS); default: the best for the mesh's devices.
         `page_size`: tokens per cache page (default: what the devices read best, cache.layout_for).
         `n_pages`: the page pool (default: cache.default_pool_pages). `decode_steps`: the decode
-        block lengths the scheduler may dispatch. `mirror`: process 0's requests are replayed on
-        every other process (several hosts)."""
+        block lengths the scheduler may dispatch. `speculate`: draft tokens from each request's own
+        tokens ("ngram") and also from recent outputs ("suffix"), up to `draft_tokens` per step,
+        and verify them when that makes more tokens per second (speculation.py); "off": never.
+        `mirror`: process 0's requests are replayed on every other process (several hosts)."""
         if max_batch < 1 or chunk < 1 or prefill_rows < 1:
             raise KimiError("max_batch, chunk and prefill_rows must be >= 1")
         if min(decode_steps, default=0) < 1:
             raise KimiError(f"decode steps per dispatch must be >= 1, got {tuple(decode_steps)}")
+        check_settings(speculate, draft_tokens)
         data = mesh.shape["data"] if mesh is not None else 1
         if max_batch % data:
             raise KimiError(f"max_batch {max_batch} must be a multiple of the mesh's data axis ({data})")
@@ -144,8 +158,13 @@ class BatchEngine:
         cache = PagedCache.create(self.cfg, slots=max_batch, max_len=max_len, page_size=self.page_size,
                                   n_pages=n_pages, dtype=model.dtype, mesh=mesh, kv_layout=kv_layout)
         self.device = JaxDevice(model, cache, mesh=mesh, impl=self.impl)
+        # Several processes must make the same choices without sharing clocks: a fixed cost then.
+        speculator = None if speculate == "off" else Speculator(
+            speculate, draft_tokens, costs=FixedCosts() if jax.process_count() > 1 else None)
+        self.speculate = speculate
         self.scheduler = Scheduler(self.device, max_batch=max_batch, max_len=max_len, chunk=chunk, pool=self.pool,
-                                   prefill_rows=prefill_rows, decode_steps=tuple(decode_steps))
+                                   prefill_rows=prefill_rows, decode_steps=tuple(decode_steps),
+                                   speculator=speculator)
         self._inbox: list[Request] = []
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -255,7 +274,19 @@ class BatchEngine:
             "prompt_tokens": prompt, "cached_tokens": s.stats["cached_tokens"],
             "generated_tokens": s.stats["generated_tokens"], "requests_finished": s.stats["finished"],
             "tokens_per_second": rate,
+            **self.speculation_metrics(),
         }
+
+    def speculation_metrics(self) -> dict:
+        """Draft tokens proposed and accepted, verify steps, and the tokens a verify step made per
+        request on average (all zero with speculation off)."""
+        spec = self.scheduler.spec
+        stats = spec.stats if spec is not None else dict.fromkeys(
+            ("drafted_tokens", "accepted_tokens", "verify_steps", "verify_rows", "verify_tokens"), 0)
+        rows = stats["verify_rows"]
+        return {"draft_tokens": stats["drafted_tokens"], "draft_tokens_accepted": stats["accepted_tokens"],
+                "verify_steps": stats["verify_steps"],
+                "tokens_per_verify_row": stats["verify_tokens"] / rows if rows else 0.0}
 
     # ---- one iteration --------------------------------------------------------------------------
     def step(self) -> bool:

@@ -19,7 +19,7 @@ import os
 import sys
 import time
 
-from kimi_jax import compile_cache, distributed
+from kimi_jax import compile_cache, distributed, speculation
 from kimi_jax.errors import KimiError
 from kimi_jax.scheduler import DEFAULT_CHUNK
 
@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     p.add_argument("--mesh", help="device mesh, e.g. data=1,expert=4,tensor=2 (default: all local devices)")
     p.add_argument("--chunk", type=int, default=DEFAULT_CHUNK, help="prefill chunk size in tokens")
+    speculation.add_arguments(p)
     distributed.add_arguments(p)
     compile_cache.add_arguments(p)
     p.add_argument("--json", action="store_true", help="print one JSON object and nothing else on stdout")
@@ -104,7 +105,8 @@ def run(args) -> int:
     log = sys.stderr
     t0 = time.perf_counter()
     rt = Runtime.load(checkpoint, dtype=args.dtype, max_len=args.max_len, mesh=args.mesh, chunk=args.chunk,
-                      progress=not args.json, compile_cache=compile_cache.from_args(args))
+                      progress=not args.json, compile_cache=compile_cache.from_args(args),
+                      speculate=args.speculate, draft_tokens=args.draft_tokens)
     print(f"loaded {checkpoint} in {time.perf_counter() - t0:.1f}s", file=log)
 
     if args.prompt_ids is not None or args.raw:

@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 
-from kimi_jax import compile_cache, distributed
+from kimi_jax import compile_cache, distributed, speculation
 from kimi_jax.errors import KimiError
 from kimi_jax.generate import DEFAULT_CHECKPOINT
 from kimi_jax.scheduler import DEFAULT_CHUNK
@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mesh", help="device mesh, e.g. data=1,expert=4,tensor=2 (default: all local devices)")
     p.add_argument("--no-warmup", action="store_true", help="skip compiling the engine before listening")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    speculation.add_arguments(p)
     distributed.add_arguments(p)
     compile_cache.add_arguments(p)
     return p
@@ -79,7 +80,8 @@ def build_service(args, *, mirror: bool = False):
         raise KimiError(f"checkpoint directory '{checkpoint}' not found{hint}")
     rt = Runtime.load(checkpoint, dtype=args.dtype, max_len=args.max_len, mesh=args.mesh, chunk=args.chunk,
                       max_batch=args.max_batch, max_queue=args.max_queue, page_size=args.page_size,
-                      n_pages=args.n_pages, mirror=mirror, progress=False, compile_cache=compile_cache.from_args(args))
+                      n_pages=args.n_pages, mirror=mirror, progress=False, compile_cache=compile_cache.from_args(args),
+                      speculate=args.speculate, draft_tokens=args.draft_tokens)
     rt.require_chat()
     engine, max_len = rt.engine, rt.engine.max_len
     settings = Settings(model_name=args.served_model_name or os.path.basename(os.path.abspath(checkpoint)),

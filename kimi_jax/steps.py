@@ -205,6 +205,67 @@ def decode_steps(model_def: ModelDef, weights, cache: PagedCache, state: SlotSta
     return out, (logits if want_logits else None), cache, state
 
 
+@functools.partial(jax.jit, static_argnames=("model_def", "impl"), donate_argnames=("cache", "state"))
+def verify_step(model_def: ModelDef, weights, cache: PagedCache, state: SlotState, rows, drafts, n_draft, knobs,
+                mask=None, *, impl: str):
+    """One step that may make several tokens per row: row b (slot rows[b], `cache.slots` pads)
+    feeds its token and its first n_draft[b] draft tokens drafts[b] [B, K] at its length, draws
+    the model's token after each of them exactly as `decode_steps` would (same knobs, same keys),
+    and keeps the drawn tokens up to and including the first that differs from the draft. So a
+    row's tokens are those of plain decoding whatever the drafts were; drafts only decide how
+    many come out of one step. For a sampled row this is speculative sampling with a
+    deterministic draft: a draft token x survives with probability p(x), and when it does not, the
+    token drawn in its place is distributed as p without x, renormalized.
+
+    Halt ids and budgets cut a row's run as they stop decode_steps; the cache length advances only
+    by the tokens kept (rows written for rejected drafts lie past it and are overwritten later).
+    `mask` restricts each row's first token; rows with a mask must carry no drafts. Returns
+    (tokens [K+1, B] int32: row b's new tokens in order, -1 after them; cache; state)."""
+    model = model_def.merge(weights)
+    n_slots, width = cache.slots, drafts.shape[1] + 1
+    slot = jnp.minimum(rows, n_slots - 1)
+    row_knobs = {k: jnp.take(v, slot, axis=0) for k, v in knobs.items()}
+    table = jnp.take(cache.page_table, slot, axis=0)
+    alive = jnp.take(state.alive, slot) & (rows < n_slots)
+    lengths, budget = jnp.take(cache.lengths, slot), jnp.take(state.budget, slot)
+    # A row feeds no draft past the tokens it may still sample (nor past the context end, which
+    # its budget already respects).
+    n_draft = jnp.where(alive, jnp.clip(n_draft, 0, budget - 1), 0)
+    fed = jnp.concatenate([jnp.take(state.tokens, slot)[:, None], drafts], axis=1)
+    batch = cache.rows_batch(model.cfg, table, lengths, jnp.where(alive, 1 + n_draft, 0), width)
+    h, pages = model(fed, batch, cache.pages, impl=impl)
+    b = rows.shape[0]
+    # The logits of all B x (K+1) tokens as one [rows, V] product, the shape decode_steps uses: on
+    # XLA:CPU a 3-D product rounds differently in bf16, and a greedy row would then not always
+    # draw the token decoding draws.
+    logits = model.logits(h.reshape(b * width, -1))
+    if mask is not None:
+        first = (jnp.arange(b * width) % width == 0)[:, None]
+        allowed = jnp.repeat(allowed_by_mask(mask, logits.shape[-1]), width, axis=0)
+        logits = jnp.where(first & ~allowed, -jnp.inf, logits)
+    per_token = {k: jnp.repeat(v, width, axis=0) for k, v in row_knobs.items()}
+    positions = (lengths[:, None] + 1 + jnp.arange(width, dtype=jnp.int32)[None, :]).reshape(-1)
+    drawn = _replicated(_sample(logits, per_token, positions, None).reshape(b, width))
+    # Kept: drawn[0 .. n-1] where n - 1 is the number of leading drafts the model drew itself,
+    # cut after the first halt id and at the budget.
+    j = jnp.arange(width - 1)[None, :]
+    agrees = (drawn[:, :-1] == drafts) & (j < n_draft[:, None])
+    accepted = jnp.sum(jnp.cumprod(agrees.astype(jnp.int32), axis=1), axis=1)
+    halts = jnp.any(drawn[:, :, None] == row_knobs["halt"][:, None, :], axis=2)
+    first_halt = jnp.where(jnp.any(halts, axis=1), jnp.argmax(halts, axis=1), width)
+    n_out = jnp.where(alive, jnp.minimum(jnp.minimum(accepted, first_halt) + 1, budget), 0)
+    out = jnp.where(jnp.arange(width)[None, :] < n_out[:, None], drawn, -1)
+    last = jnp.take_along_axis(drawn, jnp.maximum(n_out - 1, 0)[:, None], axis=1)[:, 0]
+    budget = budget - n_out
+    still = alive & (budget > 0) & (first_halt >= n_out)
+    state = SlotState(tokens=state.tokens.at[rows].set(jnp.where(alive, last, jnp.take(state.tokens, slot)),
+                                                       mode="drop"),
+                      alive=state.alive.at[rows].set(still, mode="drop"),
+                      budget=state.budget.at[rows].set(budget, mode="drop"))
+    cache = dataclasses.replace(cache, pages=pages, lengths=cache.lengths.at[rows].set(lengths + n_out, mode="drop"))
+    return out.T, cache, state
+
+
 @functools.partial(jax.jit, donate_argnames=("state",))
 def resume_slots(state: SlotState, slots):
     """Re-arm slots a halt id stopped at a constraint's boundary (not at their end): they generate
@@ -216,4 +277,5 @@ def resume_slots(state: SlotState, slots):
 def compile_counts() -> dict[str, int]:
     """Programs compiled so far by each step function (tests assert that shapes, not prompts,
     decide this)."""
-    return {"prefill": prefill_step._cache_size(), "decode": decode_steps._cache_size()}
+    return {"prefill": prefill_step._cache_size(), "decode": decode_steps._cache_size(),
+            "verify": verify_step._cache_size()}
