@@ -14,7 +14,7 @@ most recent occurrences of the query's last a tokens for each anchor length, ext
 backwards, and proposes what followed the longest (the most recent among equals). Long anchors find
 an old long match that short ones, crowded by recent coincidences, would miss: the original line of
 a file being copied, rather than the same indentation a few lines up. Its capacity is enforced by
-dropping the oldest documents and re-indexing the rest (amortized O(1) per token).
+dropping the oldest documents, each from the front of its n-grams' position lists (O(1) per token).
 
 `RequestDrafter` adapts to how its drafts fare: the draft length grows while drafts are accepted
 whole and shrinks to what was accepted when they are not; its per-token acceptance is estimated
@@ -24,10 +24,13 @@ tokens, doubling up to 512 while it keeps failing).
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 from typing import Sequence
 
 ANCHORS = (2, 4, 8)  # n-gram lengths the index is keyed by
+INDEX_STEP = 8192  # tokens of a request's own sequence indexed per lookup, at most (a long prompt is
+#                    indexed over a few engine iterations instead of stalling one)
 CANDIDATES = 4  # most recent occurrences examined per anchor length
 MAX_MATCH = 32  # matches longer than this are all equally good
 _SEP = -1  # between documents: equal to no token
@@ -35,65 +38,83 @@ _SEP = -1  # between documents: equal to no token
 
 class SuffixIndex:
     """Token sequences indexed by n-gram, to find the longest earlier match of a query's suffix and
-    what followed it. `capacity` (tokens) bounds it: the oldest documents go first."""
+    what followed it. `capacity` (tokens) bounds it: the oldest documents go first.
+
+    Positions are global and only grow: `tokens[0]` is position `offset`, and a document dropped
+    from the front takes its entries from the front of each of its n-grams' position lists."""
 
     def __init__(self, capacity: int | None = None):
         self.capacity = capacity
         self.tokens: list[int] = []
+        self.offset = 0  # global position of tokens[0]
+        self.indexed = 0  # global positions indexed so far
         self._where: dict[int, dict[tuple, list[int]]] = {a: {} for a in ANCHORS}
-        self._docs: list[int] = []  # start of each document in `tokens`, oldest first
+        self._docs: list[int] = []  # global start of each document, oldest first
+        self._size = 0  # real tokens held (separators not counted)
 
     def __len__(self) -> int:
-        return len(self.tokens) - len(self._docs)  # real tokens, separators not counted
+        return self._size
 
     def add(self, tokens: Sequence[int]) -> None:
         """A new document (e.g. a finished request's output)."""
-        if self.capacity is not None and len(tokens) > self.capacity:
+        if self.capacity is not None:
             tokens = tokens[-self.capacity:]
-        if self.tokens:
+        if self._docs:
             self.extend([_SEP])
-        self._docs.append(len(self.tokens))
+            self._size -= 1
+        self._docs.append(self.offset + len(self.tokens))
         self.extend(tokens)
-        if self.capacity is not None and len(self) > self.capacity:
-            self._evict()
+        while self.capacity is not None and self._size > self.capacity:
+            self._drop_oldest()
 
     def extend(self, tokens: Sequence[int]) -> None:
-        """Append to the newest document (a running request's own tokens grow this way)."""
-        seq = self.tokens
-        for t in tokens:
-            seq.append(int(t))
-            end = len(seq)
-            for a, where in self._where.items():
-                if end >= a:
-                    key = tuple(seq[end - a:end])
-                    if _SEP not in key:
-                        where.setdefault(key, []).append(end)
+        """Append to the newest document and index it all."""
+        self.append(tokens)
+        self.index(len(self.tokens))
 
-    def _evict(self) -> None:
-        """Keep the newest documents that fit in three quarters of the capacity (at least the
-        newest), and index them afresh."""
-        ends = [*self._docs[1:], len(self.tokens) + 1]  # a separator precedes every later document
-        docs = [self.tokens[start:end - 1] for start, end in zip(self._docs, ends)]
-        kept, total = [], 0
-        for doc in reversed(docs):
-            if kept and total + len(doc) > 3 * self.capacity // 4:
-                break
-            kept.append(doc)
-            total += len(doc)
-        self.tokens, self._docs = [], []
-        self._where = {a: {} for a in ANCHORS}
-        for doc in reversed(kept):
-            if self.tokens:
-                self.extend([_SEP])
-            self._docs.append(len(self.tokens))
-            self.extend(doc)
+    def append(self, tokens: Sequence[int]) -> None:
+        """Append to the newest document without indexing (`index` catches up)."""
+        self.tokens.extend(int(t) for t in tokens)
+        self._size += len(tokens)
+
+    def _keys(self, first_end: int, last_end: int):
+        """(anchor, n-gram) ending at each global position in [first_end, last_end]."""
+        seq, off = self.tokens, self.offset
+        for end in range(first_end, last_end + 1):
+            for a in ANCHORS:
+                if end - a >= off:
+                    key = tuple(seq[end - a - off:end - off])
+                    if _SEP not in key:
+                        yield end, a, key
+
+    def index(self, limit: int) -> None:
+        """Index up to `limit` more positions, oldest first."""
+        stop = min(self.offset + len(self.tokens), self.indexed + limit)
+        for end, a, key in self._keys(self.indexed + 1, stop):
+            self._where[a].setdefault(key, []).append(end)
+        self.indexed = max(self.indexed, stop)
+
+    def _drop_oldest(self) -> None:
+        """Forget the oldest document (there are at least two when this is called)."""
+        start, stop = self._docs[0], self._docs[1] - 1  # the next document follows its separator
+        for _, a, key in self._keys(start + 1, stop):
+            ends = self._where[a].get(key)
+            if ends and ends[0] <= stop:
+                del ends[:bisect.bisect_right(ends, stop)]
+                if not ends:
+                    del self._where[a][key]
+        self._docs.pop(0)
+        self._size -= stop - start
+        if self._docs[0] - self.offset > len(self.tokens) // 2:  # drop the dead front now and then
+            self.tokens = self.tokens[self._docs[0] - self.offset:]
+            self.offset = self._docs[0]
 
     def match(self, query: Sequence[int], *, own: bool = False) -> tuple[int, int]:
-        """(match length, position after the match) of the longest match of the end of `query`
-        found in the index; (0, -1) if none. `own`: the query is this index's own token list, so
-        the match must end before its end."""
+        """(match length, global position after the match) of the longest match of the end of
+        `query` in the index; (0, -1) if none. `own`: the query is this index's own token list,
+        so the match must end before its end."""
         best = (0, -1)
-        seq, n = self.tokens, len(query)
+        seq, off, n = self.tokens, self.offset, len(query)
         for a, where in self._where.items():
             if n < a:
                 break
@@ -104,23 +125,23 @@ class SuffixIndex:
                 if own and end >= n:
                     continue
                 length = a
-                while length < MAX_MATCH and length < n and end - length > 0 and \
-                        seq[end - length - 1] == query[n - length - 1] != _SEP:
+                while length < MAX_MATCH and length < n and end - length - 1 >= off and \
+                        seq[end - length - 1 - off] == query[n - length - 1] != _SEP:
                     length += 1
                 if (length, end) > best:
                     best = (length, end)
         return best
 
     def continuation(self, end: int, k: int, *, own: bool = False) -> list[int]:
-        """Up to k tokens from position `end` on, stopping at a document's end. `own` (the match was
-        of this index's own end): past the end it repeats the continuation itself, since a match
-        that overlaps the sequence's end means the text is periodic there."""
+        """Up to k tokens from global position `end` on, stopping at a document's end. `own` (the
+        match was of this index's own end): past the end it repeats the continuation itself,
+        since a match that overlaps the sequence's end means the text is periodic there."""
         seq = self.tokens
-        out = seq[end:end + k]
+        out = seq[end - self.offset:end - self.offset + k]
         if _SEP in out:
             return out[:out.index(_SEP)]
         while own and out and len(out) < k:
-            out.append(out[len(out) - (len(seq) - end)])
+            out.append(out[len(out) - (len(seq) + self.offset - end)])
         return out
 
 
@@ -140,7 +161,7 @@ class RequestDrafter:
     @classmethod
     def for_prompt(cls, prompt_ids: Sequence[int], max_draft: int) -> "RequestDrafter":
         own = SuffixIndex()
-        own.add(prompt_ids)
+        own.append(prompt_ids)  # indexed by the lookups, INDEX_STEP tokens at a time
         return cls(own, max_draft)
 
     @property
@@ -152,12 +173,13 @@ class RequestDrafter:
         return len(self.own.tokens) < self.paused_until
 
     def extend(self, tokens: Sequence[int]) -> None:
-        self.own.extend(tokens)
+        self.own.append(tokens)
 
     def draft(self, shared: SuffixIndex | None, k: int) -> list[int]:
         """Up to k tokens likely to follow the request's tokens, from its own tokens or `shared`
         (whichever matches longer; its own among equals). The draft is no longer than the match
         that proposed it: a two-token coincidence earns two draft tokens."""
+        self.own.index(INDEX_STEP)
         query = self.own.tokens
         length, end = self.own.match(query, own=True)
         source = self.own

@@ -166,17 +166,20 @@ class Speculator:
         the width whose expected tokens per row, over its cost in decode steps, is highest and
         above the decode block's 1."""
         candidates = [r for r in rows if self.eligible(r)]
-        best, best_rate = 0, 1.0
+        best, best_rate, narrower_gain, narrower_rate = 0, 1.0, 0.0, math.inf
         for width in self.widths:
             gain = sum(r._drafter.expected_gain(width) for r in candidates)
-            if gain <= 0:
-                break  # no width does better
+            if gain <= narrower_gain:
+                break  # a wider step would carry no more drafts
             ratio = self.costs.ratio(bucket, steps, width)
             if ratio == 0:
-                return width  # not measured yet: measure it
+                # Not measured (or long ago): measure it, unless the narrower width was not worth it
+                # (a wider one costs more: no need to compile and try it).
+                return width if narrower_rate > 1 else best
             rate = (len(rows) + gain) / len(rows) / ratio
             if rate > best_rate:
                 best, best_rate = width, rate
+            narrower_gain, narrower_rate = gain, rate
         return best
 
     def drafts(self, rows: list, remaining, width: int) -> dict:

@@ -68,7 +68,11 @@ def test_the_shared_index_keeps_its_capacity_by_dropping_the_oldest_outputs():
     assert index.match([1000, 1])[0] == 0  # the oldest output is gone
     length, end = index.match([1029, 1, 2, 3])
     assert length == 4 and index.continuation(end, 1) == [2029]
-    assert index.match([1015, 1])[0] == 2  # the newest three quarters stay
+    assert index.match([1015, 1])[0] == 2  # the newest stay
+    for i in range(300):
+        index.add([3000 + i, 7, 8])
+    entries = sum(len(ends) for where in index._where.values() for ends in where.values())
+    assert len(index) <= 100 and len(index.tokens) <= 2 * 100 + 10 and entries <= 3 * 100
     assert SuffixIndex(capacity=3).add([1, 2, 3, 4, 5]) is None  # a long output keeps its end only
 
 
@@ -187,3 +191,40 @@ def test_widths_and_bad_settings():
         Speculator("eagle")
     with pytest.raises(KimiError, match="integer >= 1, got 0"):
         Speculator("ngram", 0)
+
+
+def test_wider_steps_are_tried_only_after_a_narrower_one_paid_off():
+    costs = StepCosts()
+    spec = Speculator("ngram", 8, costs=costs)
+    r = _Req([*range(1, 30), *range(1, 21)])
+    spec.admit(r)
+    spec.took(r, [21])
+    r._drafter.accepted, r._drafter.trials = 99.0, 100.0
+    r._drafter.length = 2
+    assert spec.plan([r], 1, 16) == 2  # nothing measured: the narrowest first
+    for seconds in (9.0, 0.01, 0.01):
+        costs.record("decode", 1, 16, 16 * seconds)  # the first of each is dropped (the compile)
+        costs.record("verify", 1, 2, 5 * seconds)
+    assert spec.plan([r], 1, 16) == 0  # 3 tokens for the price of 5: decode
+    r._drafter.length = 8
+    assert spec.plan([r], 1, 16) == 0  # and wider steps, dearer still, are not tried
+    costs.record("verify", 1, 2, 0.012)  # now cheap: (1 + 2) / 1.1 steps > 1
+    costs.record("verify", 1, 2, 0.011)
+    assert spec.plan([r], 1, 16) == 4  # so the next width gets measured
+
+
+def test_a_long_prompt_is_indexed_a_step_at_a_time(monkeypatch):
+    from kimi_jax import drafting
+
+    monkeypatch.setattr(drafting, "INDEX_STEP", 10)
+    phrase = [100, 101, 102, 103, 104]
+    drafter = RequestDrafter.for_prompt(phrase + list(range(30)) + phrase[:3], max_draft=8)
+    drafter.length = 8
+    assert drafter.own.indexed == 0
+    assert drafter.draft(None, 8) == [103, 104, 0]  # the phrase at the start is indexed first
+    assert drafter.own.indexed == 10
+    drafter.extend([103])
+    assert drafter.own.indexed == 10 and len(drafter.own.tokens) == 39
+    for _ in range(3):
+        drafter.draft(None, 8)
+    assert drafter.own.indexed == 39  # caught up with the output too
