@@ -210,6 +210,55 @@ def _step_costs(model_def, weights, cfg, impl: str, batch: int, context: int, ks
     return row
 
 
+def k2_projection(tokens_per_step: float, max_draft: int, ks: list[int], batches=(1, 8, 32),
+                  context: int = 8192) -> list[dict]:
+    """Bytes a K2 Thinking step must read (INT4 experts, bf16 rest, `context` tokens of cache per
+    row) for a verify step of k drafts per row, over a decode step's: every non-expert weight once,
+    each token's embedding row, and the routed experts its tokens select (uniform routing: a layer's
+    distinct experts for T tokens are E(1 - (1 - 8/E)^T)). On a GPU a step is bound by those bytes,
+    so this ratio is its cost in decode steps. The tokens a verify step makes with k drafts come
+    from a per-token acceptance fitted to `tokens_per_step` measured with up to `max_draft` drafts
+    (geometric: 1 + a + ... + a^k)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from kimi_jax.config import K2_THINKING
+    from kimi_jax.model import abstract_model
+    from kimi_jax.quant import is_routed_expert
+
+    cfg = K2_THINKING
+    _, state = abstract_model(cfg, jnp.bfloat16)
+    fixed = experts = embed_row = 0
+    for path, var in nnx.to_flat_state(state):
+        size = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(var.get_value()))
+        if path == ("embed",):
+            embed_row = size // cfg.vocab_size
+        elif is_routed_expert(path, var):
+            experts += size
+        else:
+            fixed += size
+    per_token_cache = cfg.num_hidden_layers * cfg.cache_dim * 2
+    lo, hi = 0.0, 1.0
+    for _ in range(60):  # fit a: sum of a^i for i <= max_draft equals the measured tokens per step
+        a = (lo + hi) / 2
+        lo, hi = (a, hi) if sum(a ** i for i in range(max_draft + 1)) < tokens_per_step else (lo, a)
+    e, top = cfg.n_routed_experts, cfg.num_experts_per_tok
+
+    def step(batch, k):
+        t = batch * (k + 1)
+        return fixed + embed_row * t + experts * (1 - (1 - top / e) ** t) + per_token_cache * context * batch
+
+    rows = []
+    for batch in batches:
+        for k in ks:
+            cost = step(batch, k) / step(batch, 0)
+            made = sum(a ** i for i in range(k + 1))
+            rows.append({"batch": batch, "k": k, "acceptance": a, "bytes_ratio": cost, "tokens_per_step": made,
+                         "speedup": made / cost})
+    return rows
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=COPY_MODEL, help="default: the copy model (scripts/copy_model)")
@@ -225,6 +274,8 @@ def parse_args(argv=None):
     p.add_argument("--cost-k", default="1,4,8")
     p.add_argument("--cost-context", type=int, default=256)
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--project", type=float, metavar="TOKENS_PER_STEP",
+                   help="instead: project K2 on a GPU from this measured number of tokens per verify step")
     p.add_argument("--json", help="also write the results to this file")
     args = p.parse_args(argv)
     args.workloads = [w for w in args.workloads.split(",") if w]
@@ -238,6 +289,15 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from bench_serve import machine
 
+    if args.project:
+        rows = k2_projection(args.project, args.draft_tokens, args.cost_k)
+        print("| batch | k | bytes per step, x decode | tokens per step | projected speedup |")
+        print("|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['batch']} | {r['k']} | {r['bytes_ratio']:.2f} | {r['tokens_per_step']:.2f} | "
+                  f"{r['speedup']:.2f}x |")
+        print(f"(per-token acceptance fitted: {rows[0]['acceptance']:.3f})")
+        return 0
     rows = verify_cost(args) if args.verify_cost else copy_benchmark(args)
     report = {"date": datetime.date.today().isoformat(), "machine": machine(),
               "command": " ".join(["python scripts/bench_speculate.py", *(argv if argv is not None else sys.argv[1:])]),

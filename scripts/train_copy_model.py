@@ -105,7 +105,7 @@ class CopyData:
 
     def sequence(self, length: int) -> np.ndarray:
         rng = self.rng
-        if rng.random() < 0.6:  # one span, repeated (with edits) to the end: copying all the way
+        if rng.random() < 0.7:  # one span, repeated (with edits) to the end: copying all the way
             span = self.fresh(int(rng.integers(12, length // 2)))
             seq = list(span)
             while len(seq) < length:
@@ -123,6 +123,18 @@ class CopyData:
 
     def batch(self, size: int, length: int) -> np.ndarray:
         return np.stack([self.sequence(length) for _ in range(size)])
+
+    def repeats(self, size: int, length: int) -> np.ndarray:
+        """Sequences of new material followed by an exact copy of it: what copy_accuracy scores."""
+        halves = [self.fresh(length // 2) for _ in range(size)]
+        return np.stack([np.concatenate([h, h]) for h in halves])
+
+
+def copy_accuracy(predicted: np.ndarray, repeats: np.ndarray) -> float:
+    """How often the model's next token is right in the second, copied half of `repeats` (the first
+    token of the copy is left out: nothing says where the copy starts)."""
+    half = repeats.shape[1] // 2
+    return float(np.mean(predicted[:, half:-1] == repeats[:, half + 1:]))
 
 
 # ---- training ---------------------------------------------------------------------------------------
@@ -154,14 +166,24 @@ def train(args) -> None:
         updates, opt_state = optimizer.update(grads, opt_state, state)
         return optax.apply_updates(state, updates), opt_state, loss
 
+    @jax.jit
+    def predictions(state, tokens):
+        return jnp.argmax(nnx.merge(graphdef, state).forward_no_cache(tokens), -1)
+
     data = CopyData(tokenizer, args.seed)
+    held_out = CopyData(tokenizer, args.seed + 1, n_snippets=200).repeats(8, args.seq_len)
     t0, losses = time.perf_counter(), []
     for i in range(1, args.steps + 1):
-        state, opt_state, loss = step(state, opt_state, jnp.asarray(data.batch(args.batch, args.seq_len)))
+        # Short sequences first: an induction head forms sooner among few candidates, and each
+        # step holds as many tokens; then the full length, so copies may come from far back.
+        length = args.short_len if i <= args.short_steps else args.seq_len
+        tokens = data.batch(args.batch * args.seq_len // length, length)
+        state, opt_state, loss = step(state, opt_state, jnp.asarray(tokens))
         losses.append(float(loss))
         if i % args.log_every == 0:
-            print(f"step {i}: loss {np.mean(losses[-args.log_every:]):.3f} ({time.perf_counter() - t0:.0f}s)",
-                  file=sys.stderr, flush=True)
+            accuracy = copy_accuracy(np.asarray(predictions(state, jnp.asarray(held_out))), held_out)
+            print(f"step {i}: loss {np.mean(losses[-args.log_every:]):.3f}, copy accuracy {accuracy:.3f} "
+                  f"({time.perf_counter() - t0:.0f}s)", file=sys.stderr, flush=True)
         if i == args.steps or (args.save_every and i % args.save_every == 0):
             write_checkpoint(args.out, nnx.merge(graphdef, state), args, time.perf_counter() - t0,
                              float(np.mean(losses[-args.log_every:])), i)
@@ -191,6 +213,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--short-len", type=int, default=64, help="sequence length of the first --short-steps steps")
+    p.add_argument("--short-steps", type=int, default=800)
     p.add_argument("--max-len", type=int, default=4096, help="the checkpoint's max_position_embeddings")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
