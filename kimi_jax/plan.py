@@ -111,7 +111,7 @@ def compile_steps(cfg, *, devices, mesh_text: str | None, max_len: int, batch: i
     from kimi_jax.sampling import SamplingParams, knob_arrays
     from kimi_jax.scheduler import DEFAULT_DECODE_STEPS
     from kimi_jax.sharding import MeshSpec, default_mesh_spec, make_mesh, placed_abstract
-    from kimi_jax.steps import SlotState, decode_steps, prefill_step, split_abstract
+    from kimi_jax.steps import SlotState, decode_steps, prefill_step, split_state
 
     spec = MeshSpec.parse(mesh_text) if mesh_text else default_mesh_spec(cfg, len(devices))
     mesh = make_mesh(spec, devices)
@@ -122,7 +122,7 @@ def compile_steps(cfg, *, devices, mesh_text: str | None, max_len: int, batch: i
     page_size = page_size or default_page
     graphdef, state = abstract_model(cfg, jdtype, expert_layout=expert_layout)
     state = placed_abstract(state, mesh)
-    model_def, weights = split_abstract(graphdef, state)
+    model_def, weights = split_state(graphdef, state)
     n_pages = default_pool_pages(batch, max_len, page_size, spec.data)  # what the engine allocates
     cache = PagedCache.abstract(cfg, slots=batch, max_len=max_len, page_size=page_size, n_pages=n_pages,
                                 dtype=jdtype, mesh=mesh, kv_layout=kv_layout)
