@@ -39,7 +39,7 @@ from kimi_jax.pages import PagePool, pages_for
 from kimi_jax.sampling import SamplingParams
 from kimi_jax.scheduler import (
     DEFAULT_CHUNK,
-    DEFAULT_DECODE_STEPS,
+    DEFAULT_DECODE_BLOCK,
     DecodeWork,
     PrefillWork,
     QueueFull,
@@ -49,7 +49,7 @@ from kimi_jax.scheduler import (
 from kimi_jax.sharding import platform_of
 from kimi_jax.steps import SlotState, decode_steps, prefill_step, resume_slots, split_model
 
-__all__ = ["BatchEngine", "JaxDevice", "QueueFull", "Request", "DEFAULT_CHUNK", "DEFAULT_DECODE_STEPS"]
+__all__ = ["BatchEngine", "JaxDevice", "QueueFull", "Request", "DEFAULT_CHUNK", "DEFAULT_DECODE_BLOCK"]
 
 
 class JaxDevice:
@@ -58,8 +58,9 @@ class JaxDevice:
     they change: the page table and knobs when the scheduler says so, the packed rows when the set
     of active slots changes."""
 
-    def __init__(self, model: KimiK2, cache: PagedCache, *, mesh: Mesh | None, impl: str):
+    def __init__(self, model: KimiK2, cache: PagedCache, *, mesh: Mesh | None, impl: str, max_steps: int):
         self.model_def, self.weights = split_model(model)
+        self.max_steps = max_steps
         self.vocab_size = model.cfg.vocab_size
         self.cache, self.mesh, self.impl = cache, mesh, impl
         self.replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()) if mesh else \
@@ -67,6 +68,7 @@ class JaxDevice:
         self.state = SlotState.create(cache.slots, self.replicated)
         self.knobs = None
         self._rows = (None, None)  # (host rows, device rows) of the last decode dispatch
+        self._counts = {}  # step count -> the device scalar, uploaded once
 
     def _put(self, value: np.ndarray):
         return global_array(value, self.replicated)
@@ -95,11 +97,13 @@ class JaxDevice:
         if host_rows is None or not np.array_equal(host_rows, work.rows):
             rows = self._put(work.rows)
             self._rows = (work.rows, rows)
+        if work.steps not in self._counts:
+            self._counts[work.steps] = self._put(np.int32(work.steps))
         mask = None if work.mask is None else self._put(work.mask)
         with self._context():
             tokens, _, self.cache, self.state = decode_steps(
-                self.model_def, self.weights, self.cache, self.state, rows, self.knobs, mask, steps=work.steps,
-                impl=self.impl)
+                self.model_def, self.weights, self.cache, self.state, rows, self._counts[work.steps], self.knobs, mask,
+                max_steps=self.max_steps, impl=self.impl)
         return tokens
 
     def resume(self, slots: list[int]) -> None:
@@ -116,16 +120,16 @@ class BatchEngine:
     def __init__(self, model: KimiK2, *, max_batch: int = 8, max_len: int = 4096, chunk: int = DEFAULT_CHUNK,
                  page_size: int | None = None, n_pages: int | None = None, prefill_rows: int = 1,
                  max_queue: int = 64, mesh: Mesh | None = None, impl: str | None = None, mirror: bool = False,
-                 decode_steps: Sequence[int] = DEFAULT_DECODE_STEPS):
+                 decode_block: int = DEFAULT_DECODE_BLOCK):
         """`impl`: the kernels (kernels_pallas.ops IMPLS); default: the best for the mesh's devices.
         `page_size`: tokens per cache page (default: what the devices read best, cache.layout_for).
-        `n_pages`: the page pool (default: cache.default_pool_pages). `decode_steps`: the decode
-        block lengths the scheduler may dispatch. `mirror`: process 0's requests are replayed on
+        `n_pages`: the page pool (default: cache.default_pool_pages). `decode_block`: the most
+        decode steps one dispatch runs (1: a dispatch per token). `mirror`: process 0's requests are replayed on
         every other process (several hosts)."""
         if max_batch < 1 or chunk < 1 or prefill_rows < 1:
             raise KimiError("max_batch, chunk and prefill_rows must be >= 1")
-        if min(decode_steps, default=0) < 1:
-            raise KimiError(f"decode steps per dispatch must be >= 1, got {tuple(decode_steps)}")
+        if decode_block < 1:
+            raise KimiError(f"decode_block (steps per dispatch) must be >= 1, got {decode_block}")
         data = mesh.shape["data"] if mesh is not None else 1
         if max_batch % data:
             raise KimiError(f"max_batch {max_batch} must be a multiple of the mesh's data axis ({data})")
@@ -143,9 +147,9 @@ class BatchEngine:
                             f"max_len {max_len} tokens" + (f" per data shard ({data})" if data > 1 else ""))
         cache = PagedCache.create(self.cfg, slots=max_batch, max_len=max_len, page_size=self.page_size,
                                   n_pages=n_pages, dtype=model.dtype, mesh=mesh, kv_layout=kv_layout)
-        self.device = JaxDevice(model, cache, mesh=mesh, impl=self.impl)
+        self.device = JaxDevice(model, cache, mesh=mesh, impl=self.impl, max_steps=decode_block)
         self.scheduler = Scheduler(self.device, max_batch=max_batch, max_len=max_len, chunk=chunk, pool=self.pool,
-                                   prefill_rows=prefill_rows, decode_steps=tuple(decode_steps))
+                                   prefill_rows=prefill_rows, decode_block=decode_block)
         self._inbox: list[Request] = []
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)

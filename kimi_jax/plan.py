@@ -109,7 +109,7 @@ def compile_steps(cfg, *, devices, mesh_text: str | None, max_len: int, batch: i
     from kimi_jax.cache import layout_for as cache_layout_for
     from kimi_jax.model import abstract_model, default_impl, expert_layout_for
     from kimi_jax.sampling import SamplingParams, knob_arrays
-    from kimi_jax.scheduler import DEFAULT_DECODE_STEPS
+    from kimi_jax.scheduler import DEFAULT_DECODE_BLOCK
     from kimi_jax.sharding import MeshSpec, default_mesh_spec, make_mesh, placed_abstract
     from kimi_jax.steps import SlotState, decode_steps, prefill_step, split_state
 
@@ -132,15 +132,14 @@ def compile_steps(cfg, *, devices, mesh_text: str | None, max_len: int, batch: i
     knobs = {k: sds(v.shape, v.dtype, sharding=rep) for k, v in knob_arrays([SamplingParams()] * batch).items()}
     slots = SlotState.abstract(batch, rep)
     impl = default_impl(platform)  # Mosaic kernels for a TPU target, the XLA path on CPU
-    block = max(DEFAULT_DECODE_STEPS)  # the decode steps per dispatch when every slot decodes
     info = {"mesh": str(spec), "devices": len(devices), "device_kind": devices[0].device_kind, "batch": batch,
             "max_len": max_len, "page_size": page_size, "pages": n_pages, "dtype": jdtype.name, "kernels": impl,
-            "expert_layout": expert_layout, "kv_layout": kv_layout, "decode_steps": block, "compile_seconds": {}}
+            "expert_layout": expert_layout, "kv_layout": kv_layout, "decode_block": DEFAULT_DECODE_BLOCK, "compile_seconds": {}}
     lowerings = {
         "prefill": lambda: prefill_step.lower(model_def, weights, cache, slots, ints(1, chunk), ints(1), ints(1),
                                               ints(1), ints(1), knobs, impl=impl),
-        "decode": lambda: decode_steps.lower(model_def, weights, cache, slots, ints(batch), knobs, steps=block,
-                                             impl=impl),
+        "decode": lambda: decode_steps.lower(model_def, weights, cache, slots, ints(batch), ints(), knobs,
+                                             max_steps=DEFAULT_DECODE_BLOCK, impl=impl),
     }
     compiled = {}
     with jax.set_mesh(mesh), _persistent_cache_off(platform != jax.default_backend()):

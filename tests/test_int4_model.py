@@ -71,7 +71,7 @@ def test_interpreted_pallas_kernels_give_the_reference_logits(int4, impl):
     assert (logits[impl].argmax(-1) == logits["xla"].argmax(-1)).all()
 
 
-_CALLS = ("jit", "pjit", "shard_map", "closed_call", "custom_jvp_call", "custom_vjp_call", "scan")
+_CALLS = ("jit", "pjit", "shard_map", "closed_call", "custom_jvp_call", "custom_vjp_call", "while")
 
 
 def _weight_uses(jaxpr, weights) -> set[str]:
@@ -106,7 +106,7 @@ def test_decode_step_reads_every_weight_where_it_lies(int4, impl):
     slots = SlotState.create(2, cache.lengths.sharding)
 
     def step(weights, cache):  # a block of several steps, as the engine runs when every slot decodes
-        return decode_steps(model_def, weights, cache, slots, jnp.arange(2, dtype=jnp.int32), knobs, steps=4,
+        return decode_steps(model_def, weights, cache, slots, jnp.arange(2, dtype=jnp.int32), 4, knobs, max_steps=16,
                             impl=impl)
 
     closed = jax.make_jaxpr(step)(weights, cache)
