@@ -161,7 +161,7 @@ class BatchEngine:
 
     # ---- public API -----------------------------------------------------------------------------
     def submit(self, prompt_ids: Sequence[int], sampling: SamplingParams, on_event: Callable | None = None,
-               constraint=None) -> Request:
+               constraint: object | None = None) -> Request:
         """Queue a request (thread-safe). `on_event(request, new_tokens, finished)` is called from the
         engine's thread whenever the request got tokens, and once with finished=True at its end.
         `constraint`: restricts the tokens (mask()/accept()/breaks; see scheduler.py)."""

@@ -93,6 +93,7 @@ class Request:
 
     @property
     def decoding(self) -> bool:
+        """Whether its prompt is fully dispatched and it holds a slot: it generates."""
         return self._slot is not None and self._written == len(self.prompt_ids)
 
 
