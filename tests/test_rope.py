@@ -10,8 +10,7 @@ import jax
 import numpy as np
 import pytest
 import torch
-from transformers import DeepseekV3Config
-from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RotaryEmbedding
+from rotary_reference import correctly_rounded_frequencies, hf_rotary
 
 from kimi_jax import rope
 from kimi_jax.config import K2_THINKING, TINY, Yarn
@@ -36,11 +35,6 @@ K2_POSITIONS = np.unique(np.concatenate([
 _angles = jax.jit(rope.rope_angles, static_argnums=0)
 
 
-def _hf_rotary(cfg) -> DeepseekV3RotaryEmbedding:
-    raw = {k: v for k, v in cfg.to_hf().items() if k not in ("model_type", "quantization_config")}
-    return DeepseekV3RotaryEmbedding(DeepseekV3Config(**raw))
-
-
 def _hf_cos_sin(emb, positions):
     """transformers' cos and sin [positions, pairs] (it repeats the pairs twice over the rope dims)."""
     cos, sin = emb(torch.zeros(1), torch.as_tensor(positions)[None])
@@ -61,26 +55,17 @@ def _float32_power_is_correctly_rounded(cfg) -> np.ndarray:
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_frequencies_are_transformers_formula_in_float32_with_a_correctly_rounded_power(name, monkeypatch):
+def test_frequencies_are_transformers_formula_in_float32_with_a_correctly_rounded_power(name):
     cfg = CONFIGS[name]
-    float32_rpow = torch.Tensor.__rpow__
-
-    def correctly_rounded_rpow(exponent, base):
-        if exponent.dtype != torch.float32:
-            return float32_rpow(exponent, base)
-        return float32_rpow(exponent.double(), base).float()
-
-    monkeypatch.setattr(torch.Tensor, "__rpow__", correctly_rounded_rpow)
-    reference = _hf_rotary(cfg).inv_freq.numpy()
     ours = rope.inv_freq(cfg)
     assert ours.dtype == np.float32
-    np.testing.assert_array_equal(ours, reference)
+    np.testing.assert_array_equal(ours, correctly_rounded_frequencies(cfg).numpy())
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_frequencies_equal_transformers_wherever_its_float32_power_is_correctly_rounded(name):
     cfg = CONFIGS[name]
-    ours, theirs = rope.inv_freq(cfg), _hf_rotary(cfg).inv_freq.numpy()
+    ours, theirs = rope.inv_freq(cfg), hf_rotary(cfg).inv_freq.numpy()
     exact_power = _float32_power_is_correctly_rounded(cfg)
     np.testing.assert_array_equal(ours[exact_power], theirs[exact_power])
     # Elsewhere torch's power is one ulp off (1-ulp accurate, not correctly rounded); so is the frequency.
@@ -98,7 +83,7 @@ def test_cos_sin_match_transformers_over_k2s_whole_context():
     262,143 × 2^-26 = 0.0039 rad at the last position, and nothing else differs. Frequencies rounded
     from a float64 evaluation (7 pairs one ulp off) were 0.008 off at 131,072 and 0.016 at 262,143."""
     cos, sin = _ours(K2_THINKING, K2_POSITIONS)
-    ref_cos, ref_sin = _hf_cos_sin(_hf_rotary(K2_THINKING), K2_POSITIONS)
+    ref_cos, ref_sin = _hf_cos_sin(hf_rotary(K2_THINKING), K2_POSITIONS)
     assert np.abs(cos - ref_cos).max() <= 0.005
     assert np.abs(sin - ref_sin).max() <= 0.005
     same_frequency = _float32_power_is_correctly_rounded(K2_THINKING)  # all pairs but 5
@@ -113,7 +98,7 @@ def test_cos_sin_equal_transformers_given_the_same_frequencies(name):
     precision, and cos/sin stay accurate at arguments of 10^5 rad on the backend that runs this."""
     cfg = CONFIGS[name]
     positions = K2_POSITIONS[K2_POSITIONS < cfg.max_position_embeddings]
-    emb = _hf_rotary(cfg)
+    emb = hf_rotary(cfg)
     emb.inv_freq.copy_(torch.as_tensor(rope.inv_freq(cfg)))
     cos, sin = _ours(cfg, positions)
     ref_cos, ref_sin = _hf_cos_sin(emb, positions)
