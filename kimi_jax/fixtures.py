@@ -18,9 +18,9 @@ from kimi_jax.config import K2_THINKING, TINY, Config
 
 # K2 Thinking's rotary settings exactly (64 rope dims, theta 50,000, YaRN factor 64 over 4,096 with
 # beta 1/1 and mscale 1/1, 262,144 positions) on a 2-layer, 1-head model small enough that prompts of
-# 100K+ tokens run on a CPU (a whole-sequence forward holds [heads, t, t] attention scores, 1 GiB per
-# head at 16K tokens). The long-context parity checks and the bf16 drift benchmark write it with a
-# `rope_gain`, so that attention is peaked.
+# 100K+ tokens run on a CPU (attention over the whole context is what such a prompt costs). The
+# long-context parity checks and the bf16 drift benchmark write it with a `rope_gain`, so that
+# attention is peaked.
 LONG_CONTEXT = TINY.replace(
     num_hidden_layers=2, num_attention_heads=1, qk_rope_head_dim=K2_THINKING.qk_rope_head_dim,
     rope_theta=K2_THINKING.rope_theta, rope_scaling=K2_THINKING.rope_scaling,

@@ -9,9 +9,9 @@ a different expert. The prompt repeats short motifs, so keys of equal content si
 Logits are compared at all 16,384 positions, not only the last: at the first positions a query sees
 one or two keys, and a softmax over one key does not depend on the rotation at all.
 
-How the test reaches 16K tokens with the public API only: `forward_no_cache` attends over the whole
-sequence at once, holding [heads, t, t] float32 scores (1 GiB per head here, 3 GiB at peak), so the
-model has one head; the reference prefills in chunks of 2,048 into its cache. The engine's own path
+How the test reaches 16K tokens with the public API only: `forward_no_cache` gives the logits of
+every position in one call (it attends over the sequence in blocks of 2,048 keys, 0.4 GB of
+temporaries here); the reference prefills in chunks of 2,048 into its cache. The engine's own path
 (chunked prefill into the paged cache, cached decode) is checked by greedy tokens.
 
 transformers computes one of K2's frequencies one ulp differently from kimi_jax (its CPU float32 power
