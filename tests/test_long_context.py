@@ -27,10 +27,11 @@ from flax import nnx
 from rotary_reference import correctly_rounded_frequencies
 
 import kimi_jax
+from kimi_jax import mla
+from kimi_jax.config import TINY
 from kimi_jax.fixtures import LONG_CONTEXT, motif_prompt
+from kimi_jax.model import KimiK2
 from kimi_jax.reference import load_reference, reference_decode_greedy, reference_prefill_chunked
-
-pytestmark = pytest.mark.slow
 
 TOKENS = 16_384
 CHUNK = 2048
@@ -54,6 +55,7 @@ def run(fixture_dir):
     return dict(model=model, prompt=prompt, ours=ours, theirs=theirs, ref_tokens=ref_tokens, margins=margins)
 
 
+@pytest.mark.slow
 def test_logits_at_every_position_of_a_16k_prompt_match_transformers(run):
     diff = np.abs(run["ours"] - run["theirs"]).max(-1)
     assert np.abs(run["theirs"]).max() > 1.0  # not a degenerate model
@@ -61,6 +63,7 @@ def test_logits_at_every_position_of_a_16k_prompt_match_transformers(run):
     assert diff.max() <= TOL, f"largest |logit difference| per block of positions: {worst}"
 
 
+@pytest.mark.slow
 def test_greedy_tokens_through_the_engine_after_a_16k_prompt_match_transformers(run):
     engine = kimi_jax.BatchEngine(run["model"], max_batch=1, max_len=TOKENS + NEW + 1, chunk=CHUNK)
     (request,) = engine.generate([run["prompt"]], kimi_jax.SamplingParams(max_new_tokens=NEW))
@@ -68,3 +71,15 @@ def test_greedy_tokens_through_the_engine_after_a_16k_prompt_match_transformers(
     # the logits test admits could flip it.
     assert min(run["margins"]) > 2 * TOL
     assert request.tokens == run["ref_tokens"]
+
+
+def test_a_long_sequence_attends_to_itself_block_by_block_as_in_one_block(monkeypatch):
+    """Past SELF_ATTENTION_BLOCK keys a whole-sequence forward visits its keys block by block (so a
+    16K forward holds [t, 2048] scores, not [t, t]); the logits are those of a single block, the
+    last, partial block and the blocks before any query's first key included."""
+    model = KimiK2(TINY, dtype=jnp.float32)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, TINY.vocab_size, (2, 37)))
+    one_block = np.asarray(model.forward_no_cache(tokens))
+    monkeypatch.setattr(mla, "SELF_ATTENTION_BLOCK", 8)
+    blocks = np.asarray(model.forward_no_cache(tokens))
+    assert np.abs(blocks - one_block).max() <= 1e-5
