@@ -29,7 +29,7 @@ def inv_freq(cfg: Config) -> np.ndarray:
     f32 = np.float32
     dim = cfg.qk_rope_head_dim
     base = cfg.rope_theta
-    exponent = np.arange(0, dim, 2, dtype=f32) / f32(dim)  # exact: dim is a power of two for K2
+    exponent = np.arange(0, dim, 2, dtype=f32) / f32(dim)  # float32 as in the reference (exact for 64)
     # base ** exponent, correctly rounded to float32 (a float64 power is accurate far below float32's
     # ulp). numpy's float32 power is not correctly rounded: 10 of K2's 32 powers come out one ulp off.
     base_pow = (np.float64(base) ** exponent.astype(np.float64)).astype(f32)
