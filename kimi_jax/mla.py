@@ -96,19 +96,34 @@ class MLA(nnx.Module):
         """x [b,c,d] normalized -> (attention output [b,c,d], this layer's page pool updated).
 
         With `pages` None the chunk attends causally to itself only (training, scoring): its own
-        cache rows serve as one page per row, through the reference (differentiable: a fixed
-        single key block). `impl` picks the attention kernel (kernels_pallas.ops)."""
+        cache rows serve as its pages, through the reference (`_attend_within`). `impl` picks the
+        attention kernel (kernels_pallas.ops)."""
         q_lat, q_pe, rows = self.project(x, batch.cos, batch.sin)
         scale = rope.softmax_scale(self.cfg)
         if pages is None:
-            b, c = x.shape[:2]
-            o_lat = paged_attention_ref(q_lat, q_pe, rows, jnp.arange(b, dtype=jnp.int32)[:, None],
-                                        jnp.zeros((b,), jnp.int32), jnp.full((b,), c, jnp.int32), scale=scale,
-                                        block_pages=1, n_blocks=1)
+            o_lat = _attend_within(q_lat, q_pe, rows, scale)
         else:
             pages = _write(pages, batch, rows, impl)
             o_lat = _paged_attention(q_lat, q_pe, pages, batch, scale, impl)
         return self.output(o_lat), pages
+
+
+# Keys per block when a chunk attends to itself: up to this length one block (the [c, c] scores at
+# once); longer sequences go block by block, so a 32K-token forward holds [c, 2048] scores, not [c, c].
+SELF_ATTENTION_BLOCK = 2048
+
+
+def _attend_within(q_lat, q_pe, rows, scale: float):
+    """Causal attention of a chunk to its own cache rows [b,c,r+p], through the reference kernel with
+    the rows cut into pages of SELF_ATTENTION_BLOCK keys. A static block count makes the loop a scan,
+    so this stays differentiable (training)."""
+    b, c = rows.shape[:2]
+    block = min(c, SELF_ATTENTION_BLOCK)
+    n = -(-c // block)
+    kv_pages = jnp.pad(rows, ((0, 0), (0, n * block - c), (0, 0))).reshape(b * n, block, rows.shape[-1])
+    table = jnp.arange(b * n, dtype=jnp.int32).reshape(b, n)
+    return paged_attention_ref(q_lat, q_pe, kv_pages, table, jnp.zeros((b,), jnp.int32), jnp.full((b,), c, jnp.int32),
+                               scale=scale, block_pages=1, n_blocks=n)
 
 
 def _write(pages, batch: AttnBatch, rows, impl: str):
