@@ -242,6 +242,14 @@ class BatchEngine:
                 return
             self.step()
 
+    def warm_up(self, masks: bool = False) -> None:
+        """Compile every program the engine may run before the first request needs it: the
+        prefill chunk and the decode block for each row bucket (with `masks`, also the decode
+        blocks of constrained rows). Each runs once on nothing (padding rows, zero steps), so no
+        slot changes; with the compilation cache on, later processes load them from disk."""
+        with self._step_lock:
+            self.scheduler.warm_up(masks)
+
     def metrics(self) -> dict:
         """A snapshot of load and throughput: slots, queue, pages, prefix-cache hits, token counts
         and the generation rate over the last 10 seconds."""

@@ -175,6 +175,23 @@ class Scheduler:
             self._read_oldest()
         return self.busy()
 
+    def warm_up(self, masks: bool = False) -> None:
+        """Run each program the device compiles for this scheduler on nothing (see
+        BatchEngine.warm_up): a prefill of padding rows, and zero decode steps per row bucket."""
+        if self.busy():
+            raise RuntimeError("warm_up() is for an idle engine")
+        n, pad = self.prefill_rows, self.max_batch
+        zeros = np.zeros(n, np.int32)
+        self._sync()
+        handles = [self.device.prefill(PrefillWork(np.zeros((n, self.chunk), np.int32), np.full(n, pad, np.int32),
+                                                   zeros, zeros, zeros - 1, None, []))]
+        for bucket in self.buckets:
+            rows = np.full(bucket, pad, np.int32)
+            for mask in [None] + ([self._mask_rows({0: np.full(1, -1, np.int32)}, bucket)] if masks else []):
+                handles.append(self.device.decode(DecodeWork(rows, 0, mask, [])))
+        for h in handles:
+            self.device.read(h)
+
     def busy(self) -> bool:
         return bool(self.waiting or self.pending or any(r is not None for r in self.slots))
 

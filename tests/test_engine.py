@@ -175,3 +175,17 @@ def test_a_constraint_masks_tokens_and_the_row_runs_free_until_its_boundary(mode
     assert constraint.seen == req.tokens
     (alone,) = engine.generate([other.prompt_ids], SamplingParams(max_new_tokens=16))
     assert other.tokens == alone.tokens
+
+
+def test_warm_up_compiles_every_program_and_changes_no_slot(model, engines):
+    _, blocks = engines
+    engine = BatchEngine(model, max_batch=4, max_len=56, chunk=8, page_size=4, decode_block=16)  # shapes of its own
+    before = steps.compile_counts()
+    engine.warm_up(masks=True)
+    warm = steps.compile_counts()
+    # The prefill chunk, and a decode block per row bucket (1, 2, 4 rows) with and without a mask.
+    assert {k: warm[k] - before[k] for k in warm} == {"prefill": 1, "decode": 2 * 3}
+    prompts = _prompts(6, 3, 9, 4, 7, 5)
+    done = engine.generate(prompts, SamplingParams(max_new_tokens=8))
+    assert steps.compile_counts() == warm
+    assert [r.tokens for r in done] == [r.tokens for r in blocks.generate(prompts, SamplingParams(max_new_tokens=8))]

@@ -71,7 +71,7 @@ def test_interpreted_pallas_kernels_give_the_reference_logits(int4, impl):
     assert (logits[impl].argmax(-1) == logits["xla"].argmax(-1)).all()
 
 
-_CALLS = ("jit", "pjit", "shard_map", "closed_call", "custom_jvp_call", "custom_vjp_call", "while")
+_CALLS = ("jit", "pjit", "shard_map", "closed_call", "custom_jvp_call", "custom_vjp_call")
 
 
 def _weight_uses(jaxpr, weights) -> set[str]:
@@ -81,6 +81,11 @@ def _weight_uses(jaxpr, weights) -> set[str]:
     for eqn in jaxpr.eqns:
         hits = [i for i, v in enumerate(eqn.invars) if isinstance(v, Var) and v in weights]
         if not hits:
+            continue
+        if eqn.primitive.name == "while":  # operands: cond consts, body consts, carry; the body takes the last two
+            skip = eqn.params["cond_nconsts"]
+            inner = eqn.params["body_jaxpr"].jaxpr
+            used |= _weight_uses(inner, {inner.invars[i - skip] for i in hits if i >= skip})
             continue
         body = eqn.params.get("jaxpr") or eqn.params.get("call_jaxpr")
         if eqn.primitive.name in _CALLS and body is not None:
