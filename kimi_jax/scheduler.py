@@ -187,7 +187,7 @@ class Scheduler:
                                                    zeros, zeros, zeros - 1, None, []))]
         for bucket in self.buckets:
             rows = np.full(bucket, pad, np.int32)
-            for mask in [None] + ([self._mask_rows({0: np.full(1, -1, np.int32)}, bucket)] if masks else []):
+            for mask in [None] + ([self._allow_all(bucket)] if masks else []):
                 handles.append(self.device.decode(DecodeWork(rows, 0, mask, [])))
         for h in handles:
             self.device.read(h)
@@ -351,10 +351,13 @@ class Scheduler:
         masks = {i: m for i, m in masks.items() if m is not None}
         if not masks:
             return None
-        out = np.full((n_rows, -(-self.device.vocab_size // 32)), -1, np.int32)
+        out = self._allow_all(n_rows)
         for i, m in masks.items():
             out[i] = m
         return out
+
+    def _allow_all(self, n_rows: int) -> np.ndarray:
+        return np.full((n_rows, -(-self.device.vocab_size // 32)), -1, np.int32)
 
     # ---- reading ---------------------------------------------------------------------------------
     def _read_oldest(self) -> None:

@@ -186,3 +186,14 @@ def test_a_mask_from_the_start_applies_to_the_first_token_of_prefill():
     r = Request([1, 2, 3], SamplingParams(max_new_tokens=10, stop_ids=(7,)), constraint=grammar)
     run(sched, [r])
     assert r.tokens == [42, 42, 42, 7]
+
+
+def test_warm_up_runs_every_program_on_nothing():
+    sched, device = make(max_batch=8)
+    sched.warm_up(masks=True)
+    kinds = [(kind, len(w.rows) if kind == "decode" else None, w.mask is not None if kind == "decode" else None)
+             for kind, w in device.log]
+    assert kinds == [("prefill", None, None)] + [("decode", b, m) for b in (1, 2, 4, 8) for m in (False, True)]
+    assert all(w.steps == 0 for w in device.decodes()) and not device.alive.any() and not device.lengths.any()
+    (r,) = run(sched, [req([2, 7, 1, 8], 9)])
+    assert r.tokens == expected(r.prompt_ids, 9)
