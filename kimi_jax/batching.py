@@ -39,12 +39,12 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from kernels_pallas.backends import backend_for
 from kimi_jax.cache import DISCARD_PAGE, PagedCache, pages_for
-from kimi_jax.cache import layout_for as cache_layout_for
 from kimi_jax.distributed import broadcast_from_main, global_array, is_main, to_host
 from kimi_jax.engine import decode_step, prefill_step, put_rows
 from kimi_jax.errors import KimiError
-from kimi_jax.model import KimiK2, default_impl
+from kimi_jax.model import KimiK2
 from kimi_jax.pages import PagePool
 from kimi_jax.sampling import SamplingParams, knob_arrays
 from kimi_jax.sharding import platform_of
@@ -99,7 +99,7 @@ class BatchEngine:
                  page_size: int | None = None, n_pages: int | None = None, prefill_rows: int = 1,
                  max_queue: int = 64, mesh: Mesh | None = None, impl: str | None = None, mirror: bool = False):
         """`impl`: the kernels (kernels_pallas.ops IMPLS); default: the best for the mesh's devices.
-        `page_size`: tokens per cache page (default: what the devices read best, cache.layout_for).
+        `page_size`: tokens per cache page (default: what the devices read best, backend_for).
         `mirror`: process 0's requests are replayed on every other process (several hosts)."""
         if max_batch < 1 or chunk < 1 or prefill_rows < 1:
             raise KimiError("max_batch, chunk and prefill_rows must be >= 1")
@@ -110,10 +110,9 @@ class BatchEngine:
         self.max_batch, self.max_len, self.chunk, self.prefill_rows = max_batch, max_len, chunk, prefill_rows
         self.max_queue = max_queue
         self.mesh = mesh
-        platform = platform_of(mesh)
-        self.impl = impl or default_impl(platform)
-        kv_layout, default_page = cache_layout_for(platform)
-        page_size = page_size or default_page
+        backend = backend_for(platform_of(mesh))
+        self.impl = impl or backend.impl
+        page_order, page_size = backend.page_order, page_size or backend.page_size
         self.graphdef, self.state = nnx.split(model)
         per_seq = pages_for(max_len, page_size)
         # Room for every slot at full length plus as much again for cached prefixes, split evenly
@@ -121,7 +120,7 @@ class BatchEngine:
         n_pages = n_pages or data * (1 + -(-2 * max_batch * per_seq // data))
         self.pool = PagePool(n_pages, page_size, shards=data)
         self.cache = PagedCache.create(self.cfg, slots=max_batch, max_len=max_len, page_size=page_size,
-                                       n_pages=n_pages, dtype=model.dtype, mesh=mesh, kv_layout=kv_layout)
+                                       n_pages=n_pages, dtype=model.dtype, mesh=mesh, page_order=page_order)
         self.page_size = page_size
         self._table = np.full((max_batch, per_seq), DISCARD_PAGE, np.int32)
         self._table_dirty = False

@@ -21,9 +21,7 @@ import time
 
 from kimi_jax import compile_cache, distributed
 from kimi_jax.errors import KimiError
-
-DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                  "checkpoints", "kimi-k2-nano")
+from kimi_jax.runtime import DEFAULT_CHECKPOINT
 
 
 def build_parser() -> argparse.ArgumentParser:

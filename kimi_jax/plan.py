@@ -105,34 +105,34 @@ def compile_steps(cfg, *, devices, mesh_text: str | None, max_len: int, batch: i
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
+    from kernels_pallas.backends import backend_for
     from kimi_jax.cache import PagedCache, pages_for
-    from kimi_jax.cache import layout_for as cache_layout_for
     from kimi_jax.engine import decode_step, prefill_step
-    from kimi_jax.model import abstract_model, default_impl, expert_layout_for
+    from kimi_jax.model import abstract_model, expert_packing_for
     from kimi_jax.sharding import MeshSpec, default_mesh_spec, make_mesh, placed_abstract
 
     spec = MeshSpec.parse(mesh_text) if mesh_text else default_mesh_spec(cfg, len(devices))
     mesh = make_mesh(spec, devices)
     jdtype = jnp.dtype(dtype)
     platform = devices[0].platform
-    expert_layout = expert_layout_for(cfg, platform)
-    kv_layout, default_page = cache_layout_for(platform)
-    page_size = page_size or default_page
-    graphdef, state = abstract_model(cfg, jdtype, expert_layout=expert_layout)
+    backend = backend_for(platform)
+    expert_packing = expert_packing_for(cfg, backend)
+    page_order, page_size = backend.page_order, page_size or backend.page_size
+    graphdef, state = abstract_model(cfg, jdtype, expert_packing=expert_packing)
     state = placed_abstract(state, mesh)
     # One sequence of max_len per slot, split over the data shards, each with its reserved page.
     n_pages = spec.data * (1 + -(-batch * pages_for(max_len, page_size) // spec.data))
     cache = PagedCache.abstract(cfg, slots=batch, max_len=max_len, page_size=page_size, n_pages=n_pages,
-                                dtype=jdtype, mesh=mesh, kv_layout=kv_layout)
+                                dtype=jdtype, mesh=mesh, page_order=page_order)
     rep = NamedSharding(mesh, P())
     sds = jax.ShapeDtypeStruct
     ints = lambda *shape: sds(shape, jnp.int32, sharding=rep)  # noqa: E731
     knobs = {"temperature": sds((batch,), jnp.float32, sharding=rep), "top_k": ints(batch),
              "top_p": sds((batch,), jnp.float32, sharding=rep), "seed": sds((batch,), jnp.uint32, sharding=rep)}
-    impl = default_impl(platform)  # Mosaic kernels for a TPU target, the XLA path on CPU
+    impl = backend.impl  # Mosaic kernels for a TPU target, the XLA path on CPU
     info = {"mesh": str(spec), "devices": len(devices), "device_kind": devices[0].device_kind, "batch": batch,
             "max_len": max_len, "page_size": page_size, "pages": n_pages, "dtype": jdtype.name, "kernels": impl,
-            "expert_layout": expert_layout, "kv_layout": kv_layout, "compile_seconds": {}}
+            "expert_packing": expert_packing, "page_order": page_order, "compile_seconds": {}}
     lowerings = {
         "prefill": lambda: prefill_step.lower(graphdef, state, cache, ints(1, chunk), ints(1), ints(1), ints(1), knobs,
                                               impl=impl),
