@@ -23,7 +23,7 @@ from flax import nnx
 from kimi_jax import rope
 from kimi_jax.cache import PagedCache
 from kimi_jax.config import Config
-from kimi_jax.layers import MLP, ones, param, rms_norm
+from kimi_jax.layers import MLP, linear, ones, param, rms_norm
 from kimi_jax.mla import MLA, AttnBatch
 from kimi_jax.moe import MoE
 
@@ -109,7 +109,7 @@ class KimiK2(nnx.Module):
         """Final norm and lm_head, float32 logits."""
         with jax.named_scope("lm_head"):
             h = rms_norm(hidden, self.norm[...], self.cfg.rms_norm_eps)
-            return jnp.einsum("...d,vd->...v", h, self.lm_head[...], preferred_element_type=jnp.float32)
+            return linear(h, self.lm_head[...], jnp.float32)
 
 
 def default_impl() -> str:
