@@ -19,7 +19,7 @@ from safetensors.numpy import load_file, save_file
 
 from kimi_jax import export, fixtures
 from kimi_jax.checkpoint import load_model
-from kimi_jax.checkpoint.host_memory import HUGE_MIN_BYTES, HUGE_PAGE, XLA_CPU_ALIGNMENT, new_host_array
+from kimi_jax.checkpoint.host_memory import HUGE_PAGE, XLA_CPU_ALIGNMENT, PageSizeChooser, new_host_array
 from kimi_jax.checkpoint.loader import _ByteBudget, convert_on_host
 from kimi_jax.checkpoint.safetensors_file import SafetensorsFile
 from kimi_jax.config import TINY, Int4Quant
@@ -213,14 +213,35 @@ def _smaps_entry(address: int) -> dict:
     raise AssertionError(f"no mapping holds {address:#x}")
 
 
+def test_the_page_size_chooser_measures_each_kind_once_then_keeps_the_cheaper():
+    mib = 1 << 20
+    chooser = PageSizeChooser(trial_bytes=4 * mib)
+    # Trials are handed out in whole huge pages, alternating, even to ranges still in flight.
+    assert chooser.next_range(3 * mib) == ("huge", 3 * mib)
+    assert chooser.next_range(64 * mib) == ("small", 4 * mib)
+    assert chooser.next_range(64 * mib) == ("huge", 2 * mib)  # what the first range left of huge's trial
+    chooser.record("small", 4 * mib, 0.004)
+    assert chooser.next_range(64 * mib) == ("small", 64 * mib)  # huge not measured yet: the measured kind
+    chooser.record("huge", 5 * mib, 0.050)
+    assert chooser.next_range(64 * mib) == ("small", 64 * mib)  # 1 ns/B against 10 ns/B
+    chooser.record("small", 64 * mib, 1.0)  # the machine changed: small now costs ~15 ns/B overall
+    assert chooser.next_range(8 * mib) == ("huge", 8 * mib)
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="Linux /proc/self/smaps needed")
-def test_large_host_blocks_are_on_huge_pages_and_become_cpu_arrays_without_a_copy():
-    big = new_host_array((HUGE_MIN_BYTES // 2 + 12345, 2), np.uint8)  # not a whole number of huge pages
-    small = new_host_array((1000,), np.float32)
+def test_large_host_blocks_are_faulted_in_on_both_page_sizes_and_become_cpu_arrays_without_a_copy():
+    mib = 1 << 20
+    chooser = PageSizeChooser(trial_bytes=4 * mib)
+    big = new_host_array((6 * mib + 12345, 2), np.uint8, chooser)  # not a whole number of huge pages
+    small = new_host_array((1000,), np.float32, chooser)
     assert big.ctypes.data % HUGE_PAGE == 0 and small.ctypes.data % XLA_CPU_ALIGNMENT == 0
-    # Huge pages asked for on the big block only (THP in "madvise" mode gives none otherwise).
-    assert "hg" in _smaps_entry(big.ctypes.data)["VmFlags"].split()
-    assert "hg" not in _smaps_entry(small.ctypes.data)["VmFlags"].split()
+    # The first 4 MiB were advised for huge pages, the next 4 MiB not, and all of it is resident.
+    head, middle = _smaps_entry(big.ctypes.data), _smaps_entry(big.ctypes.data + 5 * mib)
+    assert "hg" in head["VmFlags"].split() and "nh" in middle["VmFlags"].split()
+    # ... and the remaining 6 MiB (whole huge pages) went to whichever measured cheaper.
+    assert sorted(chooser.bytes.values()) == [4 * mib, 10 * mib]
+    assert int(head["Rss"].split()[0]) * 1024 >= 4 * mib
+    assert "hg" not in _smaps_entry(small.ctypes.data)["VmFlags"].split()  # small blocks: ordinary pages
     big.fill(7)
     cpu = jax.devices("cpu")[0]
     for block in (big, small):
