@@ -78,6 +78,15 @@ def child(kind: str, directory: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def cpu_seconds() -> float:
+    """User plus system CPU time of this process so far: on a shared machine, what a measurement
+    cost itself, whatever else was running."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def rss_bytes(field: str) -> int:
     """VmRSS (now) or VmHWM (peak) of this process, from /proc (Linux)."""
     with open("/proc/self/status") as f:
@@ -94,7 +103,7 @@ def run_child(kind: str, directory: str) -> None:
         import numpy as np
 
         sizes = [os.path.getsize(f) for f in checkpoint_files(directory) if f.endswith(".safetensors")]
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), cpu_seconds()
         buffers = []
         for n in sizes:
             if kind == "fresh:huge":
@@ -103,7 +112,7 @@ def run_child(kind: str, directory: str) -> None:
                 flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
                 buffers.append(np.frombuffer(mmap.mmap(-1, n, flags=flags), np.uint8))
             buffers[-1].fill(1)
-        print(json.dumps({"seconds": time.perf_counter() - t0}))
+        print(json.dumps({"seconds": time.perf_counter() - t0, "cpu_seconds": cpu_seconds() - c0}))
         return
     import jax
     import jax.numpy as jnp
@@ -111,7 +120,7 @@ def run_child(kind: str, directory: str) -> None:
 
     jax.devices()  # start the backend before the baseline: its memory is not the loader's
     baseline = rss_bytes("VmRSS")
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), cpu_seconds()
     if kind == "hf":
         from kimi_jax.checkpoint import load_model
 
@@ -125,8 +134,8 @@ def run_child(kind: str, directory: str) -> None:
     jax.block_until_ready(leaves)
     seconds = time.perf_counter() - t0
     weights = sum(x.nbytes for x in leaves)
-    print(json.dumps({"seconds": seconds, "weights": weights, "baseline_rss": baseline,
-                      "peak_rss": rss_bytes("VmHWM")}))
+    print(json.dumps({"seconds": seconds, "cpu_seconds": cpu_seconds() - c0, "weights": weights,
+                      "baseline_rss": baseline, "peak_rss": rss_bytes("VmHWM")}))
 
 
 def measure(kind: str, directory: str, repeat: int, hf_directory: str) -> dict:
@@ -134,19 +143,24 @@ def measure(kind: str, directory: str, repeat: int, hf_directory: str) -> dict:
     files = checkpoint_files(directory)
     cat_seconds(files)  # warm the page cache
     runs = {"cat_s": [], "fresh_huge_s": [], "fresh_small_s": [], "load_s": []}
+    cpu = {"fresh_huge_cpu_s": [], "fresh_small_cpu_s": [], "load_cpu_s": []}  # CPU seconds, for noisy machines
     loads = []
     for _ in range(repeat):
         runs["cat_s"].append(cat_seconds(files))
         for pages in ("huge", "small"):
-            runs[f"fresh_{pages}_s"].append(child(f"fresh:{pages}", hf_directory)["seconds"])
+            r = child(f"fresh:{pages}", hf_directory)
+            runs[f"fresh_{pages}_s"].append(r["seconds"])
+            cpu[f"fresh_{pages}_cpu_s"].append(r["cpu_seconds"])
         loads.append(child(kind, directory))
         runs["load_s"].append(loads[-1]["seconds"])
+        cpu["load_cpu_s"].append(loads[-1]["cpu_seconds"])
     medians = {k: statistics.median(v) for k, v in runs.items()}
     return {"kind": kind, "files": len(files), "bytes": sum(os.path.getsize(f) for f in files),
             "cat_s": medians["cat_s"], "fresh_s": min(medians["fresh_huge_s"], medians["fresh_small_s"]),
             "fresh_pages": "huge" if medians["fresh_huge_s"] <= medians["fresh_small_s"] else "small",
             "load_s": medians["load_s"], "weights": loads[0]["weights"],
-            "beyond": max(r["peak_rss"] - r["baseline_rss"] - r["weights"] for r in loads), "runs": runs}
+            "beyond": max(r["peak_rss"] - r["baseline_rss"] - r["weights"] for r in loads), "runs": runs,
+            "cpu": {k: statistics.median(v) for k, v in cpu.items()}}
 
 
 def floor_seconds(r: dict) -> float:

@@ -4,7 +4,7 @@
     safetensors_file.py   one .safetensors file: its header checked, tensors or blocks copied out
     reader.py             a directory of shards opened through its index
     validation.py         the whole checkpoint checked against the model before anything is read
-    host_memory.py        fresh, aligned host buffers on huge pages for the blocks being loaded
+    host_memory.py        fresh, aligned host buffers for the blocks, on the cheaper page size
     loader.py             the threaded loader: each device's blocks read once, straight to the devices
     expert_repacking.py   INT4 experts repacked on the devices into the packing their kernels read
 
