@@ -17,11 +17,14 @@ from kimi_jax.checkpoint import load_model
 from kimi_jax.config import TINY, Int4Quant
 from kimi_jax.engine import decode_step
 from kimi_jax.errors import CheckpointError
+from kimi_jax.model import abstract_model
 from kimi_jax.quant import Int4Weight, is_routed_expert
 from kimi_jax.reference import load_reference, reference_greedy, reference_logits
 from kimi_jax.sampling import SamplingParams
 
 CFG = fixtures.with_fixture_token_ids(TINY.replace(quantization=Int4Quant(group_size=16)))
+# Expert widths the TPU kernels take (packing "tpu": N a multiple of 128, K a whole number of 8-group tiles).
+TPU_CFG = CFG.replace(hidden_size=256, moe_intermediate_size=256, quantization=Int4Quant(group_size=32))
 
 
 @pytest.fixture(scope="module")
@@ -99,8 +102,12 @@ def test_decode_step_reads_every_weight_where_it_lies(int4, impl):
     # array moves nothing), vectors (norms, router bias) into elementwise ops; only the embedding
     # is gathered (one row per token).
 
-    _, model, cfg = int4
-    graphdef, state = nnx.split(model)
+    if impl == "interpret_tpu":  # the TPU kernels read experts in their own packing, as the loader gives it
+        cfg = TPU_CFG
+        graphdef, state = abstract_model(cfg, jnp.float32, expert_packing="tpu")
+    else:
+        _, model, cfg = int4
+        graphdef, state = nnx.split(model)
     cache = PagedCache.create(cfg, slots=2, max_len=32, page_size=4, n_pages=17, dtype=jnp.float32)
     knobs = {"temperature": jnp.zeros(2), "top_k": jnp.zeros(2, jnp.int32), "top_p": jnp.ones(2),
              "seed": jnp.zeros(2, jnp.uint32)}
