@@ -118,17 +118,16 @@ def run_child(kind: str, directory: str) -> None:
     import jax.numpy as jnp
     from flax import nnx
 
-    jax.devices()  # start the backend before the baseline: its memory is not the loader's
+    from kimi_jax.checkpoint import load_model
+    from kimi_jax.config import Config
+    from kimi_jax.convert import load_converted
+
+    jax.devices()  # start the backend (and import the loader) before the baseline: neither is loading
     baseline = rss_bytes("VmRSS")
     t0, c0 = time.perf_counter(), cpu_seconds()
     if kind == "hf":
-        from kimi_jax.checkpoint import load_model
-
         model, _ = load_model(directory, dtype=jnp.bfloat16, progress=False)
     else:
-        from kimi_jax.config import Config
-        from kimi_jax.convert import load_converted
-
         model = load_converted(directory, Config.from_hf(directory), dtype=jnp.bfloat16)
     leaves = jax.tree.leaves(nnx.state(model))
     jax.block_until_ready(leaves)

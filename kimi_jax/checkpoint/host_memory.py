@@ -29,7 +29,7 @@ import numpy as np
 
 HUGE_PAGE = 2 << 20
 HUGE_MIN_BYTES = 4 << 20  # numpy's threshold for the same advice
-TRIAL_BYTES = 256 << 20  # of each page size, before the cheaper one is kept
+TRIAL_BYTES = 64 << 20  # of each page size, before the cheaper one is kept: 32 huge pages, 16,384 small ones
 # XLA:CPU adopts a host buffer as a device array without copying it when it is this aligned.
 XLA_CPU_ALIGNMENT = 64
 _MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux 5.14+; Python does not export it
