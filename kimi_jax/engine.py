@@ -30,11 +30,11 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from kernels_pallas.backends import backend_for
 from kimi_jax.cache import PagedCache, default_pool_pages
-from kimi_jax.cache import layout_for as cache_layout_for
 from kimi_jax.distributed import broadcast_from_main, global_array, is_main, to_host
 from kimi_jax.errors import KimiError
-from kimi_jax.model import KimiK2, default_impl
+from kimi_jax.model import KimiK2
 from kimi_jax.pages import PagePool, pages_for
 from kimi_jax.sampling import SamplingParams
 from kimi_jax.scheduler import (
@@ -122,7 +122,7 @@ class BatchEngine:
                  max_queue: int = 64, mesh: Mesh | None = None, impl: str | None = None, mirror: bool = False,
                  decode_block: int = DEFAULT_DECODE_BLOCK):
         """`impl`: the kernels (kernels_pallas.ops IMPLS); default: the best for the mesh's devices.
-        `page_size`: tokens per cache page (default: what the devices read best, cache.layout_for).
+        `page_size`: tokens per cache page (default: what the devices read best, the backend record).
         `n_pages`: the page pool (default: cache.default_pool_pages). `decode_block`: the most
         decode steps one dispatch runs (1: a dispatch per token). `mirror`: process 0's requests are replayed on
         every other process (several hosts)."""
@@ -137,16 +137,16 @@ class BatchEngine:
         self.max_batch, self.max_len, self.chunk, self.max_queue = max_batch, max_len, chunk, max_queue
         self.mesh = mesh
         platform = platform_of(mesh)
-        self.impl = impl or default_impl(platform)
-        kv_layout, default_page = cache_layout_for(platform)
-        self.page_size = page_size or default_page
+        backend = backend_for(platform)
+        self.impl = impl or backend.impl
+        self.page_size = page_size or backend.page_size
         n_pages = n_pages or default_pool_pages(max_batch, max_len, self.page_size, data)
         self.pool = PagePool(n_pages, self.page_size, shards=data)
         if self.pool.capacity < pages_for(max_len, self.page_size):
             raise KimiError(f"a cache of {n_pages} pages of {self.page_size} tokens cannot hold one request of "
                             f"max_len {max_len} tokens" + (f" per data shard ({data})" if data > 1 else ""))
         cache = PagedCache.create(self.cfg, slots=max_batch, max_len=max_len, page_size=self.page_size,
-                                  n_pages=n_pages, dtype=model.dtype, mesh=mesh, kv_layout=kv_layout)
+                                  n_pages=n_pages, dtype=model.dtype, mesh=mesh, page_order=backend.page_order)
         self.device = JaxDevice(model, cache, mesh=mesh, impl=self.impl, max_steps=decode_block)
         self.scheduler = Scheduler(self.device, max_batch=max_batch, max_len=max_len, chunk=chunk, pool=self.pool,
                                    prefill_rows=prefill_rows, decode_block=decode_block)

@@ -1,7 +1,7 @@
 """Tiny random checkpoints in the exact official layout, for tests, benchmarks and demos.
 
 The weights are drawn directly in the checkpoint's own tensor names and [out, in] shapes from the
-layout table, at scales that keep activations O(1) (so routing and attention are far from uniform
+tensor table, at scales that keep activations O(1) (so routing and attention are far from uniform
 and a layout mistake shows up as a large logit difference). Routed experts are quantized with the
 compressed-tensors quantizer when the config asks for INT4.
 """
@@ -13,7 +13,8 @@ import os
 
 import numpy as np
 
-from kimi_jax import checkpoint, export
+from kimi_jax import export
+from kimi_jax.checkpoint.tensor_table import tensor_table, weight_shape_names
 from kimi_jax.config import K2_THINKING, TINY, Config
 
 # K2 Thinking's rotary settings exactly (64 rope dims, theta 50,000, YaRN factor 64 over 4,096 with
@@ -35,7 +36,7 @@ def random_hf_tensors(cfg: Config, seed: int = 0, rope_gain: float = 1.0):
         return
     rng = np.random.default_rng(seed)
     seen = set()
-    for entry in checkpoint.layout(cfg):
+    for entry in tensor_table(cfg):
         for name in entry.hf:
             if name in seen:  # kv_b_proj backs two parameters
                 continue
@@ -53,14 +54,14 @@ def random_hf_tensors(cfg: Config, seed: int = 0, rope_gain: float = 1.0):
                 out_f = shape[0]
                 in_f = cfg.moe_intermediate_size if ".down_proj." in name else cfg.hidden_size
                 w = rng.standard_normal((out_f, in_f)) / np.sqrt(in_f)
-                from kernels_pallas.int4 import quantize_int4
+                from kernels_pallas.int4_ct import quantize_int4
 
                 packed, scale = quantize_int4(w, cfg.quantization.group_size)
                 yield name, packed
                 yield name.replace("weight_packed", "weight_scale"), scale
             else:
                 yield name, _normal(rng, shape, np.sqrt(shape[-1]))
-    for name, shape in checkpoint.weight_shape_names(cfg).items():
+    for name, shape in weight_shape_names(cfg).items():
         yield name, np.asarray(shape, np.int64)
 
 

@@ -46,7 +46,7 @@ class AttnBatch:
     write_page: jax.Array  # [b, c] int32
     write_slot: jax.Array  # [b, c] int32
     valid: jax.Array | None = None  # [b, c] bool: real tokens (None: all); padding takes no expert
-    kv_layout: str = dataclasses.field(default="rows", metadata=dict(static=True))  # the pool's (cache.py)
+    page_order: str = dataclasses.field(default="rows", metadata=dict(static=True))  # the pool's (cache.py)
 
 
 class MLA(nnx.Module):
@@ -133,14 +133,14 @@ def _write(pages, batch: AttnBatch, rows, impl: str):
     args = (pages, batch.write_page.reshape(-1), batch.write_slot.reshape(-1), rows.reshape(-1, rows.shape[-1]))
     mesh = jax.sharding.get_abstract_mesh()
     if impl == "xla" or mesh.empty:
-        return ops.write_pages(*args, kv_layout=batch.kv_layout, impl=impl)
+        return ops.write_pages(*args, page_order=batch.page_order, impl=impl)
     # A kernel writes on each device the tokens of its rows into its part of the pool (all of it
     # unless pages are split over `data`; tokens are row-major, so they split like the rows).
     data = "data" if rows.shape[0] % mesh.shape["data"] == 0 else None
 
     def local(pages, page, slot, rows):
         page = _local_pages(page, pages, data)  # padding -> this shard's reserved page
-        return ops.write_pages(pages, page, slot, rows, kv_layout=batch.kv_layout, impl=impl)
+        return ops.write_pages(pages, page, slot, rows, page_order=batch.page_order, impl=impl)
 
     return jax.shard_map(local, mesh=mesh, in_specs=(P(data),) * 4, out_specs=P(data), check_vma=False)(*args)
 
@@ -160,7 +160,7 @@ def _paged_attention(q_lat, q_pe, pages, batch: AttnBatch, scale: float, impl: s
 
     args = (q_lat, q_pe, pages, batch.page_table, batch.q_start, batch.kv_len)
     mesh = jax.sharding.get_abstract_mesh()
-    kw = dict(scale=scale, impl=impl, kv_layout=batch.kv_layout)
+    kw = dict(scale=scale, impl=impl, page_order=batch.page_order)
     if impl == "xla" or mesh.empty:
         return ops.paged_attention(*args, **kw)
     data = "data" if q_lat.shape[0] % mesh.shape["data"] == 0 else None

@@ -20,7 +20,7 @@ import time
 
 from kimi_jax import compile_cache, distributed
 from kimi_jax.errors import KimiError
-from kimi_jax.generate import DEFAULT_CHECKPOINT
+from kimi_jax.runtime import DEFAULT_CHECKPOINT
 from kimi_jax.scheduler import DEFAULT_CHUNK
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")

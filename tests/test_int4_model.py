@@ -16,12 +16,15 @@ from kimi_jax.checkpoint import load_model
 from kimi_jax.config import TINY, Int4Quant
 from kimi_jax.engine import BatchEngine
 from kimi_jax.errors import CheckpointError
+from kimi_jax.model import abstract_model
 from kimi_jax.quant import Int4Weight, is_routed_expert
 from kimi_jax.reference import load_reference, reference_greedy, reference_logits
 from kimi_jax.sampling import SamplingParams, knob_arrays
-from kimi_jax.steps import SlotState, decode_steps, split_model
+from kimi_jax.steps import SlotState, decode_steps, split_state
 
 CFG = fixtures.with_fixture_token_ids(TINY.replace(quantization=Int4Quant(group_size=16)))
+# Expert widths the TPU kernels take (packing "tpu": N a multiple of 128, K a whole number of 8-group tiles).
+TPU_CFG = CFG.replace(hidden_size=256, moe_intermediate_size=256, quantization=Int4Quant(group_size=32))
 
 
 @pytest.fixture(scope="module")
@@ -104,8 +107,13 @@ def test_decode_step_reads_every_weight_where_it_lies(int4, impl):
     # array moves nothing), vectors (norms, router bias) into elementwise ops; only the embedding
     # is gathered (one row per token).
 
-    _, model, cfg = int4
-    model_def, weights = split_model(model)
+    if impl == "interpret_tpu":  # the TPU kernels read experts in their own packing, as the loader gives it
+        cfg = TPU_CFG
+        graphdef, state = abstract_model(cfg, jnp.float32, expert_packing="tpu")
+    else:
+        _, model, cfg = int4
+        graphdef, state = nnx.split(model)
+    model_def, weights = split_state(graphdef, state)
     cache = PagedCache.create(cfg, slots=2, max_len=32, page_size=4, n_pages=17, dtype=jnp.float32)
     knobs = knob_arrays([SamplingParams()] * 2)
     slots = SlotState.create(2, cache.lengths.sharding)
@@ -115,7 +123,7 @@ def test_decode_step_reads_every_weight_where_it_lies(int4, impl):
                             impl=impl)
 
     closed = jax.make_jaxpr(step)(weights, cache)
-    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(nnx.state(model))]
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(state)]
     weights = set(closed.jaxpr.invars[:len(paths)])
     embed = closed.jaxpr.invars[next(i for i, p in enumerate(paths) if p.startswith("['embed']"))]
     matrices = {v for v in weights if v.aval.ndim > 1} - {embed}
