@@ -29,11 +29,11 @@ class PrefillWork:
 
 @dataclasses.dataclass
 class DecodeWork:
-    """`steps` decode steps for the slots rows[b] (max_batch pads)."""
+    """Up to `steps` decode steps for the slots rows[b] (max_batch pads)."""
 
     rows: np.ndarray  # [B] int32
     steps: int
-    mask: np.ndarray | None  # [B, W] int32, steps 1 only
+    mask: np.ndarray | None  # [B, W] int32 (then steps is 1)
     requests: list[tuple[int, Request]]
 
 

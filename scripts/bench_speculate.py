@@ -160,22 +160,26 @@ def verify_cost(args) -> list[dict]:
 
 
 def _step_costs(model_def, weights, cfg, impl: str, batch: int, context: int, ks: list[int], reps: int) -> dict:
+    import jax
     import jax.numpy as jnp
     from bench_common import device_time
 
+    from kernels_pallas.backends import backend_for
     from kimi_jax.cache import PagedCache
     from kimi_jax.sampling import SamplingParams, knob_arrays
     from kimi_jax.steps import SlotState, decode_steps, prefill_step, verify_step
 
-    ps = 64
+    backend = backend_for(jax.default_backend())
+    ps = backend.page_size
     pages = -(-(context + 16) // ps)
     cache = PagedCache.create(cfg, slots=batch, max_len=pages * ps, page_size=ps, n_pages=1 + batch * pages,
-                              dtype=jnp.bfloat16)
+                              dtype=jnp.bfloat16, page_order=backend.page_order, words=backend.cache_words)
     cache = cache.with_table(1 + np.arange(batch * pages, dtype=np.int32).reshape(batch, pages))
     knobs = knob_arrays([SamplingParams()] * batch)
     state = SlotState.create(batch, cache.lengths.sharding)
     rng = np.random.default_rng(0)
     rows = np.arange(batch, dtype=np.int32)
+    one = jnp.int32(1)  # decode steps per timed call
     for start in range(0, context, 128):  # the context, in chunks
         n = min(128, context - start)
         _, _, cache, state = prefill_step(model_def, weights, cache, state,
@@ -187,12 +191,13 @@ def _step_costs(model_def, weights, cfg, impl: str, batch: int, context: int, ks
 
     def fresh():  # every timed call starts from the same lengths and budgets (the buffers are donated)
         c, s = live["cache"], live["state"]
-        return (PagedCache(c.pages, c.page_table, lengths, c.kv_layout),
+        return (PagedCache(c.pages, c.page_table, lengths, c.page_order),
                 SlotState(s.tokens, jnp.ones(batch, bool), jnp.full(batch, 8, jnp.int32)))
 
     def decode():
         c, s = fresh()
-        t, _, live["cache"], live["state"] = decode_steps(model_def, weights, c, s, rows, knobs, steps=1, impl=impl)
+        t, _, live["cache"], live["state"] = decode_steps(model_def, weights, c, s, rows, one, knobs, max_steps=1,
+                                                        impl=impl)
         return t
 
     def verify(drafts, n_draft):

@@ -13,13 +13,13 @@ from kimi_jax.scheduler import Request, Scheduler
 from kimi_jax.speculation import FixedCosts, Speculator
 
 
-def make(mode="suffix", *, max_batch=4, max_len=64, page_size=4, decode_steps=(1, 4, 16), ratio=1.0, max_draft=4,
+def make(mode="suffix", *, max_batch=4, max_len=64, page_size=4, decode_block=16, ratio=1.0, max_draft=4,
          speculator=None):
     n_pages = 1 + 2 * max_batch * (-(-max_len // page_size))
     device = MockDevice(max_batch, n_pages, page_size)
     spec = speculator or Speculator(mode, max_draft, costs=FixedCosts(ratio))
     sched = Scheduler(device, max_batch=max_batch, max_len=max_len, chunk=8, pool=PagePool(n_pages, page_size),
-                      decode_steps=decode_steps, speculator=spec)
+                      decode_block=decode_block, speculator=spec)
     return sched, device
 
 
@@ -45,9 +45,9 @@ def repeating(seed, count):
 
 
 @pytest.mark.parametrize("mode", ["ngram", "suffix"])
-@pytest.mark.parametrize("decode_steps", [(1,), (1, 4, 16)])
-def test_every_request_gets_exactly_its_tokens_with_drafts_verified(mode, decode_steps):
-    sched, device = make(mode, decode_steps=decode_steps)
+@pytest.mark.parametrize("decode_block", [1, 16])
+def test_every_request_gets_exactly_its_tokens_with_drafts_verified(mode, decode_block):
+    sched, device = make(mode, decode_block=decode_block)
     todo = [req(p, n) for p, n in zip(repeating(0, 9), [30, 5, 17, 1, 40, 9, 25, 2, 33])]
     run(sched, todo)
     for r in todo:
@@ -117,7 +117,7 @@ def test_suffix_mode_drafts_from_the_outputs_of_earlier_requests():
     prompt = prompts(6, 1, 20, 20)[0]  # no repeats: nothing of its own to draft from
     accepted = {}
     for mode in ("ngram", "suffix"):
-        sched, _ = make(mode, max_batch=1, max_len=96, decode_steps=(1,))
+        sched, _ = make(mode, max_batch=1, max_len=96, decode_block=1)
         first, again = run(sched, [req(prompt, 40)]), run(sched, [req(prompt, 40)])
         assert first[0].tokens == again[0].tokens == expected(prompt, 40)
         accepted[mode] = sched.spec.stats["accepted_tokens"]
@@ -150,3 +150,14 @@ def test_a_constrained_row_drafts_only_while_its_constraint_is_free():
         if w.mask is not None:  # a masked row carries no draft, and only it is masked
             masked = [b for b in range(len(w.rows)) if not (w.mask[b] == -1).all()]
             assert all(w.n_draft[b] == 0 for b in masked)
+
+
+def test_warm_up_also_runs_a_verify_step_per_bucket_and_draft_width():
+    sched, device = make(max_batch=4, max_draft=8)
+    sched.warm_up(masks=True)
+    verifies = [(len(w.rows), w.drafts.shape[1], w.mask is not None) for w in device.verifies()]
+    assert sorted(verifies) == sorted((b, k, m) for b in (1, 2, 4) for k in (2, 4, 8) for m in (False, True))
+    assert not any(w.n_draft.any() for w in device.verifies())
+    assert not device.alive.any() and not device.lengths.any() and sched.spec.stats["verify_steps"] == 0
+    todo = run(sched, [req(p, 20) for p in repeating(2, 3)])
+    assert all(r.tokens == expected(r.prompt_ids, 20) for r in todo) and device.verifies()[-1].n_draft.any()

@@ -22,7 +22,7 @@ from kimi_jax.steps import SlotState, prefill_step, split_model, verify_step
 
 CFG = with_fixture_token_ids(TINY)
 # Few shapes, few compiles: 2 slots (buckets 1 and 2), one-step decode blocks, drafts of up to 2 (one width).
-KW = dict(max_batch=2, max_len=96, chunk=8, page_size=4, decode_steps=(1,))
+KW = dict(max_batch=2, max_len=96, chunk=8, page_size=4, decode_block=1)
 GREEDY = SamplingParams(max_new_tokens=24)
 SAMPLED = SamplingParams(max_new_tokens=24, temperature=0.9, top_p=0.95, seed=11)
 
@@ -103,7 +103,7 @@ def test_drafting_from_the_text_changes_no_token_of_a_checkpoint(fixture_dir, qu
     rng = np.random.default_rng(7)
     phrases = [rng.integers(0, 256, int(n)).tolist() for n in (3, 5, 2, 6, 4)]
     prompts = [p * 4 + p[:1] for p in phrases]
-    kw = dict(max_batch=2, max_len=64, chunk=8, page_size=4, decode_steps=(1,))
+    kw = dict(max_batch=2, max_len=64, chunk=8, page_size=4, decode_block=1)
     plain = BatchEngine(model, **kw).generate(prompts, SamplingParams(max_new_tokens=30))
     engine = BatchEngine(model, speculate="suffix", draft_tokens=2, **kw)
     engine.scheduler.spec.costs = FixedCosts(1.0)  # verify whenever a draft exists
