@@ -92,7 +92,8 @@ def test_prompts_of_any_length_reuse_the_same_compiled_programs(model):
     after_first = steps.compile_counts()
     added = {k: after_first[k] - before[k] for k in before}
     # One prefill; one decode program per row bucket (the block length is data): 1 and 2 rows.
-    assert added == {"prefill": 1, "decode": len(first.scheduler.buckets)} and first.scheduler.buckets == [1, 2]
+    assert added == {"prefill": 1, "decode": len(first.scheduler.buckets), "verify": 0}
+    assert first.scheduler.buckets == [1, 2]
     # A second engine of the same shapes, and new prompt lengths, run the same programs.
     run(BatchEngine(model, max_batch=2, max_len=72, chunk=8, page_size=4, decode_block=4))
     assert steps.compile_counts() == after_first
@@ -184,7 +185,7 @@ def test_warm_up_compiles_every_program_and_changes_no_slot(model, engines):
     engine.warm_up(masks=True)
     warm = steps.compile_counts()
     # The prefill chunk, and a decode block per row bucket (1, 2, 4 rows) with and without a mask.
-    assert {k: warm[k] - before[k] for k in warm} == {"prefill": 1, "decode": 2 * 3}
+    assert {k: warm[k] - before[k] for k in warm} == {"prefill": 1, "decode": 2 * 3, "verify": 0}
     prompts = _prompts(6, 3, 9, 4, 7, 5)
     done = engine.generate(prompts, SamplingParams(max_new_tokens=8))
     assert steps.compile_counts() == warm
