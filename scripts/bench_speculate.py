@@ -270,7 +270,7 @@ def parse_args(argv=None):
     p.add_argument("--workloads", default="edit,json")
     p.add_argument("--concurrency", default="1,8,32")
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--max-len", type=int, default=2048)
+    p.add_argument("--max-len", type=int, default=4096, help="context of each engine (an edit prompt is ~2,450 tokens)")
     p.add_argument("--speculate", default="suffix", choices=("ngram", "suffix"))
     p.add_argument("--draft-tokens", type=int, default=8)
     p.add_argument("--repeats", type=int, default=2, help="timed runs per engine, alternating (default 2)")
