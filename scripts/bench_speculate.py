@@ -186,12 +186,12 @@ def _step_costs(model_def, weights, cfg, impl: str, batch: int, context: int, ks
                                           rng.integers(0, 1000, (batch, 128)).astype(np.int32), rows,
                                           np.full(batch, start, np.int32), np.full(batch, n, np.int32),
                                           np.full(batch, 8 if start + n == context else -1, np.int32), knobs, impl=impl)
-    lengths = cache.lengths
+    lengths = np.asarray(cache.lengths)  # a host copy: the device array goes with the donated cache
     live = {"cache": cache, "state": state}
 
     def fresh():  # every timed call starts from the same lengths and budgets (the buffers are donated)
         c, s = live["cache"], live["state"]
-        return (PagedCache(c.pages, c.page_table, lengths, c.page_order),
+        return (PagedCache(c.pages, c.page_table, jnp.asarray(lengths), c.page_order),
                 SlotState(s.tokens, jnp.ones(batch, bool), jnp.full(batch, 8, jnp.int32)))
 
     def decode():
