@@ -76,13 +76,11 @@ class ModelDef:
 
 def split_model(model) -> tuple[ModelDef, list]:
     """(structure, flat list of weight arrays) of an nnx model, as the compiled steps take it."""
-    graphdef, state = nnx.split(model)
-    leaves, treedef = jax.tree.flatten(state)
-    return ModelDef.of(graphdef, treedef), leaves
+    return split_state(*nnx.split(model))
 
 
-def split_abstract(graphdef, state) -> tuple[ModelDef, list]:
-    """`split_model` for an already split (possibly abstract) model: the planner's inputs."""
+def split_state(graphdef, state) -> tuple[ModelDef, list]:
+    """`split_model` for a model already split by nnx (the planner's abstract one)."""
     leaves, treedef = jax.tree.flatten(state)
     return ModelDef.of(graphdef, treedef), leaves
 
