@@ -45,16 +45,35 @@ def _progress(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def plan_for(args, target_name: str, *, gpu_fraction: float | None = None, progress=_progress):
-    """Resolve the target and plan the config on it (planner.search)."""
-    from kimi_jax.config import Config, get_preset
+def plan(cfg, target: str = "local", *, config_name: str | None = None, mesh: str | None = None,
+         max_len: int = 262144, batch: int = 1, chunk: int | None = None, dtype: str = "bfloat16",
+         devices: int | None = None, hbm_gb: float | None = None, gpu_fraction: float | None = None,
+         layers: str = "scaled", recorded: dict | None = None, progress=_progress):
+    """Plan `cfg` (a Config) on `target` (see --target; "local" is this machine's GPUs or TPUs) and
+    return a planner.search.Plan; `print_plan` shows it as the command line does. Progress lines go
+    to `progress` (stderr by default; None for silence)."""
+    from kimi_jax.errors import KimiError
     from kimi_jax.planner import search, targets
+    from kimi_jax.scheduler import DEFAULT_CHUNK
+
+    if max_len > cfg.max_position_embeddings:
+        raise KimiError(f"--max-len {max_len} exceeds the model's max_position_embeddings {cfg.max_position_embeddings}")
+    progress = progress or (lambda text: None)
+    t = targets.resolve(target, devices, hbm_gb=hbm_gb, gpu_fraction=gpu_fraction)
+    name = config_name or cfg.model_type
+    progress(f"planning {name} on {t.label}: temporaries {t.temporaries}")
+    return search.plan(cfg, t, config_name=name, max_len=max_len, batch=batch, chunk=chunk or DEFAULT_CHUNK,
+                       dtype=dtype, mesh_text=mesh, layers=layers, recorded=recorded, progress=progress)
+
+
+def plan_for(args, target: str, **kw):
+    """`plan` with the command line's settings."""
+    from kimi_jax.config import Config, get_preset
 
     cfg = Config.from_hf(args.config) if os.path.exists(args.config) else get_preset(args.config)
-    target = targets.resolve(target_name, args.devices, hbm_gb=args.hbm_gb, gpu_fraction=gpu_fraction)
-    progress(f"planning {args.config} on {target.label}: temporaries {target.temporaries}")
-    return search.plan(cfg, target, config_name=args.config, max_len=args.max_len, batch=args.batch,
-                       chunk=args.chunk, dtype=args.dtype, mesh_text=args.mesh, layers=args.layers, progress=progress)
+    return plan(cfg, target, config_name=args.config, mesh=args.mesh, max_len=args.max_len, batch=args.batch,
+                chunk=args.chunk, dtype=args.dtype, devices=args.devices, hbm_gb=args.hbm_gb, layers=args.layers,
+                **kw)
 
 
 def to_json(p) -> dict:
@@ -82,30 +101,44 @@ def _context(tokens: int, limit: int) -> str:
 
 def print_plan(p) -> None:
     from kimi_jax.cache import POOL_SEQUENCES_PER_SLOT
+    from kimi_jax.planner.targets import JAX_GPU_MEMORY_FRACTION
 
     t, best, m = p.target, p.best, p.best.memory
     print(f"{p.config} on {t.label}, {p.dtype}, batch {p.batch}, --max-len {p.max_len:,}")
-    print(f"memory per device for XLA: {_gb(t.memory) + ': ' if t.memory else ''}{t.memory_note}")
-    print(f"temporaries: {t.temporaries}")
+    print(f"memory per device for XLA: {_gb(t.memory) + ', ' if t.memory else ''}{t.memory_note}")
     for mp in p.meshes:
-        print(f"mesh {mp.mesh}: {'best' if mp is best else mp.verdict}")
+        if mp is best and mp.verdict == "best":
+            print(f"mesh {mp.mesh}: best" + (f", {mp.fits[p.batch]:,} tokens at batch {p.batch}" if mp.fits else ""))
+        else:
+            print(f"mesh {mp.mesh}: {mp.verdict}")
     temps = best.temporaries or {}
+    again = "as much again" if POOL_SEQUENCES_PER_SLOT == 2 else f"{POOL_SEQUENCES_PER_SLOT - 1}x that"
     print(f"\n| per device, mesh {best.mesh} | bytes |\n|---|---|")
     print(f"| weights (routed experts) | {_gb(m.weight_bytes)} ({_gb(m.expert_weight_bytes)}) |")
     print(f"| latent cache: the engine's pool of {m.pages:,} pages of {m.page_size} tokens (batch {p.batch} x "
-          f"{p.max_len:,} tokens, and {POOL_SEQUENCES_PER_SLOT - 1}x that for cached prefixes) | {_gb(m.cache_bytes)} |")
+          f"{p.max_len:,} tokens, and {again} for cached prefixes) | {_gb(m.cache_bytes)} |")
     if temps:
         print(f"| prefill temporaries (a {p.chunk}-token chunk) | {_gb(temps['prefill'])} |")
         print(f"| decode temporaries (a block of decode steps) | {_gb(temps['decode'])} |")
-        print(f"\ntemporaries from: {temps['how']}")
+        print(f"\ntemporaries: {temps['how']}")
         for name, message in (temps.get("refused") or {}).items():
-            print(f"{name}: the compiler refused the program: {message}")
-    if t.memory and best.fits:
+            print(f"{name}: the compiler refused the whole program: {message}")
+    if not t.memory:
+        print("no memory size to fit against: give --hbm-gb")
+    elif best.fits and best.fits[p.batch] > 0:
         need = m.weight_bytes + m.cache_bytes + best.temp_bytes
-        verdict = "fits" if need <= t.memory else "does not fit"
-        print(f"--max-len {p.max_len:,} at batch {p.batch}: {verdict} ({_gb(need)} of {_gb(t.memory)} per device)")
+        if need <= t.memory:
+            print(f"--max-len {p.max_len:,} at batch {p.batch} fits: {_gb(need)} of {_gb(t.memory)} per device")
+        else:
+            print(f"--max-len {p.max_len:,} at batch {p.batch} does not fit: {_gb(need)} of {_gb(t.memory)} per device; "
+                  f"--max-len {min(best.fits[p.batch], p.max_positions):,} does")
         cells = ", ".join(f"batch {b}: {_context(n, p.max_positions)}" for b, n in best.fits.items())
         print(f"longest context per sequence: {cells}")
+    else:
+        print(f"{p.config} does not fit {t.label} on any mesh")
+    short = not best.fits or best.fits[p.batch] < min(p.max_len, p.max_positions)
+    if short and t.platform == "gpu" and t.memory_note.startswith(f"{JAX_GPU_MEMORY_FRACTION:g} "):
+        print("XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 in the environment gives XLA more of each GPU: plan with it set")
     print(f"planned in {p.seconds:.1f} s")
 
 

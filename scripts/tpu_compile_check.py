@@ -185,11 +185,11 @@ def check(target: str, mesh_text: str, dims: Dims, layout: str = "tpu", kv_layou
     """Compile both blocks for `target`; see the module docstring."""
     import jax
 
-    from kimi_jax.plan import target_devices
+    from kimi_jax.planner.targets import tpu_topology
     from kimi_jax.sharding import MeshSpec, make_mesh
 
     spec = MeshSpec.parse(mesh_text)
-    devices = target_devices(target, spec.size)
+    devices = tpu_topology(target)
     mesh = make_mesh(spec, devices[:spec.size])
     out = {"target": target, "device_kind": devices[0].device_kind, "mesh": str(spec), "layout": layout,
            "kv_layout": kv_layout, "dims": dataclasses.asdict(dims)}

@@ -15,9 +15,9 @@ import pytest
 from flax import nnx
 from scripts_loader import load_script
 
-from kimi_jax import plan
 from kimi_jax.config import TINY as TINY_CONFIG
 from kimi_jax.config import Int4Quant
+from kimi_jax.planner import compiled, targets
 from kimi_jax.quant import is_routed_expert
 
 pytestmark = pytest.mark.slow  # the whole module; `pytest -m "not slow"` skips it
@@ -49,12 +49,12 @@ def persistent_cache(tmp_path_factory):
 
 @functools.cache  # the tests below share compiles
 def _decode_step(target, cfg):
-    devices = plan.target_devices(target, 8)
-    info, compiled, state, cache = plan.compile_steps(cfg, devices=devices, mesh_text="tensor=8", max_len=1024,
-                                                      batch=8, chunk=128, steps=("decode",))
+    devices = targets.tpu_topology(target)
+    info, programs, state, cache = compiled.compile_steps(cfg, devices=devices, mesh_text="tensor=8", max_len=1024,
+                                                          batch=8, chunk=128, steps=("decode",))
     assert (info["expert_layout"], info["kv_layout"], info["kernels"]) == ("tpu", "lanes", "pallas_tpu")
     experts = [x for p, v in nnx.to_flat_state(state) if is_routed_expert(p, v) for x in jax.tree.leaves(v.get_value())]
-    return compiled["decode"], experts, list(cache.pages)
+    return programs["decode"], experts, list(cache.pages)
 
 
 @pytest.mark.parametrize("target", ["v5p:2x2x2", "tpu7x:2x2x1"])

@@ -57,14 +57,14 @@ def compile_steps(cfg, *, devices, mesh_text: str, max_len: int, batch: int, chu
     from kimi_jax.sampling import SamplingParams, knob_arrays
     from kimi_jax.scheduler import DEFAULT_DECODE_STEPS
     from kimi_jax.sharding import MeshSpec, make_mesh
-    from kimi_jax.steps import SlotState, decode_steps, prefill_step, split_abstract
+    from kimi_jax.steps import SlotState, decode_steps, prefill_step, split_state
 
     spec = MeshSpec.parse(mesh_text)
     mesh = make_mesh(spec, devices)
     platform = devices[0].platform
     be = backend(cfg, platform)
     graphdef, state = placed(cfg, mesh, dtype=dtype, expert_layout=be.expert_layout)
-    model_def, weights = split_abstract(graphdef, state)
+    model_def, weights = split_state(graphdef, state)
     cache = abstract_cache(cfg, mesh, spec, batch=batch, max_len=max_len, dtype=dtype, be=be)
     rep = NamedSharding(mesh, P())
     sds = jax.ShapeDtypeStruct

@@ -51,8 +51,10 @@ def _gb(x) -> str:
 
 
 def plan(cfg, target, *, config_name: str, max_len: int, batch: int, chunk: int, dtype: str,
-         mesh_text: str | None = None, layers: str = "scaled", progress=print) -> Plan:
-    """Plan `cfg` on `target` (planner.targets.Target); see the module docstring."""
+         mesh_text: str | None = None, layers: str = "scaled", recorded: dict | None = None,
+         progress=print) -> Plan:
+    """Plan `cfg` on `target` (planner.targets.Target); see the module docstring. `recorded`:
+    compiled temporaries by mesh from an earlier plan, used instead of compiling again."""
     from kimi_jax.errors import KimiError
     from kimi_jax.planner import activations, compiled
     from kimi_jax.planner.memory import backend, fits, longest_context, mesh_memory
@@ -98,7 +100,9 @@ def plan(cfg, target, *, config_name: str, max_len: int, batch: int, chunk: int,
             p.verdict = (f"at most {bound:,} tokens at batch {batch} even with no temporaries (weights "
                          f"{_gb(m.weight_bytes)} per device), not more than {best.mesh}'s {best.fits[batch]:,}")
             continue
-        if target.devices is None:
+        if recorded and p.mesh in recorded and target.devices is not None:
+            p.temporaries = dict(recorded[p.mesh])
+        elif target.devices is None:
             p.temporaries = activations.modelled(cfg, MeshSpec.parse(p.mesh), batch=batch, chunk=chunk,
                                                  max_len=max_len)
             p.temporaries["how"] = "activation model (planner/activations.py)"
@@ -111,6 +115,8 @@ def plan(cfg, target, *, config_name: str, max_len: int, batch: int, chunk: int,
             p.fits = fits(m, p.temp_bytes, memory, sorted({*BATCHES, batch}))
         if best is None or _better(p, best, batch):
             best = p
+    if best is None:  # no mesh leaves room for anything: the least weights come closest
+        best = min(plans, key=lambda p: p.memory.weight_bytes)
     for p in plans:
         if p is best or p.verdict:
             continue
@@ -121,7 +127,7 @@ def plan(cfg, target, *, config_name: str, max_len: int, batch: int, chunk: int,
             p.verdict = f"{p.fits[batch]:,} tokens at batch {batch}, fewer than {best.mesh}'s {best.fits[batch]:,}"
         else:
             p.verdict = f"needs more per device than {best.mesh} ({_gb(_total(p))} against {_gb(_total(best))})"
-    best.verdict = "best"
+    best.verdict = best.verdict or "best"
     return Plan(target=target, config=config_name, batch=batch, max_len=max_len, chunk=chunk, dtype=dtype,
                 best=best, meshes=plans, seconds=round(time.perf_counter() - t0, 1), backend=be,
                 max_positions=cfg.max_position_embeddings)
