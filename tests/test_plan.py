@@ -95,6 +95,7 @@ def test_a_given_mesh_is_planned_alone(capsys):
     (["--target", "h200"], "2", "error: XLA_PYTHON_CLIENT_MEM_FRACTION='2' must be in (0, 1]"),
     (["--write"], None, "error: --write goes with --table"),
     (["--batch", "0"], None, "error: --devices, --batch and --max-len must be >= 1"),
+    (["--target", "local"], None, "error: --target local: this machine has no GPU or TPU"),
 ])
 def test_bad_input_is_one_error_line_and_status_2(capsys, monkeypatch, args, env, message):
     if env:

@@ -12,9 +12,11 @@ model trades precision for being safely above what XLA assigns. Per device and p
     + 64 MiB for GEMM and collective workspaces
 
 The per-layer term covers what a scheduler keeps across layers (an all-reduce in flight beside the
-next layer's work). libtpu's buffer assignment of the same programs, which the TPU compile check
-reads, grows by about 8 MB a layer in a 128-token prefill and 0.9 MB in decode for K2 on
-tensor=8: below this term (tests/test_plan.py checks the whole model against libtpu's figures).
+next layer's work); libtpu's buffer assignment of the same programs grows by a few MB a layer in a
+128-token prefill. For K2 on tensor=8 this model gives 0.83 GB (prefill) and 0.15 GB (decode at
+batch 1) where libtpu's whole-model compile for TPU v5p assigns 0.29 and 0.03 GB (BENCHMARKS.md);
+tests/test_tpu_compile.py keeps the model above libtpu's figures.
+
 Memory outside XLA's buffers (the CUDA context, NCCL, other processes) is what
 XLA_PYTHON_CLIENT_MEM_FRACTION leaves over, and the planner fits against XLA's share only.
 """

@@ -47,8 +47,8 @@ def _short_mesh(mesh: str) -> str:
     return ",".join(axes) or "one device"
 
 
-def _gb(x) -> str:
-    return f"{x / 1e9:.1f} GB"
+def _gb(x, digits: int = 1) -> str:
+    return f"{x / 1e9:.{digits}f} GB"
 
 
 def _cell(tokens: int, limit: int) -> str:
@@ -57,33 +57,39 @@ def _cell(tokens: int, limit: int) -> str:
     return f"**{limit:,}** (room for {tokens:,})" if tokens > limit else f"{tokens:,}"
 
 
+def _memory(record: dict) -> str:
+    p, fraction = record["plan"], record["gpu_fraction"]
+    if fraction is None:
+        return f"{_gb(p['memory_bytes'])} ({p['memory_bytes'] / 2**30:g} GiB)"
+    return f"{_gb(p['memory_bytes'])} ({fraction:g} × {_gb(p['memory_bytes'] / fraction)})"
+
+
 def render(records: list[dict]) -> str:
     """The markdown table (between its markers) of stored plans."""
     sources = {}
     lines = [BEGIN, "",
-             "| hardware (`--target`) | memory per device for XLA | best mesh | weights per device | temporaries, "
+             "| `--target` | devices | memory per device for XLA | best mesh | weights per device | temporaries, "
              "prefill / decode | " + " | ".join(f"longest context, batch {b}" for b in BATCHES) + " |",
-             "|---" * (5 + len(BATCHES)) + "|"]
+             "|---" * (6 + len(BATCHES)) + "|"]
     for r in records:
         p, best = r["plan"], r["plan"]["best"]
-        how = best["temporaries_from"]
-        mark = sources.setdefault(how, "*" * (len(sources) + 1)) if how else ""
-        hardware = p["hardware"].replace(" x ", " × ")
-        if r["gpu_fraction"] is not None:
-            hardware += f", XLA_PYTHON_CLIENT_MEM_FRACTION={r['gpu_fraction']:g}"
-        if best["fits"][str(BATCHES[0])] == 0 and best["prefill_temp_bytes"] is None:
+        fits_at_all = best["fits"][str(BATCHES[0])] > 0
+        if best["prefill_temp_bytes"] is None:
             temps = "–"
         else:
-            temps = f"{_gb(best['prefill_temp_bytes'])} / {_gb(best['decode_temp_bytes'])}{mark}"
+            mark = sources.setdefault(best["temporaries_from"], "*" * (len(sources) + 1))
+            temps = f"{_gb(best['prefill_temp_bytes'], 2)} / {_gb(best['decode_temp_bytes'], 2)}{mark}"
         cells = [_cell(best["fits"][str(b)], p["max_positions"]) for b in BATCHES]
-        fits_at_all = best["fits"][str(BATCHES[0])] > 0
-        lines.append(f"| {hardware} (`{p['target']}`) | {_gb(p['memory_bytes'])} | "
+        lines.append(f"| `{p['target']}` | {p['hardware'].replace(' x ', ' × ')} | {_memory(r)} | "
                      f"{'`' + _short_mesh(best['mesh']) + '`' if fits_at_all else 'none fits'} | "
                      f"{_gb(best['weight_bytes'])} | {temps} | " + " | ".join(cells) + " |")
     lines.append("")
     for how, mark in sources.items():
-        lines.append(f"{mark} {how}.  ")
-    lines += ["", END]
+        lines.append(f"{mark} Temporaries: {how}.  ")
+    lines += [f"GPU memory: XLA_PYTHON_CLIENT_MEM_FRACTION × what the GPU reports; {SERVING_FRACTION:g} is what "
+              "the GPU commands here set, 0.75 JAX's default. Context: the longest `--max-len` per sequence "
+              "whose page pool (twice that, for cached prefixes) fits; bold where the model's "
+              f"{records[0]['plan']['max_positions']:,} positions are the limit, not memory.", "", END]
     return "\n".join(lines)
 
 
@@ -119,7 +125,8 @@ def write_into(path: pathlib.Path, table: str) -> None:
 
 
 def main(args, plan_for, to_json, *, write: bool) -> int:
-    """--table: plan each row with the CLI's other settings at their defaults, print the table."""
+    """--table: plan each row (K2 Thinking; the CLI's other settings), print the table (--json: the
+    plans), and with `write` store them where the docs show them."""
     from kimi_jax.errors import KimiError
 
     records = []
@@ -129,7 +136,7 @@ def main(args, plan_for, to_json, *, write: bool) -> int:
         records.append({"target": row.target, "gpu_fraction": row.gpu_fraction, "plan": to_json(p)})
     records = json.loads(records_json(records))  # the stored form: string keys, as the test reads them back
     table = render(records)
-    print(table)
+    print(records_json(records) if args.json else table)
     if write:
         missing = [f for f in FILES if not blocks_in(ROOT / f)]
         if missing:

@@ -109,7 +109,7 @@ def resolve(name: str, n_devices: int | None = None, *, hbm_gb: float | None = N
         if n_devices not in (None, len(devices)):
             raise KimiError(f"--target {name} has {len(devices)} devices, not --devices {n_devices}")
         kind = devices[0].device_kind
-        target = Target(name, f"TPU {name} ({len(devices)} x {kind})", "tpu", len(devices), devices,
+        target = Target(name, f"{len(devices)} x {kind}", "tpu", len(devices), devices,
                         TPU_HBM.get(kind), f"{TPU_HBM[kind] / GIB:g} GiB of HBM per {kind} device" if kind in TPU_HBM
                         else f"unknown for {kind} (give --hbm-gb)", f"compiled by libtpu for {kind}")
     if hbm_gb:
@@ -156,10 +156,17 @@ def _local(gpu: Gpu) -> list:
 
 def tpu_topology(name: str):
     """Compile-only devices of a TPU topology, described by libtpu (no TPU needed)."""
+    import importlib.util
+
     from jax.experimental import topologies
 
+    if importlib.util.find_spec("libtpu") is None:
+        raise KimiError(f"--target {name}: not one of {TARGETS_HELP}; a TPU topology needs libtpu's compiler: "
+                        "pip install 'jax[tpu]'")
+    # Only the compiler runs: it may share libtpu with a process that holds this host's TPU lock.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
         return topologies.get_topology_desc(topology_name=name, platform="tpu").devices
-    except Exception as e:  # missing libtpu or an unknown topology name
-        raise KimiError(f"--target {name}: not one of {TARGETS_HELP}, or a TPU topology libtpu cannot describe "
-                        f"({str(e).splitlines()[0]}); TPU targets need libtpu: pip install 'jax[tpu]'") from None
+    except Exception as e:  # an unknown topology name
+        raise KimiError(f"--target {name}: not one of {TARGETS_HELP}, and libtpu cannot describe it as a TPU "
+                        f"topology ({str(e).splitlines()[0]})") from None
