@@ -21,10 +21,8 @@ import time
 
 from kimi_jax import compile_cache, distributed
 from kimi_jax.errors import KimiError
+from kimi_jax.runtime import DEFAULT_CHECKPOINT
 from kimi_jax.scheduler import DEFAULT_CHUNK
-
-DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                  "checkpoints", "kimi-k2-nano")
 
 
 def build_parser() -> argparse.ArgumentParser:

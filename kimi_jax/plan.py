@@ -90,8 +90,8 @@ def to_json(p) -> dict:
     return {"config": p.config, "target": t.name, "hardware": t.label, "platform": t.platform,
             "devices": t.n_devices, "memory_bytes": t.memory, "memory_from": t.memory_note,
             "temporaries_from": t.temporaries, "batch": p.batch, "max_len": p.max_len, "chunk": p.chunk,
-            "dtype": p.dtype, "kernels": p.backend.impl, "expert_layout": p.backend.expert_layout,
-            "kv_layout": p.backend.kv_layout, "max_positions": p.max_positions, "seconds": p.seconds,
+            "dtype": p.dtype, "kernels": p.backend.impl, "expert_packing": p.backend.expert_packing,
+            "page_order": p.backend.page_order, "max_positions": p.max_positions, "seconds": p.seconds,
             "best": best, "meshes": meshes}
 
 

@@ -20,7 +20,7 @@ import time
 
 from kimi_jax import compile_cache, distributed
 from kimi_jax.errors import KimiError
-from kimi_jax.generate import DEFAULT_CHECKPOINT
+from kimi_jax.runtime import DEFAULT_CHECKPOINT
 from kimi_jax.scheduler import DEFAULT_CHUNK
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -68,7 +68,7 @@ def build_service(args, *, mirror: bool = False):
     `mirror`: a multi-process run, where process 0 serves and the others follow its engine; only
     process 0 starts it."""
     from kimi_jax.runtime import Runtime
-    from kimi_jax.sampling import SamplingParams, checkpoint_defaults
+    from kimi_jax.sampling import checkpoint_defaults
     from kimi_jax.server.service import Service, Settings
 
     for flag in ("max_batch", "max_len", "max_tokens", "max_queue", "max_body_bytes", "chunk", "page_size", "n_pages"):
@@ -86,19 +86,12 @@ def build_service(args, *, mirror: bool = False):
                         max_tokens=min(args.max_tokens or max_len, max_len), api_key=args.api_key or None,
                         max_body_bytes=args.max_body_bytes, defaults=checkpoint_defaults(checkpoint))
     service = Service(rt, engine, settings)
+    if not args.no_warmup:  # every process: the programs run as collectives over the whole mesh
+        engine.warm_up()
     if not distributed.is_main():
         return service, engine
     engine.start()
-    if not args.no_warmup:
-        _warm_up(engine, SamplingParams(max_new_tokens=2))
     return service, engine
-
-
-def _warm_up(engine, sampling) -> None:
-    """One tiny request, so the first client does not wait for the compiler."""
-    done = threading.Event()
-    engine.submit([0], sampling, lambda request, tokens, finished: finished and done.set())
-    done.wait()
 
 
 class BackgroundServer:

@@ -30,8 +30,6 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
 SETS = ("heldout", "paraphrase", "ood", "multistep")
 SET_TITLES = {"heldout": "held-out", "paraphrase": "paraphrase", "ood": "out-of-domain", "multistep": "multi-step"}
 TARGETS = {"heldout": 0.90, "paraphrase": 0.85, "ood": 0.80, "multistep": 0.75}  # for the shipped INT4 QAT model

@@ -55,7 +55,7 @@ def compile_steps(cfg, *, devices, mesh_text: str, max_len: int, batch: int, chu
 
     from kimi_jax.planner.memory import abstract_cache, backend, placed
     from kimi_jax.sampling import SamplingParams, knob_arrays
-    from kimi_jax.scheduler import DEFAULT_DECODE_STEPS
+    from kimi_jax.scheduler import DEFAULT_DECODE_BLOCK
     from kimi_jax.sharding import MeshSpec, make_mesh
     from kimi_jax.steps import SlotState, decode_steps, prefill_step, split_state
 
@@ -63,7 +63,7 @@ def compile_steps(cfg, *, devices, mesh_text: str, max_len: int, batch: int, chu
     mesh = make_mesh(spec, devices)
     platform = devices[0].platform
     be = backend(cfg, platform)
-    graphdef, state = placed(cfg, mesh, dtype=dtype, expert_layout=be.expert_layout)
+    graphdef, state = placed(cfg, mesh, dtype=dtype, expert_packing=be.expert_packing)
     model_def, weights = split_state(graphdef, state)
     cache = abstract_cache(cfg, mesh, spec, batch=batch, max_len=max_len, dtype=dtype, be=be)
     rep = NamedSharding(mesh, P())
@@ -71,16 +71,15 @@ def compile_steps(cfg, *, devices, mesh_text: str, max_len: int, batch: int, chu
     ints = lambda *shape: sds(shape, jnp.int32, sharding=rep)  # noqa: E731
     knobs = {k: sds(v.shape, v.dtype, sharding=rep) for k, v in knob_arrays([SamplingParams()] * batch).items()}
     slots = SlotState.abstract(batch, rep)
-    block = max(DEFAULT_DECODE_STEPS)  # the decode steps per dispatch when every slot decodes
     info = {"mesh": str(spec), "devices": len(devices), "device_kind": devices[0].device_kind, "batch": batch,
             "max_len": max_len, "page_size": be.page_size, "pages": cache.n_pages, "dtype": jnp.dtype(dtype).name,
-            "kernels": be.impl, "expert_layout": be.expert_layout, "kv_layout": be.kv_layout,
-            "decode_steps": block, "compile_seconds": {}}
+            "kernels": be.impl, "expert_packing": be.expert_packing, "page_order": be.page_order,
+            "decode_block": DEFAULT_DECODE_BLOCK, "compile_seconds": {}}
     lowerings = {
         "prefill": lambda: prefill_step.lower(model_def, weights, cache, slots, ints(1, chunk), ints(1), ints(1),
                                               ints(1), ints(1), knobs, impl=be.impl),
-        "decode": lambda: decode_steps.lower(model_def, weights, cache, slots, ints(batch), knobs, steps=block,
-                                             impl=be.impl),
+        "decode": lambda: decode_steps.lower(model_def, weights, cache, slots, ints(batch), ints(), knobs,
+                                             max_steps=DEFAULT_DECODE_BLOCK, impl=be.impl),
     }
     compiled = {}
     with jax.set_mesh(mesh), _persistent_cache_off(platform != jax.default_backend()):

@@ -14,22 +14,14 @@ import functools
 import math
 
 
-@dataclasses.dataclass(frozen=True)
-class Backend:
-    """What the runtime picks on a platform: kernels, INT4 expert layout, cache pages."""
+def backend(cfg, platform: str):
+    """The runtime's record for `platform` (kernels_pallas/backends.py) with the expert packing
+    this model gets there (dense experts keep the checkpoint's)."""
+    from kernels_pallas.backends import backend_for
+    from kimi_jax.model import expert_packing_for
 
-    impl: str
-    expert_layout: str
-    kv_layout: str
-    page_size: int
-
-
-def backend(cfg, platform: str) -> Backend:
-    from kimi_jax.cache import layout_for as cache_layout_for
-    from kimi_jax.model import default_impl, expert_layout_for
-
-    kv_layout, page_size = cache_layout_for(platform)
-    return Backend(default_impl(platform), expert_layout_for(cfg, platform), kv_layout, page_size)
+    be = backend_for(platform)
+    return dataclasses.replace(be, expert_packing=expert_packing_for(cfg, be))
 
 
 @dataclasses.dataclass
@@ -51,40 +43,40 @@ def shard_bytes(x) -> int:
 
 
 @functools.lru_cache(maxsize=4)
-def abstract_state(cfg, dtype: str, expert_layout: str):
+def abstract_state(cfg, dtype: str, expert_packing: str):
     """(graphdef, state) of the whole model as shapes: built once per layout (8 s for K2 here)."""
     import jax.numpy as jnp
 
     from kimi_jax.model import abstract_model
 
-    return abstract_model(cfg, jnp.dtype(dtype), expert_layout=expert_layout)
+    return abstract_model(cfg, jnp.dtype(dtype), expert_packing=expert_packing)
 
 
-def placed(cfg, mesh, *, dtype: str, expert_layout: str):
+def placed(cfg, mesh, *, dtype: str, expert_packing: str):
     """The abstract model's state placed on `mesh` (a KimiError names a dimension it cannot split)."""
     from kimi_jax.sharding import placed_abstract
 
-    graphdef, state = abstract_state(cfg, dtype, expert_layout)
+    graphdef, state = abstract_state(cfg, dtype, expert_packing)
     return graphdef, placed_abstract(state, mesh)
 
 
-def abstract_cache(cfg, mesh, spec, *, batch: int, max_len: int, dtype: str, be: Backend):
+def abstract_cache(cfg, mesh, spec, *, batch: int, max_len: int, dtype: str, be):
     import jax.numpy as jnp
 
     from kimi_jax.cache import PagedCache, default_pool_pages
 
     n_pages = default_pool_pages(batch, max_len, be.page_size, spec.data)  # what the engine allocates
     return PagedCache.abstract(cfg, slots=batch, max_len=max_len, page_size=be.page_size, n_pages=n_pages,
-                               dtype=jnp.dtype(dtype), mesh=mesh, kv_layout=be.kv_layout)
+                               dtype=jnp.dtype(dtype), mesh=mesh, page_order=be.page_order)
 
 
-def mesh_memory(cfg, mesh, spec, *, batch: int, max_len: int, dtype: str, be: Backend) -> MeshMemory:
+def mesh_memory(cfg, mesh, spec, *, batch: int, max_len: int, dtype: str, be) -> MeshMemory:
     import jax
     from flax import nnx
 
     from kimi_jax.quant import is_routed_expert
 
-    _, state = placed(cfg, mesh, dtype=dtype, expert_layout=be.expert_layout)
+    _, state = placed(cfg, mesh, dtype=dtype, expert_packing=be.expert_packing)
     cache = abstract_cache(cfg, mesh, spec, batch=batch, max_len=max_len, dtype=dtype, be=be)
     experts = sum(shard_bytes(x) for p, v in nnx.to_flat_state(state) if is_routed_expert(p, v)
                   for x in jax.tree.leaves(v.get_value()))
