@@ -28,6 +28,15 @@ from kimi_jax.mla import MLA, AttnBatch
 from kimi_jax.moe import MoE
 
 
+def embed_rows(table: jax.Array, tokens: jax.Array) -> jax.Array:
+    """table[tokens]. XLA:CPU gathers bf16 through a float32 convert of the table, and inside the
+    decode loop it hoists that convert out of the loop, keeping a float32 copy of the whole
+    vocabulary matrix alive. Passing the table through one barrier with this step's tokens makes it
+    loop-variant, so the convert stays fused into the gather. Free on every backend."""
+    table, tokens = jax.lax.optimization_barrier((table, tokens))
+    return jnp.take(table, tokens, axis=0)
+
+
 class DecoderLayer(nnx.Module):
     def __init__(self, cfg: Config, moe: bool, dtype, rngs: nnx.Rngs, expert_packing: str = "ct"):
         d = cfg.hidden_size
@@ -78,7 +87,7 @@ class KimiK2(nnx.Module):
         `pages` holds each layer's page pool (written in place and returned), or None to attend
         within the chunk only; `impl` names the kernels (kernels_pallas.ops: "xla", "pallas_gpu",
         ...). Returns the final hidden states [b,c,d] before the last norm."""
-        x = jnp.take(self.embed[...], tokens, axis=0)
+        x = embed_rows(self.embed[...], tokens)
         new_pages = []
         for i, layer in enumerate(self.layers):
             with jax.named_scope(f"layer_{i}"):

@@ -67,7 +67,7 @@ def abstract_cache(cfg, mesh, spec, *, batch: int, max_len: int, dtype: str, be)
 
     n_pages = default_pool_pages(batch, max_len, be.page_size, spec.data)  # what the engine allocates
     return PagedCache.abstract(cfg, slots=batch, max_len=max_len, page_size=be.page_size, n_pages=n_pages,
-                               dtype=jnp.dtype(dtype), mesh=mesh, page_order=be.page_order)
+                               dtype=jnp.dtype(dtype), mesh=mesh, page_order=be.page_order, words=be.cache_words)
 
 
 def mesh_memory(cfg, mesh, spec, *, batch: int, max_len: int, dtype: str, be) -> MeshMemory:
