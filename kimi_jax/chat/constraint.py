@@ -1,0 +1,238 @@
+"""Constrained decoding of one output: the token mask an engine applies before it samples.
+
+An `OutputConstraint` follows one generated output token by token. The engine sees it through three
+members (the engine imports nothing from here; any object with them will do):
+
+    breaks    token ids after which the engine must ask `mask()` again before the next token,
+              even while the output is free (they may end the reasoning)
+    mask()    None while the next token is free (inside the reasoning); otherwise int32
+              [ceil(vocab_size / 32)], bit i % 32 of word i // 32 set = token i allowed
+    accept(t) every generated token, in order, before the next `mask()`
+
+Phases of an output (docs/k2-format.md §7.1):
+
+    start    the first token: `<think>` (reasoning follows) or the grammar's first token
+    free     the reasoning, unconstrained; `kimi_jax.chat.parser` decides where it ends (at
+             `</think>`, or at a tool-call section opened inside it), fed the same text
+    grammar  the rest, held to the grammar of kimi_jax.chat.grammar by llguidance
+    done     a stop token was accepted
+    failed   the output cannot go on under the grammar (a section opened inside the reasoning when
+             no call is allowed, a token the mask did not allow): only stop tokens are allowed, so
+             the output ends at once; `failure` says why
+
+Two things the grammar alone does not cover. The output parser reads decoded text, so a control
+token's name written out in plain text (`<|tool_call_end|>` as five ordinary tokens) would act as
+that marker: while the grammar runs, tokens that would complete such a spelling are masked out.
+And the reasoning can also end at such a spelling; so `breaks` holds every token that could
+complete one, besides the control tokens themselves, and the grammar takes over from the marker.
+
+Stop tokens (`stop_ids`) are allowed exactly where the grammar may end. Ids the model has beyond the
+tokenizer's vocabulary are never allowed.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+
+import llguidance
+import numpy as np
+
+from kimi_jax.chat.grammar import (
+    CALL_BEGIN,
+    SECTION_BEGIN,
+    GrammarError,
+    ToolChoice,
+    check_schemas,
+    output_grammar,
+)
+from kimi_jax.chat.parser import MARKER_RE, REASONING_END_MARKERS, StreamParser, marker_prefix_start
+from kimi_jax.chat.tokenizer import PAT_STR, THINK_END
+from kimi_jax.errors import KimiError
+
+_START, _FREE, _GRAMMAR, _DONE, _FAILED = "start", "free", "grammar", "done", "failed"
+_WINDOW = 96  # chars of recent text kept: longer than any marker
+
+
+class _Vocabulary:
+    """What constraining needs of one tokenizer, built once (about a second for K2's 163,840
+    tokens): llguidance's view of it, and the tokens that could spell a marker out in text."""
+
+    def __init__(self, tokenizer):
+        n_base = tokenizer.num_base_tokens
+        raw = [tokenizer.token_bytes(i) for i in range(n_base)]
+        self.llg = llguidance.LLTokenizer.from_tiktoken(
+            encoder={b: i for i, b in enumerate(raw)}, special_tokens=tokenizer.special_tokens, pattern=PAT_STR,
+            eos_token=list(tokenizer.stop_ids), n_vocab=tokenizer.n_vocab)
+        self.words = -(-tokenizer.n_vocab // 32)
+        # Every marker ends in '>' or ']': only tokens holding one of them can complete a spelling.
+        self.texts = {i: b.decode("latin-1") for i, b in enumerate(raw) if b">" in b or b"]" in b}
+        self.closers = np.array(sorted(self.texts), np.int64)
+        spelled = [i for i, text in self.texts.items() if MARKER_RE.search(text)]
+        self.keep = np.full(self.words, -1, np.int32)  # AND-mask that clears the tokens holding a whole marker
+        _clear(self.keep, spelled)
+        ends = REASONING_END_MARKERS
+        specials = tokenizer.special_tokens
+        self.breaks = frozenset([specials[m] for m in ends if m in specials] + [
+            i for i, text in self.texts.items()
+            if any(m in text or any(text.startswith(m[k:]) for k in range(1, len(m))) for m in ends)])
+
+
+def _clear(words: np.ndarray, ids) -> None:
+    ids = np.asarray(ids, np.int64)
+    bits = np.left_shift(np.uint32(1), (ids & 31).astype(np.uint32))
+    view = words.view(np.uint32)
+    np.bitwise_and.at(view, ids >> 5, ~bits)
+
+
+def _set(words: np.ndarray, ids) -> None:
+    ids = np.asarray(ids, np.int64)
+    np.bitwise_or.at(words.view(np.uint32), ids >> 5, np.left_shift(np.uint32(1), (ids & 31).astype(np.uint32)))
+
+
+def _allowed(words: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    return ids[(words.view(np.uint32)[ids >> 5] >> (ids & 31).astype(np.uint32)) & 1 == 1]
+
+
+_vocabularies: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_vocabularies_lock = threading.Lock()
+
+
+def vocabulary(tokenizer) -> _Vocabulary:
+    """The tokenizer's llguidance vocabulary, built on first use and kept while the tokenizer lives."""
+    with _vocabularies_lock:
+        found = _vocabularies.get(tokenizer)
+        if found is None:
+            found = _vocabularies[tokenizer] = _Vocabulary(tokenizer)
+        return found
+
+
+class OutputConstraint:
+    """The mask of one output under `grammar` (see the module docstring). `thinking`: the output
+    may open with `<think>` and reason freely first; otherwise the grammar starts at once."""
+
+    def __init__(self, tokenizer, grammar: str, *, vocab_size: int, stop_ids, thinking: bool = True):
+        self._vocab = vocabulary(tokenizer)
+        if vocab_size < tokenizer.n_vocab:
+            raise KimiError(f"the model's vocabulary ({vocab_size}) is smaller than the tokenizer's "
+                            f"({tokenizer.n_vocab})")
+        self._matcher = llguidance.LLMatcher(self._vocab.llg, grammar, log_level=0)
+        if self._matcher.is_error():
+            raise GrammarError(f"the grammar cannot be compiled: {self._matcher.get_error()}")
+        self._tok = tokenizer
+        self._words = -(-vocab_size // 32)
+        self._stops = sorted(set(stop_ids))
+        self._think = tokenizer.think_start_id if thinking else None
+        self.breaks = self._vocab.breaks if self._think is not None else frozenset()
+        self._phase = _START if self._think is not None else _GRAMMAR
+        self._parser = StreamParser()
+        self._decoder = tokenizer.stream_decoder()
+        self._recent = ""  # free phase: the last raw text; grammar phase: text since the last control token
+        self.failure: str | None = None
+
+    @property
+    def phase(self) -> str:
+        return self._phase
+
+    # ---- the engine's side ----------------------------------------------------------------------
+    def mask(self) -> np.ndarray | None:
+        if self._phase == _FREE:
+            return None
+        out = np.zeros(self._words, np.int32)
+        if self._phase in (_START, _GRAMMAR):
+            self._grammar_mask(out)
+        if self._phase in (_DONE, _FAILED):
+            _set(out, self._stops)
+        return out
+
+    def accept(self, token: int) -> None:
+        token = int(token)
+        if self._phase in (_DONE, _FAILED):
+            return
+        if token in self._stops:
+            self._phase = _DONE
+            return
+        if self._phase == _START:
+            if token == self._think:
+                self._phase = _FREE
+                self._parser.feed(self._decoder.add(token))
+                return
+            self._phase = _GRAMMAR
+        if self._phase == _FREE:
+            self._free(token)
+        else:
+            self._consume([token], "")
+
+    # ---- phases ---------------------------------------------------------------------------------
+    def _grammar_mask(self, out: np.ndarray) -> None:
+        vocab = self._vocab
+        own = out[:vocab.words]
+        self._matcher.unsafe_compute_mask_ptr(own.ctypes.data, own.nbytes)
+        if self._matcher.is_error():
+            self._fail(f"llguidance: {self._matcher.get_error()}")
+            return
+        own &= vocab.keep
+        tail = self._recent[marker_prefix_start(self._recent):]
+        if tail:
+            _clear(own, [t for t in _allowed(own, vocab.closers) if MARKER_RE.search(tail + vocab.texts[t])])
+        _clear(out, self._stops)
+        if self._matcher.is_accepting():
+            _set(out, self._stops)
+        if self._phase == _START:
+            _set(out, [self._think])
+        if not out.any():
+            self._fail("no token can continue the output under the grammar")
+
+    def _free(self, token: int) -> None:
+        self._parser.feed(self._decoder.add(token))
+        piece = self._tok.token_bytes(token).decode("latin-1")
+        self._recent = self._recent[-_WINDOW:] + piece
+        if self._parser.in_reasoning:
+            return
+        # The reasoning ended at a marker this token completed; the grammar takes over from there.
+        self._phase = _GRAMMAR
+        last_start = len(self._recent) - len(piece)
+        end = next(m for m in MARKER_RE.finditer(self._recent)
+                   if m.end() > last_start and m.group() in REASONING_END_MARKERS)
+        tid = self._tok.token_id
+        seen = {THINK_END: [], CALL_BEGIN: [tid(SECTION_BEGIN), tid(CALL_BEGIN)]}.get(end.group(),
+                                                                                  [tid(SECTION_BEGIN)])
+        rest = self._recent[end.end():]
+        self._recent = ""
+        self._consume(seen, f"reasoning ended at {end.group()}")
+        if rest and self._phase == _GRAMMAR:
+            self._consume(self._vocab.llg.tokenize_bytes(rest.encode("latin-1")), "")
+
+    def _consume(self, tokens: list[int], why: str) -> None:
+        for token in tokens:
+            if not self._matcher.consume_token(token):
+                what = why or f"token {token} ({self._tok.id_to_token(token)!r})"
+                self._fail(f"{what} does not fit the grammar: {self._matcher.get_error() or 'not allowed here'}")
+                return
+            if token >= self._tok.num_base_tokens:  # a control token: its name is a whole marker
+                self._recent = ""
+            else:
+                self._recent = (self._recent + self._tok.token_bytes(token).decode("latin-1"))[-_WINDOW:]
+
+    def _fail(self, reason: str) -> None:
+        self._phase = _FAILED
+        self.failure = reason
+
+
+def output_constraint(tokenizer, *, vocab_size: int, stop_ids, thinking: bool = True, tools=None,
+                      tool_choice: ToolChoice = ToolChoice(), first_index: int = 0, parallel: bool = True,
+                      strict: bool = True, content_schema: dict | None = None,
+                      content_param: str = "response_format") -> OutputConstraint | None:
+    """The constraint for one output (arguments as in `grammar.output_grammar`), or None when
+    nothing constrains it. Raises GrammarError naming the schema that cannot be enforced."""
+    grammar = output_grammar(tokenizer, tools=tools, tool_choice=tool_choice, first_index=first_index,
+                             parallel=parallel, strict=strict, content_schema=content_schema,
+                             content_param=content_param)
+    if grammar is None:
+        return None
+    try:
+        return OutputConstraint(tokenizer, grammar, vocab_size=vocab_size, stop_ids=stop_ids, thinking=thinking)
+    except GrammarError:
+        check_schemas(tools if tool_choice.mode != "none" else None, strict=strict, content_schema=content_schema,
+                      content_param=content_param)
+        raise
