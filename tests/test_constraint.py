@@ -213,23 +213,29 @@ def test_the_first_token_may_skip_reasoning(nano_tokenizer):
     assert ok[tok.think_start_id] and ok[tok.token_id(SB)] and ok.sum() == 2
 
 
-def test_breaks_hold_every_token_that_can_end_the_reasoning(nano_tokenizer, byte_tokenizer):
+def test_breaks_are_the_control_tokens_that_end_the_reasoning(nano_tokenizer, byte_tokenizer):
     for tok in (nano_tokenizer, byte_tokenizer):
         breaks = constrain(tok, tools=MANY, thinking=True).breaks
-        assert {tok.token_id(m) for m in ("</think>", SB, CB)} <= breaks
-        assert tok.token_id(">") in breaks  # completes a spelled-out </think>
-        assert not {tok.token_id(c) for c in "a ]<"} & breaks
+        assert breaks == {tok.token_id(m) for m in ("</think>", SB, CB)}
         assert constrain(tok, tools=MANY).breaks == frozenset()  # no reasoning, nothing to watch
 
 
-def test_reasoning_spelled_out_in_text_hands_over_at_its_last_character(byte_tokenizer):
+def test_reasoning_ended_in_plain_text_hands_over_to_the_grammar_there(byte_tokenizer):
     tok = byte_tokenizer
     tools = [tool("f", SCHEMAS["one_string"])]
-    constraint = constrain(tok, tools=tools, tool_choice=ToolChoice("required"), thinking=True)
-    constraint.accept(tok.think_start_id)
-    tokens = [tok.think_start_id] + run(tok, constraint, seed=0, free_text=tok.encode("ok</think>"))
-    message = parse_output(tok.decode(tokens))
-    assert message.reasoning_content == "ok" and len(message.tool_calls) == 1
+    for free, fits in (("ok</think>", True), ("ok</think>sure", False)):
+        constraint = constrain(tok, tools=tools, tool_choice=ToolChoice("required"), thinking=True)
+        constraint.accept(tok.think_start_id)
+        # The engine does not ask for a mask until the next control token (here the section).
+        for t in tok.encode(free) + [tok.token_id(SB)]:
+            constraint.accept(t)
+        assert constraint.phase == ("grammar" if fits else "failed")
+        if fits:
+            tokens = tok.encode("<think>" + free + SB, allow_special=True) + run(tok, constraint, seed=0)
+            message = parse_output(tok.decode(tokens))
+            assert message.reasoning_content == "ok" and message.tool_calls
+        else:  # required allows no text before the call: the output is cut short
+            assert np.flatnonzero(allowed(constraint.mask(), tok.n_vocab)).tolist() == sorted(tok.stop_ids)
 
 
 def test_a_section_inside_the_reasoning_ends_the_output_when_no_call_is_allowed(nano_tokenizer):
@@ -266,7 +272,7 @@ def test_text_under_the_grammar_cannot_spell_a_control_token(byte_tokenizer, mar
         assert not ok[tok.token_id(marker[-1])] and ok[tok.token_id("z")]
 
 
-def test_a_token_holding_a_whole_marker_is_masked_and_ends_the_reasoning(tmp_path):
+def test_a_token_holding_a_whole_marker_ends_the_reasoning_and_is_masked_after(tmp_path):
     ranks = byte_level_ranks()
     for piece in ("</", "</t", "</th", "</thi", "</thin", "</think", "</think>"):
         ranks[piece.encode()] = len(ranks)
@@ -275,7 +281,6 @@ def test_a_token_holding_a_whole_marker_is_masked_and_ends_the_reasoning(tmp_pat
     whole = ranks[b"</think>"]
     tools = [tool("f", SCHEMAS["one_string"])]
     constraint = constrain(tok, tools=tools, thinking=True)
-    assert whole in constraint.breaks
     for t in tok.encode("<think>x", allow_special=True) + [whole]:
         constraint.accept(t)
     assert constraint.phase == "grammar"

@@ -4,7 +4,7 @@ An `OutputConstraint` follows one generated output token by token. The engine se
 members (the engine imports nothing from here; any object with them will do):
 
     breaks    token ids after which the engine must ask `mask()` again before the next token,
-              even while the output is free (they may end the reasoning)
+              even while the output is free (the control tokens that end the reasoning)
     mask()    None while the next token is free (inside the reasoning); otherwise int32
               [ceil(vocab_size / 32)], bit i % 32 of word i // 32 set = token i allowed
     accept(t) every generated token, in order, before the next `mask()`
@@ -20,11 +20,12 @@ Phases of an output (docs/k2-format.md §7.1):
              no call is allowed, a token the mask did not allow): only stop tokens are allowed, so
              the output ends at once; `failure` says why
 
-Two things the grammar alone does not cover. The output parser reads decoded text, so a control
-token's name written out in plain text (`<|tool_call_end|>` as five ordinary tokens) would act as
-that marker: while the grammar runs, tokens that would complete such a spelling are masked out.
-And the reasoning can also end at such a spelling; so `breaks` holds every token that could
-complete one, besides the control tokens themselves, and the grammar takes over from the marker.
+The output parser reads decoded text, so a control token's name written out in plain text
+(`<|tool_call_end|>` as five ordinary tokens) acts as that marker. While the grammar runs, tokens
+that would complete such a spelling are masked out. In the reasoning nothing is masked: if the
+model ends it with a spelled-out `</think>`, the grammar takes over from that point (accept() sees
+every token), and the next token of `breaks` it writes (every call opens with one) brings the mask
+back; what it wrote in between must fit the grammar, or the output fails.
 
 Stop tokens (`stop_ids`) are allowed exactly where the grammar may end. Ids the model has beyond the
 tokenizer's vocabulary are never allowed.
@@ -71,11 +72,8 @@ class _Vocabulary:
         spelled = [i for i, text in self.texts.items() if MARKER_RE.search(text)]
         self.keep = np.full(self.words, -1, np.int32)  # AND-mask that clears the tokens holding a whole marker
         _clear(self.keep, spelled)
-        ends = REASONING_END_MARKERS
         specials = tokenizer.special_tokens
-        self.breaks = frozenset([specials[m] for m in ends if m in specials] + [
-            i for i, text in self.texts.items()
-            if any(m in text or any(text.startswith(m[k:]) for k in range(1, len(m))) for m in ends)])
+        self.breaks = frozenset(specials[m] for m in REASONING_END_MARKERS if m in specials)
 
 
 def _clear(words: np.ndarray, ids) -> None:
