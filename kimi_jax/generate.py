@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tools", choices=("none", "builtin"), default="none",
                    help="'builtin': let the model call safe demo tools (calculator, units, dates, lookups, kv store)")
     p.add_argument("--max-steps", type=int, default=300, help="tool-call rounds per answer (default 300)")
+    p.add_argument("--no-strict-tools", action="store_true",
+                   help="let the model write tool calls freely (by default every call names a declared tool and "
+                        "its arguments fit the tool's schema)")
     p.add_argument("--hide-thinking", action="store_true", help="do not print the model's reasoning")
     p.add_argument("--max-new-tokens", type=int, default=None, help="per model turn (default: generation "
                                                                      "config or 512)")

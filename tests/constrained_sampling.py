@@ -41,17 +41,40 @@ class RandomModel:
         return int(np.argmax(np.where(ok, self.rng.gumbel(size=self.vocab_size), -np.inf)))
 
 
+class Refused(AssertionError):
+    """A scripted token that the constraint's mask does not allow."""
+
+
+class Gate:
+    """The engine's side of a constraint: the mask is asked for at the start, after every masked
+    token and after every token of `breaks` (while it is None, free tokens follow one another);
+    every token goes to `accept`. With no constraint, everything passes."""
+
+    def __init__(self, constraint, vocab_size: int):
+        self.constraint, self.vocab_size = constraint, vocab_size
+        self.mask = constraint.mask() if constraint is not None else None
+
+    def allows(self, token: int) -> bool:
+        return self.mask is None or bool(allowed(self.mask, self.vocab_size)[token])
+
+    def take(self, token: int) -> None:
+        """Hand the constraint a token; raise Refused if the current mask does not allow it."""
+        if self.constraint is None:
+            return
+        if not self.allows(token):
+            raise Refused(f"the grammar refuses token {token}")
+        self.constraint.accept(token)
+        if self.mask is not None or token in self.constraint.breaks:
+            self.mask = self.constraint.mask()
+
+
 def generate(constraint, model: RandomModel, stop_ids, max_steps: int = 20_000) -> list[int]:
-    """Tokens until a stop token (included) or max_steps. As the engine does: while `mask()` is
-    None, free tokens follow one another without asking it again until one is in `breaks`."""
-    tokens = []
-    mask = constraint.mask()
+    """Tokens until a stop token (included) or max_steps, made under the engine's contract."""
+    gate, tokens = Gate(constraint, model.vocab_size), []
     while len(tokens) < max_steps:
-        token = model.next_token(mask)
+        token = model.next_token(gate.mask)
+        gate.take(token)
         tokens.append(token)
-        constraint.accept(token)
         if token in stop_ids:
             break
-        if mask is not None or token in constraint.breaks:
-            mask = constraint.mask()
     return tokens

@@ -172,13 +172,13 @@ def output_grammar(tokenizer, *, tools: list[dict] | None = None, tool_choice: T
                    first_index: int = 0, parallel: bool = True, strict: bool = True,
                    content_schema: dict | None = None, content_param: str = "response_format") -> str | None:
     """The Lark grammar of the output after the reasoning, or None when nothing constrains it (no
-    content schema, and no tools or tool_choice auto without strict arguments).
+    content schema, and no tools or tool_choice auto with parallel calls and no strict arguments).
 
     `tools`: OpenAI-style declarations; a function with `"strict": false` keeps free arguments.
     `first_index`: the call counter of the first call (calls already in the conversation)."""
     functions = _functions(tools, strict) if tool_choice.mode != "none" else []
     if content_schema is None and (not tools or (
-            tool_choice.mode == "auto" and all(f.arguments is None for f in functions))):
+            tool_choice.mode == "auto" and parallel and all(f.arguments is None for f in functions))):
         return None  # the model's own output, as without a grammar
     g = _Lark(tokenizer)
     if content_schema is not None:
