@@ -304,3 +304,17 @@ def test_the_vocabulary_is_built_once_per_tokenizer(nano_tokenizer):
 def test_a_model_vocabulary_smaller_than_the_tokenizers_is_refused(nano_tokenizer):
     with pytest.raises(Exception, match="smaller than the tokenizer"):
         OutputConstraint(nano_tokenizer, "start: \"a\"\n", vocab_size=100, stop_ids=nano_tokenizer.stop_ids)
+
+
+def test_a_section_holds_at_most_the_parallel_call_limit(byte_tokenizer):
+    from kimi_jax.chat.grammar import MAX_PARALLEL_CALLS
+
+    tok = byte_tokenizer
+    tools = [tool("f", {"type": "object", "properties": {}, "additionalProperties": False})]
+    constraint = constrain(tok, tools=tools, tool_choice=ToolChoice("required"), first_index=9)
+    text = SB + "".join(f"{CB}functions.f:{9 + k}{AB}{{}}{CE}" for k in range(MAX_PARALLEL_CALLS))
+    for t in tok.encode(text, allow_special=True):
+        assert allowed(constraint.mask(), tok.n_vocab)[t]
+        constraint.accept(t)
+    ok = allowed(constraint.mask(), tok.n_vocab)
+    assert ok[tok.token_id(SE)] and not ok[tok.token_id(CB)]

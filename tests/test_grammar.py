@@ -1,6 +1,9 @@
 """Which schemas strict decoding takes, and the errors for the ones it cannot: each names the function
 (or the response format), the request field, and the reason."""
 
+import json
+import pathlib
+
 import pytest
 
 from kimi_jax.chat.constraint import output_constraint
@@ -69,3 +72,27 @@ def test_tool_choice_none_forbids_calls_whatever_the_schemas(byte_tokenizer):
     tools = tools_with({"type": "object", "properties": {"a": {"type": "array", "uniqueItems": True}}})
     grammar = output_grammar(byte_tokenizer, tools=tools, tool_choice=ToolChoice("none"))
     assert "section" not in grammar and "uniqueItems" not in grammar
+
+
+def _unsupported_rows():
+    """(example schema, reason, as parameters?) of the table in docs/serving.md."""
+    text = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "serving.md").read_text(encoding="utf-8")
+    table = text.split("<!-- unsupported-schemas:", 1)[1].split("\n\n", 1)[0]
+    rows = []
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[1].startswith("`{"):
+            example = json.loads(cells[1].split("`")[1])
+            rows.append((example, cells[2].strip("`"), "as `parameters`" in cells[1]))
+    return rows
+
+
+def test_the_documented_unsupported_features_give_the_documented_reasons(byte_tokenizer):
+    rows = _unsupported_rows()
+    assert len(rows) >= 15
+    for example, reason, as_parameters in rows:
+        if as_parameters:
+            error = compile_error(byte_tokenizer, tools_with(example))
+        else:
+            error = compile_error(byte_tokenizer, content_schema=example)
+        assert reason in str(error), (example, str(error))

@@ -37,8 +37,7 @@ from kimi_jax.errors import KimiError
 SECTION_BEGIN, SECTION_END = "<|tool_calls_section_begin|>", "<|tool_calls_section_end|>"
 CALL_BEGIN, ARGS_BEGIN, CALL_END = "<|tool_call_begin|>", "<|tool_call_argument_begin|>", "<|tool_call_end|>"
 
-# Calls in one section. The grammar spells each call's IDX out, so it grows with this; K2 makes a
-# handful of parallel calls at most.
+# Calls in one section (K2 makes a handful at most); the grammar spells out each one's IDX.
 MAX_PARALLEL_CALLS = 32
 
 _JSON_STYLE = {"item_separator": ", ?", "key_separator": ": ?", "whitespace_flexible": False}
@@ -199,21 +198,20 @@ def output_grammar(tokenizer, *, tools: list[dict] | None = None, tool_choice: T
     if any(f.arguments is None for f in functions):
         g.rule("ARGS_TEXT", "/(?s:.*)/")
 
-    def call(k: int, which) -> str:
-        heads = [g.rule(f"fn_{i}_{k}", f"{json.dumps(f'functions.{functions[i].name}:{first_index + k}')} "
-                                       f"{g.token(ARGS_BEGIN)} {arguments[i]}") for i in which]
-        return g.rule(f"call_{k}", f"{g.token(CALL_BEGIN)} ({' | '.join(heads)}) {g.token(CALL_END)}")
-
+    # Parametric rules (llguidance: `rule::_` takes the call's position k in the section): one rule
+    # per function, however many calls may follow each other, and IDX = first_index + k.
+    n = 1 if tool_choice.mode == "function" or not parallel else MAX_PARALLEL_CALLS
+    g.rule("idx::_", " | ".join(f'"{first_index + k}" %if eq(_, {k})' for k in range(n)))
+    for i, f in enumerate(functions):
+        g.rule(f"fn_{i}::_", f"{json.dumps(f'{f.name}:')} idx::_ {g.token(ARGS_BEGIN)} {arguments[i]}")
     if tool_choice.mode == "function":
-        index = next(i for i, f in enumerate(functions) if f.name == tool_choice.name)
-        calls = call(0, [index])
+        which = [next(i for i, f in enumerate(functions) if f.name == tool_choice.name)]
     else:
-        n = MAX_PARALLEL_CALLS if parallel else 1
-        everyone = range(len(functions))
-        for k in reversed(range(n)):
-            c = call(k, everyone)
-            g.rule(f"calls_{k}", f"{c} calls_{k + 1}?" if k + 1 < n else c)
-        calls = "calls_0"
+        which = range(len(functions))
+    heads = " | ".join(f"fn_{i}::_" for i in which)
+    g.rule("call::_", f'{g.token(CALL_BEGIN)} "functions." ({heads}) {g.token(CALL_END)}')
+    g.rule("calls::_", f"call::_ | call::_ calls::incr([0:8]) %if lt(_, {n - 1})" if n > 1 else "call::_")
+    calls = "calls::0"
     section = g.rule("section", f"{g.token(SECTION_BEGIN)} {calls} {g.token(SECTION_END)}")
     if tool_choice.mode in ("required", "function"):
         g.rule("start", section)
