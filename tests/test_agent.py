@@ -8,7 +8,7 @@ import types
 from typing import Literal
 
 import pytest
-from constrained_sampling import Gate, RandomModel, Refused
+from scripts_loader import load_script
 
 from kimi_jax.agent import Conversation, ToolResultEvent
 from kimi_jax.chat import (
@@ -22,6 +22,9 @@ from kimi_jax.chat import (
 )
 from kimi_jax.errors import KimiError
 from kimi_jax.tools import ToolRegistry, builtin_tools
+
+stand_in = load_script("constrained_sampling")  # in scripts/: the benchmark drives it too
+Gate, RandomModel, Refused = stand_in.Gate, stand_in.RandomModel, stand_in.Refused
 
 
 @dataclasses.dataclass

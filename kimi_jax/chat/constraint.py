@@ -52,7 +52,8 @@ from kimi_jax.chat.tokenizer import PAT_STR, THINK_END
 from kimi_jax.errors import KimiError
 
 _START, _FREE, _GRAMMAR, _DONE, _FAILED = "start", "free", "grammar", "done", "failed"
-_WINDOW = 96  # chars of recent text kept: longer than any marker
+_WINDOW = 96  # chars of reasoning text kept to find the marker that ended it: longer than any marker
+_TAIL = 32  # chars of text kept under the grammar: a marker prefix never is longer
 
 
 class _Vocabulary:
@@ -66,26 +67,25 @@ class _Vocabulary:
             encoder={b: i for i, b in enumerate(raw)}, special_tokens=tokenizer.special_tokens, pattern=PAT_STR,
             eos_token=list(tokenizer.stop_ids), n_vocab=tokenizer.n_vocab)
         self.words = -(-tokenizer.n_vocab // 32)
+        # Text as the marker patterns see it: one char per byte (markers are ASCII).
+        self.texts = [b.decode("latin-1") for b in raw]
         # Every marker ends in '>' or ']': only tokens holding one of them can complete a spelling.
-        self.texts = {i: b.decode("latin-1") for i, b in enumerate(raw) if b">" in b or b"]" in b}
-        self.closers = np.array(sorted(self.texts), np.int64)
-        spelled = [i for i, text in self.texts.items() if MARKER_RE.search(text)]
-        self.keep = np.full(self.words, -1, np.int32)  # AND-mask that clears the tokens holding a whole marker
-        _clear(self.keep, spelled)
+        self.closers = np.array([i for i, b in enumerate(raw) if b">" in b or b"]" in b], np.int64)
+        spelled = [i for i in self.closers if MARKER_RE.search(self.texts[i])]
+        self.keep = None  # AND-mask that clears the tokens holding a whole marker, if any do
+        if spelled:
+            self.keep = np.full(self.words, -1, np.int32)
+            _put(self.keep, spelled, False)
         specials = tokenizer.special_tokens
         self.breaks = frozenset(specials[m] for m in REASONING_END_MARKERS if m in specials)
 
 
-def _clear(words: np.ndarray, ids) -> None:
-    ids = np.asarray(ids, np.int64)
-    bits = np.left_shift(np.uint32(1), (ids & 31).astype(np.uint32))
+def _put(words: np.ndarray, ids, on: bool) -> None:
+    """Set (on) or clear the bits of `ids` in a bitmask."""
     view = words.view(np.uint32)
-    np.bitwise_and.at(view, ids >> 5, ~bits)
-
-
-def _set(words: np.ndarray, ids) -> None:
-    ids = np.asarray(ids, np.int64)
-    np.bitwise_or.at(words.view(np.uint32), ids >> 5, np.left_shift(np.uint32(1), (ids & 31).astype(np.uint32)))
+    for i in ids:
+        bit = np.uint32(1 << (int(i) & 31))
+        view[int(i) >> 5] = view[int(i) >> 5] | bit if on else view[int(i) >> 5] & ~bit
 
 
 def _allowed(words: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -119,6 +119,8 @@ class OutputConstraint:
             raise GrammarError(f"the grammar cannot be compiled: {self._matcher.get_error()}")
         self._tok = tokenizer
         self._words = -(-vocab_size // 32)
+        self._llg_mask = np.zeros(self._vocab.words, np.int32)  # llguidance writes here, through a raw pointer
+        self._llg_ptr = self._llg_mask.ctypes.data
         self._stops = sorted(set(stop_ids))
         self._think = tokenizer.think_start_id if thinking else None
         self.breaks = self._vocab.breaks if self._think is not None else frozenset()
@@ -140,7 +142,7 @@ class OutputConstraint:
         if self._phase in (_START, _GRAMMAR):
             self._grammar_mask(out)
         if self._phase in (_DONE, _FAILED):
-            _set(out, self._stops)
+            _put(out, self._stops, True)
         return out
 
     def accept(self, token: int) -> None:
@@ -164,20 +166,21 @@ class OutputConstraint:
     # ---- phases ---------------------------------------------------------------------------------
     def _grammar_mask(self, out: np.ndarray) -> None:
         vocab = self._vocab
+        self._matcher.unsafe_compute_mask_ptr(self._llg_ptr, self._llg_mask.nbytes)
         own = out[:vocab.words]
-        self._matcher.unsafe_compute_mask_ptr(own.ctypes.data, own.nbytes)
+        own[:] = self._llg_mask
         if self._matcher.is_error():
             self._fail(f"llguidance: {self._matcher.get_error()}")
             return
-        own &= vocab.keep
-        tail = self._recent[marker_prefix_start(self._recent):]
+        if vocab.keep is not None:
+            own &= vocab.keep
+        recent = self._recent
+        tail = recent[marker_prefix_start(recent):] if "<" in recent or "[" in recent else ""
         if tail:
-            _clear(own, [t for t in _allowed(own, vocab.closers) if MARKER_RE.search(tail + vocab.texts[t])])
-        _clear(out, self._stops)
-        if self._matcher.is_accepting():
-            _set(out, self._stops)
+            _put(own, [t for t in _allowed(own, vocab.closers) if MARKER_RE.search(tail + vocab.texts[t])], False)
+        _put(out, self._stops, self._matcher.is_accepting())
         if self._phase == _START:
-            _set(out, [self._think])
+            _put(out, [self._think], True)
         if not out.any():
             self._fail("no token can continue the output under the grammar")
 
@@ -210,7 +213,7 @@ class OutputConstraint:
             if token >= self._tok.num_base_tokens:  # a control token: its name is a whole marker
                 self._recent = ""
             else:
-                self._recent = (self._recent + self._tok.token_bytes(token).decode("latin-1"))[-_WINDOW:]
+                self._recent = (self._recent + self._vocab.texts[token])[-_TAIL:]
 
     def _fail(self, reason: str) -> None:
         self._phase = _FAILED

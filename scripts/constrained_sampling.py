@@ -1,5 +1,6 @@
 """A stand-in for a model under a constraint: random tokens from random logits, restricted to the
-constraint's mask, fed back through `accept` — the engine's contract, in numpy.
+constraint's mask, fed back through `accept` — the engine's contract, in numpy. The constraint
+tests and scripts/bench_grammar.py drive OutputConstraints with it.
 
 Uniformly random tokens would walk through an unbounded string or number for ever (most tokens
 continue one), so on half of the steps the draw is among the allowed tokens without letters or
