@@ -91,16 +91,17 @@ class Conversation:
         self._constraint()  # a tool whose schema cannot be enforced is refused now, not mid-turn
 
     # ---- one model step -----------------------------------------------------------------------
-    def _specs(self) -> list[dict] | None:
-        return self.tools.specs(self.tool_names) if self.tools is not None else None
+    def _specs(self, closed: bool = False) -> list[dict] | None:
+        return self.tools.specs(self.tool_names, closed=closed) if self.tools is not None else None
 
     def _prompt_ids(self) -> list[int]:
         return encode_chat(self.rt.tokenizer, self.rt.template, self.messages, self._specs())
 
     def _constraint(self):
-        """The grammar of the next assistant message, numbering calls on from those in the history."""
+        """The grammar of the next assistant message, numbering calls on from those in the history;
+        argument objects are closed, as the registry refuses parameters a function does not take."""
         return output_constraint(self.rt.tokenizer, vocab_size=self.rt.cfg.vocab_size, stop_ids=self.sampling.stop_ids,
-                                 tools=self._specs(), first_index=normalize_history(self.messages)[1],
+                                 tools=self._specs(closed=True), first_index=normalize_history(self.messages)[1],
                                  strict=self.strict_tools)
 
     def _generate(self, prompt: list[int], on_event, usage, warnings):

@@ -243,7 +243,7 @@ def test_strict_calls_of_registered_tools_fit_the_signature_and_count_on(tokeniz
     for index, c in enumerate(calls):
         assert (c["id"], c["function"]["name"]) == (f"functions.book:{index}", "book")
         arguments = json.loads(c["function"]["arguments"])
-        assert set(arguments) <= set(schema["properties"]) and {"city", "nights"} <= set(arguments)
+        assert set(arguments) <= set(schema["properties"]) and {"city", "nights"} <= set(arguments)  # closed
         assert isinstance(arguments["nights"], int) and not isinstance(arguments["nights"], bool)
     assert all(not r["is_error"] for step in result.steps for r in step["tool_results"])
 
