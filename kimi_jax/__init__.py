@@ -33,8 +33,8 @@ _EXPORTS = {
     "shard": "kimi_jax.loading",
     # generation and the agent loop
     "Runtime": "kimi_jax.runtime",
-    "BatchEngine": "kimi_jax.batching",
-    "Request": "kimi_jax.batching",
+    "BatchEngine": "kimi_jax.engine",
+    "Request": "kimi_jax.engine",
     "SamplingParams": "kimi_jax.sampling",
     "Conversation": "kimi_jax.agent",
     "TurnResult": "kimi_jax.agent",
@@ -47,8 +47,8 @@ __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # what editors and type checkers see; at run time the names load on first use
     from kimi_jax.agent import Conversation, TurnResult  # noqa: F401
-    from kimi_jax.batching import BatchEngine, Request  # noqa: F401
     from kimi_jax.config import Config  # noqa: F401
+    from kimi_jax.engine import BatchEngine, Request  # noqa: F401
     from kimi_jax.errors import KimiError  # noqa: F401
     from kimi_jax.generate import DEFAULT_CHECKPOINT  # noqa: F401
     from kimi_jax.loading import device_mesh, load, random_model, shard  # noqa: F401

@@ -30,9 +30,9 @@ from kimi_jax import rope
 from kimi_jax.config import Config
 from kimi_jax.distributed import global_array
 from kimi_jax.mla import AttnBatch
+from kimi_jax.pages import DISCARD_PAGE, pages_for
 from kimi_jax.sharding import sharding_for
 
-DISCARD_PAGE = 0
 POOL_AXES = ("cache_pages", None, None)  # pages split over the mesh's data axis with their slots
 SLOT_AXES = ("batch",)
 
@@ -103,10 +103,11 @@ class PagedCache:
         table = jnp.take(self.page_table, slots, axis=0, mode="clip")
         return self._batch(cfg, table, positions, valid, q_start, q_start + n_valid)
 
-    def decode_batch(self, cfg: Config, active) -> AttnBatch:
-        """One token per slot at its current length; inactive slots write to the discard page."""
-        pos = self.lengths
-        return self._batch(cfg, self.page_table, pos[:, None], active[:, None], pos, pos + active.astype(jnp.int32))
+    def rows_batch(self, cfg: Config, table, lengths, alive) -> AttnBatch:
+        """One token per row at its length `lengths[b]`, over the pages `table[b]` (rows packed
+        from slots by the caller); rows that are not alive write to the discard page."""
+        return self._batch(cfg, table, lengths[:, None], alive[:, None], lengths,
+                           lengths + alive.astype(jnp.int32))
 
     def _batch(self, cfg, table, positions, valid, q_start, kv_len) -> AttnBatch:
         ps = self.page_size
@@ -115,7 +116,7 @@ class PagedCache:
         cos, sin = rope.rope_angles(cfg, positions)
         return AttnBatch(cos=cos, sin=sin, page_table=table, q_start=q_start, kv_len=kv_len,
                          write_page=jnp.where(valid, page, DISCARD_PAGE), write_slot=positions % ps,
-                         kv_layout=self.kv_layout)
+                         valid=valid, kv_layout=self.kv_layout)
 
     def nbytes_per_token(self) -> int:
         return sum(p.size // (p.shape[0] * self.page_size) * p.dtype.itemsize for p in self.pages)
@@ -127,8 +128,17 @@ def layout_for(platform: str) -> tuple[str, int]:
     return ("lanes", 128) if platform == "tpu" else ("rows", 64)
 
 
-def pages_for(tokens: int, page_size: int) -> int:
-    return -(-tokens // page_size)
+# Sequences of max_len the default pool holds per slot: the slot's own, and as much again for
+# cached prefixes of finished requests.
+POOL_SEQUENCES_PER_SLOT = 2
+
+
+def default_pool_pages(max_batch: int, max_len: int, page_size: int, shards: int = 1) -> int:
+    """The page pool an engine allocates unless told otherwise, and what the planner sizes (one
+    rule for both): POOL_SEQUENCES_PER_SLOT full-length sequences per slot, split evenly over the
+    data shards, each shard with one page that is never handed out (pages.py)."""
+    pages = POOL_SEQUENCES_PER_SLOT * max_batch * pages_for(max_len, page_size)
+    return shards * (1 + -(-pages // shards))
 
 
 @functools.lru_cache(maxsize=32)

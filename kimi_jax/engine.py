@@ -1,86 +1,290 @@
-"""The two compiled programs: a prefill chunk and a decode step over the paged latent cache.
+"""The generation engine: requests of token ids in, token ids out, many requests at once over one
+paged latent cache.
 
-Both are plain module-level jitted functions of (model graph, weights, cache, tokens, ...): every
-engine, the planner and the benchmarks call these same functions, so two engines with the same
-shapes share one compiled program. The graph definition is a static argument; the weights, the
-cache and the per-slot sampling settings are arrays, so nothing recompiles between requests.
+    engine = BatchEngine(model, max_batch=8, max_len=4096)
+    req = engine.submit(prompt_ids, SamplingParams(...), on_event)   # from any thread
+    engine.start()        # a background thread steps while there is work ... or, synchronously:
+    engine.wait([req])    # steps in this thread when no background thread runs
+    engine.generate([prompt_ids, ...], sampling)                        # -> finished Requests
 
-    prefill_step — R rows of C tokens, each row continuing one slot of the cache from its length
-    decode_step  — one token for every slot of the cache; inactive slots compute and discard
+The policy (admission, prefix pages, chunks, packing, block lengths, stopping) is scheduler.py,
+plain Python; this file gives it a `JaxDevice` that runs the compiled programs of steps.py, and
+adds the threads, the queue and several-host mirroring around it. The engine sees token ids only;
+stop strings, chat formatting and tool calls live above it.
 
-The cache is donated: each layer's page pool is updated in place. `impl` (static) names the
-kernels (kernels_pallas.ops), resolved once by the caller from its devices' platform. Sampling happens inside both
-programs (one key per row: the row's seed folded with the position drawn), so a step is a single
-dispatch and its tokens never need the host.
+Several hosts. Every process runs the same scheduler on the same inputs, so their decisions agree
+and each host drives its own devices through the same compiled steps. Either every process submits
+the same requests itself (the CLI), or, with `mirror=True` (the server), only process 0 takes
+requests: at the start of each iteration it sends the new ones and the cancellations to the others,
+which run `follow()` until process 0 stops.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
+import contextlib
+import threading
+import time
+from typing import Callable, Sequence
 
 import jax
-import jax.numpy as jnp
-from flax import nnx
-from jax.sharding import PartitionSpec as P
+import numpy as np
+from jax.sharding import Mesh
 
-from kimi_jax.cache import PagedCache
-from kimi_jax.sampling import row_keys, sample
+from kimi_jax.cache import PagedCache, default_pool_pages
+from kimi_jax.cache import layout_for as cache_layout_for
+from kimi_jax.distributed import broadcast_from_main, global_array, is_main, to_host
+from kimi_jax.errors import KimiError
+from kimi_jax.model import KimiK2, default_impl
+from kimi_jax.pages import PagePool
+from kimi_jax.sampling import SamplingParams
+from kimi_jax.scheduler import DecodeWork, PrefillWork, QueueFull, Request, Scheduler
+from kimi_jax.sharding import platform_of
+from kimi_jax.steps import SlotState, decode_steps, prefill_step, resume_slots, split_model
 
+__all__ = ["BatchEngine", "JaxDevice", "QueueFull", "Request", "DEFAULT_DECODE_STEPS"]
 
-def _sample_rows(logits, knobs, rows, positions):
-    """Sample each row with the settings of slot rows[i]; positions[i] is the drawn token's place."""
-    pick = {k: jnp.take(v, rows, axis=0, mode="clip") for k, v in knobs.items()}
-    keys = row_keys(pick.pop("seed"), positions)
-    return _replicated(sample(logits, keys, **pick))
-
-
-def _replicated(x):
-    """Sampled tokens go to every device, so each host of a multi-host run can read them locally."""
-    mesh = jax.sharding.get_abstract_mesh()
-    return x if mesh.empty else jax.lax.with_sharding_constraint(x, P())
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "impl"), donate_argnames=("cache",))
-def prefill_step(graphdef, state, cache: PagedCache, tokens, slots, q_start, n_valid, knobs, *, impl: str):
-    """Write R chunks into the cache and sample each row's next token.
-
-    tokens [R, C]: row i continues slot slots[i] from position q_start[i] (its current length) with
-    n_valid[i] real tokens. Padding rows (n_valid 0) must name slot `cache.slots` (out of range):
-    they write only the discard page and change nothing. Returns (sampled tokens [R], last-token
-    logits [R, V] float32, cache with the rows' lengths advanced)."""
-    model = nnx.merge(graphdef, state)
-    batch = cache.chunk_batch(model.cfg, slots, q_start, n_valid, tokens.shape[1])
-    h, cache = model.forward_cached(tokens, batch, cache, impl=impl)
-    last = jnp.take_along_axis(h, jnp.maximum(n_valid - 1, 0)[:, None, None], axis=1)[:, 0]
-    logits = model.logits(last)
-    lengths = cache.lengths.at[slots].set(q_start + n_valid, mode="drop")
-    next_tokens = _sample_rows(logits, knobs, slots, q_start + n_valid)
-    return next_tokens, logits, dataclasses.replace(cache, lengths=lengths)
+# Decode steps per dispatch the scheduler may choose: one while prompts wait for their prefill
+# (and for constrained rows), a block of 16 when every slot is decoding. 16 steps of K2 on 8 GPUs
+# take ~15 ms at the memory roofline, short enough for smooth streaming; on a CPU, pass (1,) or a
+# shorter block for finer-grained streaming.
+DEFAULT_DECODE_STEPS = (1, 16)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "impl", "want_logits"), donate_argnames=("cache",))
-def decode_step(graphdef, state, cache: PagedCache, tokens, active, knobs, *, impl: str, want_logits: bool = False):
-    """Feed tokens [S] (one per slot) at each active slot's length and sample the next ones.
+class JaxDevice:
+    """The scheduler's device: the compiled steps over the cache and the per-slot decode state,
+    with the model's weights as a flat list (steps.split_model). Host arrays are uploaded only when
+    they change: the page table and knobs when the scheduler says so, the packed rows when the set
+    of active slots changes."""
 
-    Returns (next tokens [S], logits [S, V] float32 or None, cache with active slots one longer)."""
-    model = nnx.merge(graphdef, state)
-    batch = cache.decode_batch(model.cfg, active)
-    h, cache = model.forward_cached(tokens[:, None], batch, cache, impl=impl)
-    logits = model.logits(h[:, 0])
-    lengths = cache.lengths + active.astype(jnp.int32)
-    slots = jnp.arange(cache.slots, dtype=jnp.int32)
-    next_tokens = _sample_rows(logits, knobs, slots, lengths)
-    return next_tokens, (logits if want_logits else None), dataclasses.replace(cache, lengths=lengths)
+    def __init__(self, model: KimiK2, cache: PagedCache, *, mesh: Mesh | None, impl: str):
+        self.model_def, self.weights = split_model(model)
+        self.vocab_size = model.cfg.vocab_size
+        self.cache, self.mesh, self.impl = cache, mesh, impl
+        self.replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()) if mesh else \
+            jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        self.state = SlotState.create(cache.slots, self.replicated)
+        self.knobs = None
+        self._rows = (None, None)  # (host rows, device rows) of the last decode dispatch
+
+    def _put(self, value: np.ndarray):
+        return global_array(value, self.replicated)
+
+    def set_table(self, table: np.ndarray) -> None:
+        self.cache = self.cache.with_table(table)
+
+    def set_knobs(self, knobs: dict) -> None:
+        self.knobs = {k: self._put(v) for k, v in knobs.items()}
+
+    def _context(self):
+        """The engine's mesh as the context mesh while tracing (the MoE and attention lay out their
+        shard_maps from it). Entered only around dispatches of a sharded engine."""
+        return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
+
+    def prefill(self, work: PrefillWork):
+        mask = None if work.mask is None else self._put(work.mask)
+        with self._context():
+            sampled, _, self.cache, self.state = prefill_step(
+                self.model_def, self.weights, self.cache, self.state, work.tokens, work.slots, work.q_start,
+                work.n_valid, work.finish_budget, self.knobs, mask, impl=self.impl)
+        return sampled
+
+    def decode(self, work: DecodeWork):
+        host_rows, rows = self._rows
+        if host_rows is None or not np.array_equal(host_rows, work.rows):
+            rows = self._put(work.rows)
+            self._rows = (work.rows, rows)
+        mask = None if work.mask is None else self._put(work.mask)
+        with self._context():
+            tokens, _, self.cache, self.state = decode_steps(
+                self.model_def, self.weights, self.cache, self.state, rows, self.knobs, mask, steps=work.steps,
+                impl=self.impl)
+        return tokens
+
+    def resume(self, slots: list[int]) -> None:
+        self.state = resume_slots(self.state, self._put(np.asarray(slots, np.int32)))
+
+    def read(self, handle) -> np.ndarray:
+        return to_host(handle)
 
 
-@jax.jit
-def put_rows(tokens, rows, values, mask):
-    """tokens[rows[i]] = values[i] where mask[i]: hand prefilled rows' first tokens to decode."""
-    return tokens.at[jnp.where(mask, rows, tokens.shape[0])].set(values, mode="drop")
+class BatchEngine:
+    """Runs requests of token ids through a model with continuous batching over a paged cache
+    (see the module doc); `generate` for a batch, `submit`/`wait`/`start` for a stream."""
 
+    def __init__(self, model: KimiK2, *, max_batch: int = 8, max_len: int = 4096, chunk: int = 128,
+                 page_size: int | None = None, n_pages: int | None = None, prefill_rows: int = 1,
+                 max_queue: int = 64, mesh: Mesh | None = None, impl: str | None = None, mirror: bool = False,
+                 decode_steps: Sequence[int] = DEFAULT_DECODE_STEPS):
+        """`impl`: the kernels (kernels_pallas.ops IMPLS); default: the best for the mesh's devices.
+        `page_size`: tokens per cache page (default: what the devices read best, cache.layout_for).
+        `n_pages`: the page pool (default: cache.default_pool_pages). `decode_steps`: the decode
+        block lengths the scheduler may dispatch. `mirror`: process 0's requests are replayed on
+        every other process (several hosts)."""
+        if max_batch < 1 or chunk < 1 or prefill_rows < 1:
+            raise KimiError("max_batch, chunk and prefill_rows must be >= 1")
+        if min(decode_steps, default=0) < 1:
+            raise KimiError(f"decode steps per dispatch must be >= 1, got {tuple(decode_steps)}")
+        data = mesh.shape["data"] if mesh is not None else 1
+        if max_batch % data:
+            raise KimiError(f"max_batch {max_batch} must be a multiple of the mesh's data axis ({data})")
+        self.cfg = model.cfg
+        self.max_batch, self.max_len, self.chunk, self.max_queue = max_batch, max_len, chunk, max_queue
+        self.mesh = mesh
+        platform = platform_of(mesh)
+        self.impl = impl or default_impl(platform)
+        kv_layout, default_page = cache_layout_for(platform)
+        self.page_size = page_size or default_page
+        n_pages = n_pages or default_pool_pages(max_batch, max_len, self.page_size, data)
+        self.pool = PagePool(n_pages, self.page_size, shards=data)
+        cache = PagedCache.create(self.cfg, slots=max_batch, max_len=max_len, page_size=self.page_size,
+                                  n_pages=n_pages, dtype=model.dtype, mesh=mesh, kv_layout=kv_layout)
+        self.device = JaxDevice(model, cache, mesh=mesh, impl=self.impl)
+        self.scheduler = Scheduler(self.device, max_batch=max_batch, max_len=max_len, chunk=chunk, pool=self.pool,
+                                   prefill_rows=prefill_rows, decode_steps=tuple(decode_steps))
+        self._inbox: list[Request] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._step_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._running = False
+        self.mirror = mirror and jax.process_count() > 1
+        self._stopped = False
 
-def compile_counts() -> dict[str, int]:
-    """Programs compiled so far by each step function (tests assert that shapes, not prompts,
-    decide this)."""
-    return {"prefill": prefill_step._cache_size(), "decode": decode_step._cache_size()}
+    # ---- public API -----------------------------------------------------------------------------
+    def submit(self, prompt_ids: Sequence[int], sampling: SamplingParams, on_event: Callable | None = None,
+               constraint=None) -> Request:
+        """Queue a request (thread-safe). `on_event(request, new_tokens, finished)` is called from the
+        engine's thread whenever the request got tokens, and once with finished=True at its end.
+        `constraint`: restricts the tokens (mask()/accept()/breaks; see scheduler.py)."""
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise KimiError("empty prompt: give at least one token")
+        if len(prompt) >= self.max_len:
+            raise KimiError(f"prompt of {len(prompt)} tokens does not fit the context of {self.max_len} tokens "
+                            "(one token must be left to generate)")
+        bad = [t for t in prompt if not 0 <= t < self.cfg.vocab_size]
+        if bad:
+            raise KimiError(f"token id {bad[0]} is outside the vocabulary [0, {self.cfg.vocab_size})")
+        if constraint is not None and self.mirror:
+            raise KimiError("constrained decoding is not supported when serving from several hosts")
+        request = Request(prompt, sampling, on_event, constraint)
+        with self._lock:
+            if len(self.scheduler.waiting) + len(self._inbox) >= self.max_queue:
+                raise QueueFull(f"the engine is full: {self.max_batch} requests running and {self.max_queue} queued")
+            self._inbox.append(request)
+            self._wake.notify()
+        return request
+
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams) -> list[Request]:
+        """Run prompts to completion and return their requests (token ids in `.tokens`). Any number
+        of prompts: while the queue is full, the oldest running request is finished first."""
+        requests = []
+        for prompt in prompts:
+            while True:
+                try:
+                    requests.append(self.submit(prompt, sampling))
+                    break
+                except QueueFull:
+                    self._advance(next(r for r in requests if not r.done.is_set()))
+        self.wait(requests)
+        return requests
+
+    def wait(self, requests: Sequence[Request]) -> None:
+        """Block until the requests finish: stepping here, or waiting for the background thread."""
+        for r in requests:
+            while not r.done.is_set():
+                self._advance(r)
+
+    def _advance(self, request: Request) -> None:
+        if self._thread is not None:
+            request.done.wait(0.05)
+        elif not self.step() and not request.done.is_set():
+            raise RuntimeError(f"engine idle but request {request.id} unfinished")
+
+    def start(self) -> None:
+        """Step in a background thread while there is work (the server's mode)."""
+        if self._thread is not None:
+            return
+        self._running = True
+        self._thread = threading.Thread(target=self._loop, name="kimi-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the background thread after its current step (requests stay where they are)."""
+        with self._lock:
+            self._running = False
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while self._running and not self._inbox and not self.scheduler.busy():
+                    # Mirrored: the other processes wait in a collective for every iteration, so
+                    # even an idle engine steps now and then to keep them from timing out.
+                    if not self._wake.wait(timeout=1.0) and self.mirror:
+                        break
+                running = self._running
+            if not running:
+                if self.mirror:
+                    self.step()  # tells the other processes to stop
+                return
+            self.step()
+
+    def metrics(self) -> dict:
+        """A snapshot of load and throughput: slots, queue, pages, prefix-cache hits, token counts
+        and the generation rate over the last 10 seconds."""
+        s = self.scheduler
+        now = time.perf_counter()
+        window = [(t, n) for t, n in s.recent if now - t < 10.0]
+        rate = sum(n for _, n in window) / (now - window[0][0]) if len(window) > 1 else 0.0
+        prompt = s.stats["prompt_tokens"]
+        return {
+            "slots_busy": sum(r is not None for r in s.slots), "slots_total": self.max_batch,
+            "queue_len": len(s.waiting) + len(self._inbox),
+            "pages_used": self.pool.used(), "pages_cached": self.pool.cached(),
+            "pages_total": self.pool.capacity * self.pool.shards, "page_size": self.page_size,
+            "prefix_cache_hit_rate": s.stats["cached_tokens"] / prompt if prompt else 0.0,
+            "prompt_tokens": prompt, "cached_tokens": s.stats["cached_tokens"],
+            "generated_tokens": s.stats["generated_tokens"], "requests_finished": s.stats["finished"],
+            "tokens_per_second": rate,
+        }
+
+    # ---- one iteration --------------------------------------------------------------------------
+    def step(self) -> bool:
+        """One scheduler iteration (scheduler.Scheduler.step). Returns whether any work remains."""
+        with self._step_lock:
+            with self._lock:
+                new, self._inbox = self._inbox, []
+            if self.mirror:
+                new = self._mirror(new)
+                if new is None:
+                    return False
+            self.scheduler.waiting.extend(new)
+            return self.scheduler.step()
+
+    def _mirror(self, new: list[Request]) -> list[Request] | None:
+        """Process 0's new requests and cancellations, on every process. None: process 0 stopped."""
+        s = self.scheduler
+        live = [r for r in [*s.slots, *s.waiting, *new] if r is not None]
+        message = broadcast_from_main({
+            "stop": not (self._running or self._thread is None),
+            "new": [(r.id, r.prompt_ids, r.sampling) for r in new],
+            "cancel": [r.id for r in live if r._cancel],
+        })
+        if message["stop"]:
+            self._stopped = True
+            return None
+        if not is_main():
+            new = [Request(prompt, sampling, id=rid) for rid, prompt, sampling in message["new"]]
+            by_id = {r.id: r for r in [*live, *new]}
+            for rid in message["cancel"]:
+                by_id[rid].cancel()
+        return new
+
+    def follow(self) -> None:
+        """On processes other than 0 of a mirrored engine: step in lockstep until process 0 stops."""
+        while not self._stopped:
+            self.step()

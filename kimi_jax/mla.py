@@ -45,6 +45,7 @@ class AttnBatch:
     kv_len: jax.Array  # [b] int32
     write_page: jax.Array  # [b, c] int32
     write_slot: jax.Array  # [b, c] int32
+    valid: jax.Array | None = None  # [b, c] bool: real tokens (None: all); padding takes no expert
     kv_layout: str = dataclasses.field(default="rows", metadata=dict(static=True))  # the pool's (cache.py)
 
 

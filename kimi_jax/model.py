@@ -46,7 +46,7 @@ class DecoderLayer(nnx.Module):
         h = rms_norm(x, self.post_attention_norm[...], eps)
         if isinstance(self.mlp, MoE):
             with jax.named_scope("moe"):
-                return x + self.mlp(h, impl), pages
+                return x + self.mlp(h, impl, batch.valid), pages
         with jax.named_scope("mlp"):
             return x + self.mlp(h), pages
 

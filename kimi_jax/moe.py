@@ -78,15 +78,19 @@ def expert_ffn(xs: jax.Array, gate, up, down, group_sizes: jax.Array, impl: str)
     return ops.grouped_matmul(jax.nn.silu(g) * u, down, group_sizes, impl=impl)
 
 
-def dispatch(x: jax.Array, weights: jax.Array, idx: jax.Array, n_experts: int, ffn, expert_offset=0) -> jax.Array:
+def dispatch(x: jax.Array, weights: jax.Array, idx: jax.Array, n_experts: int, ffn, expert_offset=0,
+             valid: jax.Array | None = None) -> jax.Array:
     """Sort assignments by expert, run `ffn(xs, group_sizes)`, and combine back. x [t,d] -> [t,d].
 
     Only experts [expert_offset, expert_offset + n_experts) are computed here (one shard's experts
-    under expert parallelism); assignments to other experts are sorted last, left out of
-    `group_sizes`, and contribute nothing."""
+    under expert parallelism), and only for tokens that are `valid` [t] (padding, idle decode
+    rows: no expert weight is read for them; their routed output is 0). Other assignments are
+    sorted last, left out of `group_sizes`, and contribute nothing."""
     t, k = idx.shape
     local = idx - expert_offset
     mine = (local >= 0) & (local < n_experts)
+    if valid is not None:
+        mine = mine & valid[:, None]
     key = jnp.where(mine, local, n_experts).reshape(-1)
     order = jnp.argsort(key, stable=True)
     group_sizes = jnp.bincount(key, length=n_experts + 1)[:n_experts].astype(jnp.int32)
@@ -136,10 +140,12 @@ class MoE(nnx.Module):
             self.down_proj = random_int4(rngs, (e, d, f), g, sdt, ("experts", "embed", "expert_mlp"), expert_layout)
         self.shared = MLP(d, f * cfg.n_shared_experts, dtype, rngs) if cfg.n_shared_experts else None
 
-    def __call__(self, x: jax.Array, impl: str) -> jax.Array:
-        """x [..., d] -> [..., d]; `impl` picks the expert kernels (kernels_pallas.ops)."""
+    def __call__(self, x: jax.Array, impl: str, valid: jax.Array | None = None) -> jax.Array:
+        """x [..., d] -> [..., d]; `impl` picks the expert kernels (kernels_pallas.ops). `valid`
+        [...] marks real tokens: the others take no expert (None: every token is real)."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])
+        valid = None if valid is None else valid.reshape(-1)
         with jax.named_scope("router"):
             scores = router_scores(x, self.router[...])
             w, idx = select_experts(scores, self.router_bias[...], self.cfg)
@@ -147,18 +153,20 @@ class MoE(nnx.Module):
             self.sow(nnx.Intermediate, ROUTING, {"expert_ids": idx, "weights": w, "scores": scores})
         mesh = jax.sharding.get_abstract_mesh()
         with jax.named_scope("routed_experts"):
-            y = self._experts(x, w, idx, impl) if mesh.empty else self._experts_sharded(x, w, idx, impl, mesh)
+            y = self._experts(x, w, idx, valid, impl) if mesh.empty else \
+                self._experts_sharded(x, w, idx, valid, impl, mesh)
         if self.shared is not None:
             with jax.named_scope("shared_expert"):
                 y = y + self.shared(x)
         return y.reshape(shape)
 
-    def _experts(self, x, w, idx, impl, expert_offset=0, weights=None):
+    def _experts(self, x, w, idx, valid, impl, expert_offset=0, weights=None):
         gate, up, down = weights or (self.gate_proj.get_value(), self.up_proj.get_value(), self.down_proj.get_value())
         n = _stored_shape(gate)[0]
-        return dispatch(x, w, idx, n, lambda xs, gs: expert_ffn(xs, gate, up, down, gs, impl), expert_offset)
+        return dispatch(x, w, idx, n, lambda xs, gs: expert_ffn(xs, gate, up, down, gs, impl), expert_offset,
+                        valid)
 
-    def _experts_sharded(self, x, w, idx, impl, mesh):
+    def _experts_sharded(self, x, w, idx, valid, impl, mesh):
         """Expert parallelism made explicit: every device holds its experts' weights (and its slice
         of their hidden units when `tensor` > 1) and the tokens of its data shard; it computes its
         experts' share of each token and one psum over (expert, tensor) adds the shares up.
@@ -170,14 +178,15 @@ class MoE(nnx.Module):
             s = spec_for(tuple(var.get_metadata()["axes"]), _stored_shape(value), mesh, name="experts")
             return Int4Weight(s, s, value.in_features, value.layout) if isinstance(value, Int4Weight) else s
 
-        def body(x, w, idx, gate, up, down):
+        def body(x, w, idx, valid, gate, up, down):
             offset = jax.lax.axis_index("expert") * _stored_shape(gate)[0]
-            y = self._experts(x, w, idx, impl, offset, (gate, up, down))
+            y = self._experts(x, w, idx, valid, impl, offset, (gate, up, down))
             return jax.lax.psum(y, ("expert", "tensor"))
 
         rows = P("data") if x.shape[0] % mesh.shape["data"] == 0 else P()
-        return jax.shard_map(body, mesh=mesh, in_specs=(rows, rows, rows, *map(spec, projections)),
-                             out_specs=rows, check_vma=False)(x, w, idx, *(v.get_value() for v in projections))
+        valid = jnp.ones(x.shape[:1], bool) if valid is None else valid
+        return jax.shard_map(body, mesh=mesh, in_specs=(rows, rows, rows, rows, *map(spec, projections)),
+                             out_specs=rows, check_vma=False)(x, w, idx, valid, *(v.get_value() for v in projections))
 
 
 def _capturing(module: nnx.Module) -> bool:

@@ -29,6 +29,12 @@ import numpy as np
 
 from kimi_jax.errors import KimiError
 
+DISCARD_PAGE = 0  # where the cache writes padding tokens; nothing reads it as a key
+
+
+def pages_for(tokens: int, page_size: int) -> int:
+    return -(-tokens // page_size)
+
 
 def page_hashes(tokens, page_size: int, n_pages: int) -> list[bytes]:
     """Chained hashes of the first `n_pages` full pages of `tokens`."""

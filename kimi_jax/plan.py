@@ -105,11 +105,13 @@ def compile_steps(cfg, *, devices, mesh_text: str | None, max_len: int, batch: i
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from kimi_jax.cache import PagedCache, pages_for
+    from kimi_jax.cache import PagedCache, default_pool_pages
     from kimi_jax.cache import layout_for as cache_layout_for
-    from kimi_jax.engine import decode_step, prefill_step
+    from kimi_jax.engine import DEFAULT_DECODE_STEPS
     from kimi_jax.model import abstract_model, default_impl, expert_layout_for
+    from kimi_jax.sampling import SamplingParams, knob_arrays
     from kimi_jax.sharding import MeshSpec, default_mesh_spec, make_mesh, placed_abstract
+    from kimi_jax.steps import SlotState, decode_steps, prefill_step, split_abstract
 
     spec = MeshSpec.parse(mesh_text) if mesh_text else default_mesh_spec(cfg, len(devices))
     mesh = make_mesh(spec, devices)
@@ -120,24 +122,25 @@ def compile_steps(cfg, *, devices, mesh_text: str | None, max_len: int, batch: i
     page_size = page_size or default_page
     graphdef, state = abstract_model(cfg, jdtype, expert_layout=expert_layout)
     state = placed_abstract(state, mesh)
-    # One sequence of max_len per slot, split over the data shards, each with its reserved page.
-    n_pages = spec.data * (1 + -(-batch * pages_for(max_len, page_size) // spec.data))
+    model_def, weights = split_abstract(graphdef, state)
+    n_pages = default_pool_pages(batch, max_len, page_size, spec.data)  # what the engine allocates
     cache = PagedCache.abstract(cfg, slots=batch, max_len=max_len, page_size=page_size, n_pages=n_pages,
                                 dtype=jdtype, mesh=mesh, kv_layout=kv_layout)
     rep = NamedSharding(mesh, P())
     sds = jax.ShapeDtypeStruct
     ints = lambda *shape: sds(shape, jnp.int32, sharding=rep)  # noqa: E731
-    knobs = {"temperature": sds((batch,), jnp.float32, sharding=rep), "top_k": ints(batch),
-             "top_p": sds((batch,), jnp.float32, sharding=rep), "seed": sds((batch,), jnp.uint32, sharding=rep)}
+    knobs = {k: sds(v.shape, v.dtype, sharding=rep) for k, v in knob_arrays([SamplingParams()] * batch).items()}
+    slots = SlotState.abstract(batch, rep)
     impl = default_impl(platform)  # Mosaic kernels for a TPU target, the XLA path on CPU
+    steps = max(DEFAULT_DECODE_STEPS)  # the block the engine runs when every slot decodes
     info = {"mesh": str(spec), "devices": len(devices), "device_kind": devices[0].device_kind, "batch": batch,
             "max_len": max_len, "page_size": page_size, "pages": n_pages, "dtype": jdtype.name, "kernels": impl,
-            "expert_layout": expert_layout, "kv_layout": kv_layout, "compile_seconds": {}}
+            "expert_layout": expert_layout, "kv_layout": kv_layout, "decode_steps": steps, "compile_seconds": {}}
     lowerings = {
-        "prefill": lambda: prefill_step.lower(graphdef, state, cache, ints(1, chunk), ints(1), ints(1), ints(1), knobs,
-                                              impl=impl),
-        "decode": lambda: decode_step.lower(graphdef, state, cache, ints(batch), sds((batch,), jnp.bool_, sharding=rep),
-                                            knobs, impl=impl),
+        "prefill": lambda: prefill_step.lower(model_def, weights, cache, slots, ints(1, chunk), ints(1), ints(1),
+                                              ints(1), ints(1), knobs, impl=impl),
+        "decode": lambda: decode_steps.lower(model_def, weights, cache, slots, ints(batch), knobs, steps=steps,
+                                             impl=impl),
     }
     compiled = {}
     with jax.set_mesh(mesh), _persistent_cache_off(platform != jax.default_backend()):
@@ -187,12 +190,15 @@ def plan(cfg, *, devices, mesh_text: str | None, max_len: int, batch: int, chunk
 
 
 def fits(p, hbm_bytes: float, batches=(1, 2, 4, 8, 16, 32, 64)):
-    """Largest context per batch size that fits `hbm_bytes` per device (None: the weights alone don't)."""
+    """Largest context per batch size that fits `hbm_bytes` per device with the engine's default
+    page pool (cache.default_pool_pages: room for the prefix cache too)."""
+    from kimi_jax.cache import POOL_SEQUENCES_PER_SLOT
+
     temp = max(p["prefill_temp_bytes"] or 0, p["decode_temp_bytes"] or 0)
     free = hbm_bytes - p["weight_bytes"] - temp
     result = {}
     for b in batches:
-        tokens = free / (p["cache_bytes_per_token_per_row"] * b) if free > 0 else 0
+        tokens = free / (p["cache_bytes_per_token_per_row"] * POOL_SEQUENCES_PER_SLOT * b) if free > 0 else 0
         result[b] = int(tokens) if tokens >= 1 else 0
     return result
 
@@ -293,7 +299,8 @@ def main(argv=None) -> int:
           f"tokens ({p['dtype']})")
     print("| per device | bytes |\n|---|---|")
     print(f"| weights (routed experts) | {_gb(p['weight_bytes'])} ({_gb(p['expert_weight_bytes'])}) |")
-    print(f"| latent cache, batch {p['batch']} x {p['max_len']:,} | {_gb(p['cache_bytes'])} |")
+    print(f"| latent cache: the engine's pool of {p['pages']:,} pages (batch {p['batch']} x {p['max_len']:,} tokens, "
+          f"and as much again for cached prefixes) | {_gb(p['cache_bytes'])} |")
     print(f"| prefill temporaries (chunk {args.chunk}) | {_gb(p['prefill_temp_bytes'] or 0)} |")
     print(f"| decode temporaries | {_gb(p['decode_temp_bytes'] or 0)} |")
     for name in ("prefill", "decode"):

@@ -12,8 +12,8 @@ import os
 
 from jax.sharding import Mesh
 
-from kimi_jax.batching import BatchEngine
 from kimi_jax.config import Config
+from kimi_jax.engine import BatchEngine
 from kimi_jax.errors import KimiError
 
 DEFAULT_MAX_LEN = 4096

@@ -16,6 +16,11 @@ import numpy as np
 
 from kimi_jax.errors import KimiError
 
+MAX_STOP_IDS = 12
+# Halt ids a slot holds on the device: its stop ids and the few ids where its constraint (if any)
+# needs the host back.
+HALT_WIDTH = 16
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
@@ -37,17 +42,38 @@ class SamplingParams:
             raise KimiError(f"top_k must be an integer >= 0, got {self.top_k}")
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise KimiError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens}")
+        if len(self.stop_ids) > MAX_STOP_IDS:
+            raise KimiError(f"at most {MAX_STOP_IDS} stop token ids, got {len(self.stop_ids)}")
 
 
 
-def knob_arrays(params: list[SamplingParams]) -> dict[str, np.ndarray]:
-    """Per-row sampling settings as the compiled steps take them."""
+
+
+def knob_arrays(params: list[SamplingParams], halts: list[tuple[int, ...]] | None = None) -> dict[str, np.ndarray]:
+    """Per-slot settings as the compiled steps take them. `halts[i]`: the ids at which slot i's
+    row stops on the device (default: its stop ids), -1 padded to HALT_WIDTH."""
+    halts = halts if halts is not None else [p.stop_ids for p in params]
+    halt = np.full((len(params), HALT_WIDTH), -1, np.int32)
+    for i, ids in enumerate(halts):
+        if len(ids) > HALT_WIDTH:
+            raise KimiError(f"at most {HALT_WIDTH} halt ids per request (stop ids and constraint boundaries), "
+                            f"got {len(ids)}")
+        halt[i, :len(ids)] = ids
     return {
         "temperature": np.asarray([p.temperature for p in params], np.float32),
         "top_k": np.asarray([p.top_k for p in params], np.int32),
         "top_p": np.asarray([p.top_p for p in params], np.float32),
         "seed": np.asarray([p.seed % 2**32 for p in params], np.uint32),
+        "halt": halt,
     }
+
+
+def allowed_by_mask(mask: jax.Array, vocab: int) -> jax.Array:
+    """Bitmask words [b, ceil(vocab/32)] int32 (bit i % 32 of word i // 32 allows token i, the
+    layout llguidance fills) -> allowed [b, vocab] bool."""
+    ids = jnp.arange(vocab, dtype=jnp.int32)
+    words = jnp.take(mask, ids // 32, axis=1)
+    return (jnp.right_shift(words, ids % 32) & 1) == 1
 
 
 def row_keys(seeds: jax.Array, positions: jax.Array) -> jax.Array:

@@ -49,8 +49,8 @@ def cpu_name() -> str:
 def time_ours(path, prompt_len, new_tokens, batches, reps):
     import jax.numpy as jnp
 
-    from kimi_jax.batching import BatchEngine
     from kimi_jax.checkpoint import load_model
+    from kimi_jax.engine import BatchEngine
     from kimi_jax.sampling import SamplingParams
 
     model, cfg = load_model(path, dtype=jnp.float32, progress=False)

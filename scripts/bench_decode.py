@@ -65,8 +65,8 @@ def main(argv=None) -> int:
     import jax.numpy as jnp
     from flax import nnx
 
-    from kimi_jax.batching import BatchEngine
     from kimi_jax.config import K2_THINKING, TINY, Int4Quant
+    from kimi_jax.engine import BatchEngine
     from kimi_jax.model import KimiK2
     from kimi_jax.sampling import SamplingParams
 

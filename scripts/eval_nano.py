@@ -105,7 +105,7 @@ def run_item(rt, item: dict, max_steps: int, strict: bool = True) -> tuple[list[
 
 
 def load_variants(args) -> dict:
-    from kimi_jax.batching import BatchEngine
+    from kimi_jax.engine import BatchEngine
     from kimi_jax.export import quantize_experts
     from kimi_jax.runtime import Runtime
 

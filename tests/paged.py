@@ -5,11 +5,11 @@ import contextlib
 
 import jax
 import numpy as np
-from flax import nnx
 
-from kimi_jax.cache import PagedCache, pages_for
-from kimi_jax.engine import decode_step, prefill_step
+from kimi_jax.cache import PagedCache
+from kimi_jax.pages import pages_for
 from kimi_jax.sampling import SamplingParams, knob_arrays
+from kimi_jax.steps import SlotState, decode_steps, prefill_step, split_model
 
 
 class Rows:
@@ -18,7 +18,7 @@ class Rows:
 
     def __init__(self, model, n_rows: int, max_len: int, *, page_size: int = 4, mesh=None, seed: int = 0,
                  impl: str = "xla"):
-        self.graphdef, self.state = nnx.split(model)
+        self.model_def, self.weights = split_model(model)
         self.mesh, self.impl = mesh, impl
         per = pages_for(max_len, page_size)
         shards = mesh.shape["data"] if mesh is not None else 1
@@ -28,8 +28,9 @@ class Rows:
         pages = 1 + np.random.default_rng(seed).permutation(n_rows * per)
         self.table = pages.reshape(n_rows, per).astype(np.int32)
         self.cache = self.cache.with_table(self.table)
+        self.state = SlotState.create(n_rows, self.cache.lengths.sharding)
         self.knobs = knob_arrays([SamplingParams()] * n_rows)
-        self.n_rows = n_rows
+        self.n_rows, self.max_len = n_rows, max_len
         self.lengths = np.zeros(n_rows, np.int32)
 
     def _ctx(self):
@@ -50,8 +51,9 @@ class Rows:
                     tokens[b, :len(part)] = part
                     slots[b], n_valid[b] = b, len(part)
             with self._ctx():
-                _, logits, self.cache = prefill_step(self.graphdef, self.state, self.cache, tokens, slots,
-                                                     self.lengths.copy(), n_valid, self.knobs, impl=self.impl)
+                _, logits, self.cache, self.state = prefill_step(
+                    self.model_def, self.weights, self.cache, self.state, tokens, slots, self.lengths.copy(), n_valid,
+                    np.full(n, self.max_len, np.int32), self.knobs, impl=self.impl)
             logits = np.asarray(logits)
             for b in range(n):
                 if n_valid[b] and c0 + n_valid[b] == len(prompts[b]):
@@ -62,9 +64,10 @@ class Rows:
     def decode(self, tokens) -> np.ndarray:
         """Feed one token per row; the next-token logits [n, V]."""
         with self._ctx():
-            _, logits, self.cache = decode_step(self.graphdef, self.state, self.cache, np.asarray(tokens, np.int32),
-                                                np.ones(self.n_rows, bool), self.knobs, impl=self.impl,
-                                                want_logits=True)
+            self.state.tokens = jax.device_put(np.asarray(tokens, np.int32), self.state.tokens.sharding)  # the caller's tokens
+            _, logits, self.cache, self.state = decode_steps(
+                self.model_def, self.weights, self.cache, self.state, np.arange(self.n_rows, dtype=np.int32),
+                self.knobs, steps=1, impl=self.impl, want_logits=True)
         self.lengths += 1
         return np.asarray(logits)
 

@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import pytest
 
 from kimi_jax import generate
-from kimi_jax.batching import BatchEngine
 from kimi_jax.checkpoint import load_model
 from kimi_jax.config import TINY
+from kimi_jax.engine import BatchEngine
 from kimi_jax.fixtures import with_fixture_token_ids
 from kimi_jax.sampling import SamplingParams
 

@@ -11,15 +11,15 @@ from jax.extend.core import Var
 from paged import Rows
 
 from kimi_jax import export, fixtures, generate
-from kimi_jax.batching import BatchEngine
 from kimi_jax.cache import PagedCache
 from kimi_jax.checkpoint import load_model
 from kimi_jax.config import TINY, Int4Quant
-from kimi_jax.engine import decode_step
+from kimi_jax.engine import BatchEngine
 from kimi_jax.errors import CheckpointError
 from kimi_jax.quant import Int4Weight, is_routed_expert
 from kimi_jax.reference import load_reference, reference_greedy, reference_logits
-from kimi_jax.sampling import SamplingParams
+from kimi_jax.sampling import SamplingParams, knob_arrays
+from kimi_jax.steps import SlotState, decode_steps, split_model
 
 CFG = fixtures.with_fixture_token_ids(TINY.replace(quantization=Int4Quant(group_size=16)))
 
@@ -71,7 +71,7 @@ def test_interpreted_pallas_kernels_give_the_reference_logits(int4, impl):
     assert (logits[impl].argmax(-1) == logits["xla"].argmax(-1)).all()
 
 
-_CALLS = ("jit", "pjit", "shard_map", "closed_call", "custom_jvp_call", "custom_vjp_call")
+_CALLS = ("jit", "pjit", "shard_map", "closed_call", "custom_jvp_call", "custom_vjp_call", "scan")
 
 
 def _weight_uses(jaxpr, weights) -> set[str]:
@@ -100,16 +100,17 @@ def test_decode_step_reads_every_weight_where_it_lies(int4, impl):
     # is gathered (one row per token).
 
     _, model, cfg = int4
-    graphdef, state = nnx.split(model)
+    model_def, weights = split_model(model)
     cache = PagedCache.create(cfg, slots=2, max_len=32, page_size=4, n_pages=17, dtype=jnp.float32)
-    knobs = {"temperature": jnp.zeros(2), "top_k": jnp.zeros(2, jnp.int32), "top_p": jnp.ones(2),
-             "seed": jnp.zeros(2, jnp.uint32)}
+    knobs = knob_arrays([SamplingParams()] * 2)
+    slots = SlotState.create(2, cache.lengths.sharding)
 
-    def step(state, cache):
-        return decode_step(graphdef, state, cache, jnp.zeros(2, jnp.int32), jnp.ones(2, bool), knobs, impl=impl)
+    def step(weights, cache):  # a block of several steps, as the engine runs when every slot decodes
+        return decode_steps(model_def, weights, cache, slots, jnp.arange(2, dtype=jnp.int32), knobs, steps=4,
+                            impl=impl)
 
-    closed = jax.make_jaxpr(step)(state, cache)
-    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(state)]
+    closed = jax.make_jaxpr(step)(weights, cache)
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(nnx.state(model))]
     weights = set(closed.jaxpr.invars[:len(paths)])
     embed = closed.jaxpr.invars[next(i for i, p in enumerate(paths) if p.startswith("['embed']"))]
     matrices = {v for v in weights if v.aval.ndim > 1} - {embed}

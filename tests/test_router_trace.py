@@ -11,13 +11,13 @@ import torch
 from flax import nnx
 
 import kimi_jax
-from kimi_jax.batching import BatchEngine
 from kimi_jax.config import TINY
-from kimi_jax.engine import decode_step
+from kimi_jax.engine import BatchEngine
 from kimi_jax.fixtures import with_fixture_token_ids
 from kimi_jax.reference import load_reference
 from kimi_jax.router_trace import _traced_routing
 from kimi_jax.sampling import SamplingParams, knob_arrays
+from kimi_jax.steps import decode_steps
 
 # Group-limited routing (2 of 4 groups) and top-3, so the selection bias and the group mask matter.
 CFG = with_fixture_token_ids(TINY.replace(n_group=4, topk_group=2, num_experts_per_tok=3, num_hidden_layers=4))
@@ -107,13 +107,15 @@ def test_bad_prompts_are_refused_with_the_reason(routed, tokens, message):
 
 def test_the_router_record_is_not_in_the_serving_or_training_programs(routed):
     _, model = routed
-    engine = BatchEngine(model, max_batch=2, max_len=32, chunk=8, page_size=4)
+    device = BatchEngine(model, max_batch=2, max_len=32, chunk=8, page_size=4).device
     knobs = knob_arrays([SamplingParams()] * 2)
-    tokens, active = jnp.zeros(2, jnp.int32), jnp.ones(2, bool)
-    closed = jax.make_jaxpr(lambda state, cache: decode_step(engine.graphdef, state, cache, tokens, active, knobs,
-                                                             impl="xla"))(engine.state, engine.cache)
-    # Outputs: the sampled tokens and the cache, nothing else (no logits asked for, no routing).
-    assert len(closed.jaxpr.outvars) == 1 + len(jax.tree.leaves(engine.cache))
+    rows = jnp.arange(2, dtype=jnp.int32)
+    closed = jax.make_jaxpr(lambda weights, cache, state: decode_steps(
+        device.model_def, weights, cache, state, rows, knobs, steps=1, impl="xla"))(device.weights, device.cache,
+                                                                                     device.state)
+    # Outputs: the sampled tokens, the cache and the slot state, nothing else (no logits asked
+    # for, no routing).
+    assert len(closed.jaxpr.outvars) == 1 + len(jax.tree.leaves(device.cache)) + len(jax.tree.leaves(device.state))
     assert _router_sigmoids(closed.jaxpr) == CFG.n_moe_layers  # routing is computed once per layer
 
     graphdef, state = nnx.split(model)

@@ -14,6 +14,7 @@ PROBS = np.array([0.5, 0.3, 0.15, 0.05])
 def _draw(n, temperature, top_k, top_p, probs=PROBS):
     logits = jnp.log(jnp.asarray(np.tile(probs, (n, 1)), jnp.float32))
     knobs = knob_arrays([SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)] * n)
+    del knobs["halt"]  # a stopping setting, not a sampling one
     keys = row_keys(knobs.pop("seed"), jnp.arange(n))
     return np.asarray(jax.jit(sample)(logits, keys, **knobs))
 
@@ -69,6 +70,7 @@ def test_invalid_sampling_parameters_are_refused(kw, name):
 def test_a_rows_draw_depends_only_on_its_seed_and_position():
     logits = jnp.log(jnp.asarray(np.tile(PROBS, (3, 1)), jnp.float32))
     knobs = knob_arrays([SamplingParams(temperature=1.0, seed=s) for s in (7, 7, 8)])
+    del knobs["halt"]
     seeds = knobs.pop("seed")
     draws = [np.asarray(sample(logits, row_keys(seeds, jnp.asarray([p, p, p])), **knobs)) for p in range(64)]
     draws = np.stack(draws)  # [positions, rows]

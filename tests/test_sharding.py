@@ -13,9 +13,9 @@ import pytest
 from paged import Rows
 
 from kimi_jax import fixtures, generate, plan
-from kimi_jax.batching import BatchEngine
 from kimi_jax.checkpoint import load_model
 from kimi_jax.config import TINY, Int4Quant
+from kimi_jax.engine import BatchEngine
 from kimi_jax.errors import KimiError
 from kimi_jax.sampling import SamplingParams
 from kimi_jax.sharding import MeshSpec, make_mesh

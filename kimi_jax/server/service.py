@@ -21,11 +21,11 @@ import logging
 import secrets
 from typing import AsyncIterator
 
-from kimi_jax.batching import QueueFull
 from kimi_jax.chat.constraint import output_constraint, vocabulary
 from kimi_jax.chat.grammar import GrammarError
 from kimi_jax.chat.prompt import encode_chat
 from kimi_jax.chat.tool_calls import normalize_history
+from kimi_jax.engine import QueueFull
 from kimi_jax.errors import KimiError
 from kimi_jax.sampling import SamplingParams
 from kimi_jax.server.errors import APIError, bad_request

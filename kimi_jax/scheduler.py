@@ -1,0 +1,397 @@
+"""Continuous batching as plain Python: which requests run in which slots on which pages, what each
+dispatch to the device computes, and what the tokens that come back mean. No JAX here: the engine
+(engine.py) supplies a `Device` that runs the compiled programs, and the tests drive this same
+policy with a mock device that makes tokens in numpy.
+
+One `step()`:
+  1. drop cancelled requests, then admit waiting ones into free slots: each takes the cached pages
+     of the longest known prefix of its prompt, fresh pages for the rest, and a reservation for
+     its completion (pages.py), so a running request never finds the pool empty;
+  2. prefill one chunk (at most `prefill_rows` requests, `chunk` tokens each), so a long prompt
+     never stalls the running streams for longer than one chunk;
+  3. dispatch one decode block for the generating slots: they are packed into the smallest row
+     bucket that holds them (idle slots cost nothing), and the block runs several steps on the
+     device when nothing waits for a prefill (rows stop on the device at their stop ids and
+     budgets, so a long block wastes nothing but the steps after every row has stopped);
+  4. read the oldest outputs while the device runs this iteration's work, hand the tokens to their
+     requests, finish those that stopped, and free their slots and pages at once.
+
+Between dispatches the host only knows an upper bound of what each row generated (the device may
+have stopped it early); `_sampled` is that bound, exact whenever nothing of the row is in flight.
+Constrained rows (a `constraint` with mask()/accept()/breaks, e.g. chat/constraint.py) need their
+mask from the host before each constrained token: they run one step per dispatch and wait until
+their previous tokens are read; while a constraint is free (mask() None) its row runs blocks like
+any other, and the device halts it at a `breaks` id so the host can ask again.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import threading
+import time
+from typing import Callable, Protocol
+
+import numpy as np
+
+from kimi_jax.errors import KimiError
+from kimi_jax.pages import DISCARD_PAGE, PagePool, pages_for
+from kimi_jax.sampling import SamplingParams, knob_arrays
+
+
+class QueueFull(KimiError):
+    """The engine cannot take more requests now (every slot busy and the queue full)."""
+
+
+_ids = itertools.count()
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    """One prompt in the engine: its generated `tokens` grow while it runs, `done` is set and
+    `finish_reason` says why when it ends; timings are `time.perf_counter()` seconds."""
+
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    on_event: Callable | None = None
+    constraint: object | None = None  # restricts tokens after its free phase (see module doc)
+    id: str = dataclasses.field(default_factory=lambda: f"req-{next(_ids)}")
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    finish_reason: str | None = None  # 'stop' | 'length' | 'cancelled'
+    cached_tokens: int = 0  # prompt tokens whose latents came from the prefix cache
+    submitted_at: float = dataclasses.field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    finished_at: float | None = None
+    done: threading.Event = dataclasses.field(default_factory=threading.Event)
+    # scheduler state
+    _slot: int | None = None
+    _pages: list[int] = dataclasses.field(default_factory=list)
+    _reserve: int = 0  # pages still reserved for growth
+    _written: int = 0  # prompt tokens dispatched to prefill
+    _limit: int = 0  # tokens it may generate in all (max_new_tokens, cut by the context)
+    _sampled: int = 0  # tokens sampled so far, counting dispatched steps as if none stopped early
+    _inflight: int = 0  # dispatches holding it whose outputs are unread
+    _halted: bool = False  # the device stopped it at a constraint boundary: re-arm before it runs
+    _masked: bool = False  # its constraint restricts the next token
+    _cancel: bool = False
+
+    @property
+    def prompt_tokens(self) -> int:
+        """Length of the prompt in tokens."""
+        return len(self.prompt_ids)
+
+    def cancel(self) -> None:
+        """Stop generating; the slot and pages are freed at the engine's next iteration."""
+        self._cancel = True
+
+    @property
+    def decoding(self) -> bool:
+        return self._slot is not None and self._written == len(self.prompt_ids)
+
+
+@dataclasses.dataclass
+class PrefillWork:
+    """One chunk: row i continues slot slots[i] from q_start[i] with n_valid[i] of tokens[i]."""
+
+    tokens: np.ndarray  # [R, C] int32
+    slots: np.ndarray  # [R] int32, max_batch for padding rows
+    q_start: np.ndarray  # [R] int32
+    n_valid: np.ndarray  # [R] int32
+    finish_budget: np.ndarray  # [R] int32: tokens after the sampled one, or -1 (prompt continues)
+    mask: np.ndarray | None  # [R, W] int32 bitmask words, or None when no row is constrained
+    finishing: list[tuple[int, Request]]  # rows whose prompt ends here: their sampled token is theirs
+
+
+@dataclasses.dataclass
+class DecodeWork:
+    """`steps` decode steps for the slots rows[b] (max_batch pads)."""
+
+    rows: np.ndarray  # [B] int32
+    steps: int
+    mask: np.ndarray | None  # [B, W] int32, steps 1 only
+    requests: list[tuple[int, Request]]
+
+
+class Device(Protocol):
+    """What the scheduler needs from the compiled programs (engine.JaxDevice; tests: a mock)."""
+
+    vocab_size: int
+
+    def set_table(self, table: np.ndarray) -> None: ...
+    def set_knobs(self, knobs: dict) -> None: ...
+    def prefill(self, work: PrefillWork) -> object: ...
+    def decode(self, work: DecodeWork) -> object: ...
+    def resume(self, slots: list[int]) -> None: ...
+    def read(self, handle) -> np.ndarray: ...
+
+
+def row_buckets(max_batch: int, shards: int = 1) -> list[int]:
+    """Decode batch sizes the engine compiles: per data shard, powers of two below its slot count
+    and the count itself (times the shards)."""
+    per = max_batch // shards
+    return [b * shards for b in sorted({1 << i for i in range(per.bit_length()) if 1 << i < per} | {per})]
+
+
+class Scheduler:
+    """The host-side policy of continuous batching over a paged cache (see the module doc)."""
+
+    def __init__(self, device: Device, *, max_batch: int, max_len: int, chunk: int, pool: PagePool,
+                 prefill_rows: int = 1, decode_steps: tuple[int, ...] = (1,)):
+        if max_batch % pool.shards:
+            raise KimiError(f"max_batch {max_batch} must be a multiple of the data shards ({pool.shards})")
+        self.device = device
+        self.max_batch, self.max_len, self.chunk, self.prefill_rows = max_batch, max_len, chunk, prefill_rows
+        self.pool, self.page_size = pool, pool.page_size
+        self.decode_steps = tuple(sorted(set(decode_steps) | {1}))  # constrained rows take one step at a time
+        self.buckets = row_buckets(max_batch, pool.shards)
+        self.slots: list[Request | None] = [None] * max_batch
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.prefilling: list[Request] = []  # admitted, prompt not fully dispatched (admission order)
+        self.pending: collections.deque = collections.deque()  # (handle, work) dispatched, unread
+        self.table = np.full((max_batch, pages_for(max_len, self.page_size)), DISCARD_PAGE, np.int32)
+        self.knobs = knob_arrays([SamplingParams()] * max_batch)
+        self._table_dirty = self._knobs_dirty = True
+        self.stats = collections.Counter()
+        self.recent = collections.deque(maxlen=256)  # (time, generated tokens) per read
+
+    # ---- the iteration ---------------------------------------------------------------------------
+    def step(self) -> bool:
+        """One iteration (see the module doc). Returns whether any work remains."""
+        self._cancel_requested()
+        self._admit()
+        if any(self._waits_for_reads(r) for r in self.slots if r is not None):
+            self.drain()
+        dispatched = self._dispatch_prefill()
+        dispatched |= self._dispatch_decode()
+        while len(self.pending) > (1 if dispatched else 0):
+            self._read_oldest()
+        return self.busy()
+
+    def busy(self) -> bool:
+        return bool(self.waiting or self.pending or any(r is not None for r in self.slots))
+
+    def drain(self) -> None:
+        """Read every dispatched output."""
+        while self.pending:
+            self._read_oldest()
+
+    def shard_of(self, slot: int) -> int:
+        return slot * self.pool.shards // self.max_batch
+
+    # ---- admission -------------------------------------------------------------------------------
+    def _cancel_requested(self) -> None:
+        for r in [r for r in self.waiting if r._cancel]:
+            self.waiting.remove(r)
+            self.finish(r, "cancelled")
+        for r in self.slots:
+            if r is not None and r._cancel and r.finish_reason is None:
+                self.finish(r, "cancelled")
+
+    def _admit(self) -> None:
+        while self.waiting:
+            free = [s for s, r in enumerate(self.slots) if r is None]
+            if not free:
+                return
+            r, slot = self.waiting[0], free[0]
+            shard, ps, n = self.shard_of(slot), self.page_size, len(self.waiting[0].prompt_ids)
+            limit = min(r.sampling.max_new_tokens, self.max_len - n)
+            # At least the last prompt token is recomputed: its logits give the first new token.
+            shared = self.pool.match(r.prompt_ids, shard, limit=(n - 1) // ps)
+            reserve = pages_for(n + limit, ps) - pages_for(n, ps)
+            pages = self.pool.admit(shared, pages_for(n, ps) - len(shared), reserve, shard)
+            if pages is None:
+                return  # not enough room: wait for running requests to finish
+            self.waiting.popleft()
+            r._slot, r._pages, r._reserve, r._limit = slot, pages, reserve, limit
+            r._written = r.cached_tokens = len(shared) * ps
+            self.stats["prompt_tokens"] += n
+            self.stats["cached_tokens"] += r.cached_tokens
+            self.slots[slot] = r
+            self.table[slot] = DISCARD_PAGE
+            self.table[slot, :len(pages)] = pages
+            self._table_dirty = True
+            breaks = tuple(r.constraint.breaks) if r.constraint is not None else ()
+            halts = tuple(dict.fromkeys(r.sampling.stop_ids + breaks))
+            for k, v in knob_arrays([r.sampling], [halts]).items():
+                self.knobs[k][slot] = v[0]
+            self._knobs_dirty = True
+            self.prefilling.append(r)
+
+    def _sync(self) -> None:
+        if self._table_dirty:
+            self.device.set_table(self.table)
+            self._table_dirty = False
+        if self._knobs_dirty:
+            self.device.set_knobs(self.knobs)
+            self._knobs_dirty = False
+
+    # ---- prefill ---------------------------------------------------------------------------------
+    def _dispatch_prefill(self) -> bool:
+        rows = self.prefilling[:self.prefill_rows]
+        if not rows:
+            return False
+        n, c = self.prefill_rows, self.chunk
+        tokens = np.zeros((n, c), np.int32)
+        slots = np.full(n, self.max_batch, np.int32)  # padding rows name no slot
+        q_start, n_valid = np.zeros(n, np.int32), np.zeros(n, np.int32)
+        finish_budget = np.full(n, -1, np.int32)
+        finishing, masks = [], {}
+        for i, r in enumerate(rows):
+            part = r.prompt_ids[r._written:r._written + c]
+            tokens[i, :len(part)] = part
+            slots[i], q_start[i], n_valid[i] = r._slot, r._written, len(part)
+            r._written += len(part)
+            if r._written == len(r.prompt_ids):
+                self.prefilling.remove(r)
+                finish_budget[i] = r._limit - 1
+                r._sampled, r._inflight = 1, 1
+                finishing.append((i, r))
+                if r.constraint is not None:
+                    masks[i] = self._next_mask(r)
+        work = PrefillWork(tokens, slots, q_start, n_valid, finish_budget, self._mask_rows(masks, n), finishing)
+        self._sync()
+        handle = self.device.prefill(work)
+        if finishing:
+            self.pending.append((handle, work))
+        return True
+
+    # ---- decode ----------------------------------------------------------------------------------
+    def _waits_for_reads(self, r: Request) -> bool:
+        """A constrained row must have every token read before its constraint can say what comes next."""
+        return r.decoding and r._inflight > 0 and (r._halted or r._masked)
+
+    def _dispatch_decode(self) -> bool:
+        ready = [r for r in self.slots if r is not None and r.decoding and r.finish_reason is None
+                 and r._sampled < r._limit and not self._waits_for_reads(r)]
+        if not ready:
+            return False
+        masks, resume = {}, []
+        for r in ready:
+            if r.constraint is not None and (r._halted or r._masked):
+                masks[r._slot] = self._next_mask(r)
+                if r._halted:
+                    resume.append(r._slot)
+                    r._halted = False
+        if resume:
+            self.device.resume(resume)
+        prefill_waits = bool(self.waiting or self.prefilling)
+        if any(m is not None for m in masks.values()) or prefill_waits:
+            steps = self.decode_steps[0]
+        else:
+            need = max(r._limit - r._sampled for r in ready)
+            steps = next((s for s in self.decode_steps if s >= need), self.decode_steps[-1])
+        rows, order = self._pack([r._slot for r in ready])
+        requests = []
+        for r in ready:
+            n = min(steps, r._limit - r._sampled)
+            self._grow(r, len(r.prompt_ids) + r._sampled - 1 + n - 1)  # the last position this block feeds
+            r._sampled += n
+            r._inflight += 1
+            requests.append((order[r._slot], r))
+        mask = None
+        if masks:
+            mask = self._mask_rows({order[s]: m for s, m in masks.items()}, len(rows)) if steps == 1 else None
+        work = DecodeWork(rows, steps, mask, requests)
+        self._sync()
+        self.pending.append((self.device.decode(work), work))
+        return True
+
+    def _pack(self, slots: list[int]) -> tuple[np.ndarray, dict[int, int]]:
+        """Rows for `slots` in the smallest bucket that holds them, each data shard's slots in its
+        own part of the rows (their cache pages live on that shard's devices)."""
+        shards = self.pool.shards
+        by_shard = [[s for s in slots if self.shard_of(s) == d] for d in range(shards)]
+        most = max(len(b) for b in by_shard)
+        per = next(b for b in self.buckets if b // shards >= most) // shards
+        rows = np.full(per * shards, self.max_batch, np.int32)
+        for d, group in enumerate(by_shard):
+            rows[d * per:d * per + len(group)] = group
+        return rows, {int(s): i for i, s in enumerate(rows) if s < self.max_batch}
+
+    def _grow(self, r: Request, last_position: int) -> None:
+        """Pages up to the one holding `last_position`, out of the request's reservation."""
+        while last_position // self.page_size >= len(r._pages):
+            r._pages.append(self.pool.grow(self.shard_of(r._slot)))
+            r._reserve -= 1
+            self.table[r._slot, len(r._pages) - 1] = r._pages[-1]
+            self._table_dirty = True
+
+    def _next_mask(self, r: Request):
+        mask = r.constraint.mask()
+        r._masked = mask is not None
+        return mask
+
+    def _mask_rows(self, masks: dict, n_rows: int) -> np.ndarray | None:
+        """Bitmask words for n_rows rows: the given rows' masks, every token allowed elsewhere."""
+        masks = {i: m for i, m in masks.items() if m is not None}
+        if not masks:
+            return None
+        out = np.full((n_rows, -(-self.device.vocab_size // 32)), -1, np.int32)
+        for i, m in masks.items():
+            out[i] = m
+        return out
+
+    # ---- reading ---------------------------------------------------------------------------------
+    def _read_oldest(self) -> None:
+        handle, work = self.pending.popleft()
+        host = self.device.read(handle)
+        now = time.perf_counter()
+        count = 0
+        if isinstance(work, PrefillWork):
+            for i, r in work.finishing:
+                count += self._take(r, [int(host[i])], now)
+        else:
+            for i, r in work.requests:
+                column = host[:, i]
+                count += self._take(r, [int(t) for t in column[column >= 0]], now)
+        self.stats["generated_tokens"] += count
+        self.recent.append((now, count))
+
+    def _take(self, r: Request, tokens: list[int], now: float) -> int:
+        """Hand a request the tokens one dispatch made for it; finish it if it stopped."""
+        r._inflight -= 1
+        if r.finish_reason is not None:
+            return 0  # a dispatch made before the request was cancelled
+        reason = None
+        for n, tok in enumerate(tokens):
+            r.tokens.append(tok)
+            if r.constraint is not None:
+                r.constraint.accept(tok)
+            if tok in r.sampling.stop_ids:
+                reason = "stop"
+            elif len(r.tokens) >= r._limit:
+                reason = "length"
+            elif r.constraint is not None and tok in r.constraint.breaks:
+                r._halted = True  # the device stopped the row here; it resumes once all is read
+            else:
+                continue
+            tokens = tokens[:n + 1]
+            break
+        if r._halted or r._masked:
+            r._sampled = len(r.tokens)  # the device made nothing past the boundary
+        if tokens:
+            r.first_token_at = r.first_token_at or now
+            if r.on_event is not None:
+                r.on_event(r, tokens, False)
+        if reason:
+            self.finish(r, reason)
+        return len(tokens)
+
+    def finish(self, r: Request, reason: str) -> None:
+        r.finish_reason = reason
+        r.finished_at = time.perf_counter()
+        if r._slot is not None:
+            slot = r._slot
+            if r in self.prefilling:
+                self.prefilling.remove(r)
+            # Latents held: the prompt as dispatched, then every generated token but the last (a
+            # sampled token is written only when it is fed back).
+            written = r._written + max(len(r.tokens) - 1, 0) if r.decoding else r._written
+            self.pool.release(r._pages, r.prompt_ids + r.tokens, written, r._reserve, self.shard_of(slot))
+            self.slots[slot] = None
+            r._slot, r._pages, r._reserve = None, [], 0
+        self.stats["finished"] += 1
+        if r.on_event is not None:
+            r.on_event(r, [], True)
+        r.done.set()
