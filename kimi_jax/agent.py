@@ -97,12 +97,12 @@ class Conversation:
     def _prompt_ids(self) -> list[int]:
         return encode_chat(self.rt.tokenizer, self.rt.template, self.messages, self._specs())
 
-    def _constraint(self):
+    def _constraint(self, max_tokens: int | None = None):
         """The grammar of the next assistant message, numbering calls on from those in the history;
         argument objects are closed, as the registry refuses parameters a function does not take."""
         return output_constraint(self.rt.tokenizer, vocab_size=self.rt.cfg.vocab_size, stop_ids=self.sampling.stop_ids,
-                                 tools=self._specs(closed=True), first_index=normalize_history(self.messages)[1],
-                                 strict=self.strict_tools)
+                                 max_tokens=max_tokens, tools=self._specs(closed=True),
+                                 first_index=normalize_history(self.messages)[1], strict=self.strict_tools)
 
     def _generate(self, prompt: list[int], on_event, usage, warnings):
         """Generate one assistant message; returns (text, token ids, finish reason)."""
@@ -121,7 +121,7 @@ class Conversation:
                 for event in parser.feed(pieces[-1]):
                     on_event(event)
 
-        constraint = self._constraint()
+        constraint = self._constraint(sampling.max_new_tokens)
         request = engine.submit(prompt, sampling, on_tokens, constraint=constraint)
         try:
             engine.wait([request])

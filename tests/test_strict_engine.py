@@ -13,6 +13,7 @@ from kimi_jax.chat import parse_output
 from kimi_jax.chat.constraint import output_constraint
 from kimi_jax.chat.grammar import ToolChoice
 from kimi_jax.config import TINY
+from kimi_jax.engine import QueueFull
 from kimi_jax.runtime import Runtime
 from kimi_jax.sampling import SamplingParams
 
@@ -33,20 +34,31 @@ def forced(rt, schema):
                              tool_choice=ToolChoice("function", "f"))
 
 
+def submit_all(rt, jobs):
+    """Submit (prompt, sampling, constraint) jobs, stepping the oldest while the queue is full."""
+    requests = []
+    for prompt, sampling, constraint in jobs:
+        while True:
+            try:
+                requests.append(rt.engine.submit(prompt, sampling, constraint=constraint))
+                break
+            except QueueFull:
+                rt.engine.wait([next(r for r in requests if not r.done.is_set())])
+    rt.engine.wait(requests)
+    return requests
+
+
+@pytest.mark.slow
 def test_forced_calls_of_a_random_model_at_temperature_one_fit_every_schema(random_k2):
     rt = random_k2
     tok = rt.tokenizer
     prompt = tok.encode("Call f.<think></think>", allow_special=True)
-    jobs = [(name, seed) for name in sorted(SCHEMAS) for seed in range(2)]
-    requests = []
-    for name, seed in jobs:
-        sampling = SamplingParams(temperature=1.0, seed=seed, max_new_tokens=MAX_NEW, stop_ids=rt.stop_ids())
-        constraint = forced(rt, SCHEMAS[name])
-        requests.append((name, constraint, rt.engine.submit(prompt, sampling, constraint=constraint)))
-        if len(requests) % 8 == 0:  # keep the queue within the engine's limit
-            rt.engine.wait([r for _, _, r in requests[-8:]])
-    rt.engine.wait([r for _, _, r in requests])
-    for name, constraint, request in requests:
+    names = [name for name in sorted(SCHEMAS) for _ in range(2)]
+    constraints = [forced(rt, SCHEMAS[name]) for name in names]
+    samplings = [SamplingParams(temperature=1.0, seed=seed % 2, max_new_tokens=MAX_NEW, stop_ids=rt.stop_ids())
+                 for seed in range(len(names))]
+    requests = submit_all(rt, zip([prompt] * len(names), samplings, constraints))
+    for name, constraint, request in zip(names, constraints, requests, strict=True):
         assert request.finish_reason == "stop", (name, request.finish_reason, len(request.tokens))
         assert constraint.failure is None and max(request.tokens) < tok.n_vocab
         message = parse_output(tok.decode(request.tokens), thinking=False)

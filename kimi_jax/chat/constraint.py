@@ -28,7 +28,9 @@ every token), and the next token of `breaks` it writes (every call opens with on
 back; what it wrote in between must fit the grammar, or the output fails.
 
 Stop tokens (`stop_ids`) are allowed exactly where the grammar may end. Ids the model has beyond the
-tokenizer's vocabulary are never allowed.
+tokenizer's vocabulary are never allowed. Given the output's token budget (`max_tokens`), the end
+of it narrows the mask to what ends the output soonest (kimi_jax.chat.closing), so a model looping
+inside a string still closes its call before the engine cuts the output.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ import weakref
 import llguidance
 import numpy as np
 
+from kimi_jax.chat import bitmask
+from kimi_jax.chat.closing import Closer, ClosingTokens
 from kimi_jax.chat.grammar import (
     CALL_BEGIN,
     SECTION_BEGIN,
@@ -66,7 +70,7 @@ class _Vocabulary:
         self.llg = llguidance.LLTokenizer.from_tiktoken(
             encoder={b: i for i, b in enumerate(raw)}, special_tokens=tokenizer.special_tokens, pattern=PAT_STR,
             eos_token=list(tokenizer.stop_ids), n_vocab=tokenizer.n_vocab)
-        self.words = -(-tokenizer.n_vocab // 32)
+        self.words = bitmask.words_for(tokenizer.n_vocab)
         # Text as the marker patterns see it: one char per byte (markers are ASCII).
         self.texts = [b.decode("latin-1") for b in raw]
         # Every marker ends in '>' or ']': only tokens holding one of them can complete a spelling.
@@ -75,21 +79,10 @@ class _Vocabulary:
         self.keep = None  # AND-mask that clears the tokens holding a whole marker, if any do
         if spelled:
             self.keep = np.full(self.words, -1, np.int32)
-            _put(self.keep, spelled, False)
+            bitmask.put(self.keep, spelled, False)
         specials = tokenizer.special_tokens
         self.breaks = frozenset(specials[m] for m in REASONING_END_MARKERS if m in specials)
-
-
-def _put(words: np.ndarray, ids, on: bool) -> None:
-    """Set (on) or clear the bits of `ids` in a bitmask."""
-    view = words.view(np.uint32)
-    for i in ids:
-        bit = np.uint32(1 << (int(i) & 31))
-        view[int(i) >> 5] = view[int(i) >> 5] | bit if on else view[int(i) >> 5] & ~bit
-
-
-def _allowed(words: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    return ids[(words.view(np.uint32)[ids >> 5] >> (ids & 31).astype(np.uint32)) & 1 == 1]
+        self.closing = ClosingTokens(tokenizer, raw, self.words)
 
 
 _vocabularies: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -109,7 +102,8 @@ class OutputConstraint:
     """The mask of one output under `grammar` (see the module docstring). `thinking`: the output
     may open with `<think>` and reason freely first; otherwise the grammar starts at once."""
 
-    def __init__(self, tokenizer, grammar: str, *, vocab_size: int, stop_ids, thinking: bool = True):
+    def __init__(self, tokenizer, grammar: str, *, vocab_size: int, stop_ids, thinking: bool = True,
+                 max_tokens: int | None = None):
         self._vocab = vocabulary(tokenizer)
         if vocab_size < tokenizer.n_vocab:
             raise KimiError(f"the model's vocabulary ({vocab_size}) is smaller than the tokenizer's "
@@ -118,7 +112,7 @@ class OutputConstraint:
         if self._matcher.is_error():
             raise GrammarError(f"the grammar cannot be compiled: {self._matcher.get_error()}")
         self._tok = tokenizer
-        self._words = -(-vocab_size // 32)
+        self._words = bitmask.words_for(vocab_size)
         self._llg_mask = np.zeros(self._vocab.words, np.int32)  # llguidance writes here, through a raw pointer
         self._llg_ptr = self._llg_mask.ctypes.data
         self._stops = sorted(set(stop_ids))
@@ -129,6 +123,9 @@ class OutputConstraint:
         self._decoder = tokenizer.stream_decoder()
         self._recent = ""  # free phase: the last raw text; grammar phase: text since the last control token
         self.failure: str | None = None
+        # Near the end of the budget, only what ends the output soonest (kimi_jax.chat.closing).
+        self._closer = Closer(self._vocab.closing, self._words, max_tokens) \
+            if max_tokens is not None else None
 
     @property
     def phase(self) -> str:
@@ -141,12 +138,16 @@ class OutputConstraint:
         out = np.zeros(self._words, np.int32)
         if self._phase in (_START, _GRAMMAR):
             self._grammar_mask(out)
+            if self._closer is not None and self._closer.active and self._phase == _GRAMMAR:
+                out = self._closer.narrow(out, self._matcher)
         if self._phase in (_DONE, _FAILED):
-            _put(out, self._stops, True)
+            bitmask.put(out, self._stops, True)
         return out
 
     def accept(self, token: int) -> None:
         token = int(token)
+        if self._closer is not None:
+            self._closer.count(token)
         if self._phase in (_DONE, _FAILED):
             return
         if token in self._stops:
@@ -177,10 +178,11 @@ class OutputConstraint:
         recent = self._recent
         tail = recent[marker_prefix_start(recent):] if "<" in recent or "[" in recent else ""
         if tail:
-            _put(own, [t for t in _allowed(own, vocab.closers) if MARKER_RE.search(tail + vocab.texts[t])], False)
-        _put(out, self._stops, self._matcher.is_accepting())
+            bitmask.put(own, [t for t in bitmask.select(own, vocab.closers)
+                              if MARKER_RE.search(tail + vocab.texts[t])], False)
+        bitmask.put(out, self._stops, self._matcher.is_accepting())
         if self._phase == _START:
-            _put(out, [self._think], True)
+            bitmask.put(out, [self._think], True)
         if not out.any():
             self._fail("no token can continue the output under the grammar")
 
@@ -212,27 +214,33 @@ class OutputConstraint:
                 return
             if token >= self._tok.num_base_tokens:  # a control token: its name is a whole marker
                 self._recent = ""
+                if self._closer is not None:
+                    self._closer.control()
             else:
                 self._recent = (self._recent + self._vocab.texts[token])[-_TAIL:]
+                if self._closer is not None:
+                    self._closer.text(self._vocab.texts[token])
 
     def _fail(self, reason: str) -> None:
         self._phase = _FAILED
         self.failure = reason
 
 
-def output_constraint(tokenizer, *, vocab_size: int, stop_ids, thinking: bool = True, tools=None,
-                      tool_choice: ToolChoice = ToolChoice(), first_index: int = 0, parallel: bool = True,
+def output_constraint(tokenizer, *, vocab_size: int, stop_ids, thinking: bool = True, max_tokens: int | None = None,
+                      tools=None, tool_choice: ToolChoice = ToolChoice(), first_index: int = 0, parallel: bool = True,
                       strict: bool = True, content_schema: dict | None = None,
                       content_param: str = "response_format") -> OutputConstraint | None:
-    """The constraint for one output (arguments as in `grammar.output_grammar`), or None when
-    nothing constrains it. Raises GrammarError naming the schema that cannot be enforced."""
+    """The constraint for one output of at most `max_tokens` tokens (arguments as in
+    `grammar.output_grammar`), or None when nothing constrains it. Raises GrammarError naming the
+    schema that cannot be enforced."""
     grammar = output_grammar(tokenizer, tools=tools, tool_choice=tool_choice, first_index=first_index,
                              parallel=parallel, strict=strict, content_schema=content_schema,
                              content_param=content_param)
     if grammar is None:
         return None
     try:
-        return OutputConstraint(tokenizer, grammar, vocab_size=vocab_size, stop_ids=stop_ids, thinking=thinking)
+        return OutputConstraint(tokenizer, grammar, vocab_size=vocab_size, stop_ids=stop_ids, thinking=thinking,
+                                max_tokens=max_tokens)
     except GrammarError:
         check_schemas(tools if tool_choice.mode != "none" else None, strict=strict, content_schema=content_schema,
                       content_param=content_param)

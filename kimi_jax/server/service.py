@@ -170,7 +170,8 @@ class ChatRun(_Run):
         self.warnings: list[str] = []
         try:  # built now: a schema that cannot be enforced is a 400 before anything runs
             self.constraint = output_constraint(
-                tok, vocab_size=service.vocab_size, stop_ids=service.stop_ids, tools=req.tools, tool_choice=choice,
+                tok, vocab_size=service.vocab_size, stop_ids=service.stop_ids, max_tokens=self.max_tokens,
+                tools=req.tools, tool_choice=choice,
                 first_index=n_history_calls, parallel=req.parallel_tool_calls, strict=service.settings.strict_tools,
                 content_schema=req.response_format.schema, content_param=req.response_format.param)
         except GrammarError as e:
