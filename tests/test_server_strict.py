@@ -45,7 +45,7 @@ def metrics(server) -> dict:
 
 
 def forced(name: str) -> dict:
-    return dict(model=MODEL, messages=ASK, max_tokens=600,
+    return dict(model=MODEL, messages=ASK, max_tokens=300,
                 tools=[{"type": "function", "function": {"name": "f", "parameters": SCHEMAS[name]}}],
                 tool_choice={"type": "function", "function": {"name": "f"}})
 
@@ -88,10 +88,20 @@ async def _forced_calls(server, names):
 def test_every_forced_call_fits_its_schema_streamed_and_whole(server):
     names = sorted(SCHEMAS)
     wholes, streams = asyncio.run(_forced_calls(server, names))
-    for name, (calls, finish), streamed in zip(names, wholes, streams, strict=True):
-        assert finish == "tool_calls" and [(c["id"], c["name"]) for c in calls] == [("functions.f:0", "f")], name
-        jsonschema.validate(json.loads(calls[0]["arguments"]), SCHEMAS[name])
-        assert streamed == (calls, finish), name
+    for name, whole, streamed in zip(names, wholes, streams, strict=True):
+        for calls, finish in (whole, streamed):
+            assert finish == "tool_calls" and [(c["id"], c["name"]) for c in calls] == [("functions.f:0", "f")], name
+            jsonschema.validate(json.loads(calls[0]["arguments"]), SCHEMAS[name])
+
+
+@pytest.mark.parametrize("name", ["anyof_objects", "escaped_property_names", "format_date_time"])
+def test_a_streamed_forced_call_reassembles_into_the_whole_one(client, name):
+    # One request at a time: in a batch of other sizes a greedy near-tie may tip the other way.
+    r = client.chat.completions.create(**forced(name))
+    whole = [{"id": c.id, "name": c.function.name, "arguments": c.function.arguments}
+             for c in r.choices[0].message.tool_calls]
+    assert reassemble(client.chat.completions.create(**forced(name), stream=True)) == \
+        (whole, r.choices[0].finish_reason)
 
 
 def test_tool_choice_none_auto_required_and_named(client):
