@@ -61,8 +61,8 @@ _TAIL = 32  # chars of text kept under the grammar: a marker prefix never is lon
 
 
 class _Vocabulary:
-    """What constraining needs of one tokenizer, built once (about a second for K2's 163,840
-    tokens): llguidance's view of it, and the tokens that could spell a marker out in text."""
+    """What constraining needs of one tokenizer, built once per tokenizer: llguidance's view of it,
+    the tokens that could spell a marker out in text, and those that close JSON."""
 
     def __init__(self, tokenizer):
         n_base = tokenizer.num_base_tokens
@@ -195,8 +195,11 @@ class OutputConstraint:
         # The reasoning ended at a marker this token completed; the grammar takes over from there.
         self._phase = _GRAMMAR
         last_start = len(self._recent) - len(piece)
-        end = next(m for m in MARKER_RE.finditer(self._recent)
-                   if m.end() > last_start and m.group() in REASONING_END_MARKERS)
+        end = next((m for m in MARKER_RE.finditer(self._recent)
+                    if m.end() > last_start and m.group() in REASONING_END_MARKERS), None)
+        if end is None:  # the parser and the marker pattern disagree: a bug, but not the model's
+            self._fail("the reasoning ended at a marker this constraint cannot place")
+            return
         tid = self._tok.token_id
         seen = {THINK_END: [], CALL_BEGIN: [tid(SECTION_BEGIN), tid(CALL_BEGIN)]}.get(end.group(),
                                                                                   [tid(SECTION_BEGIN)])
