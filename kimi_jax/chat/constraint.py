@@ -58,6 +58,7 @@ from kimi_jax.errors import KimiError
 _START, _FREE, _GRAMMAR, _DONE, _FAILED = "start", "free", "grammar", "done", "failed"
 _WINDOW = 96  # chars of reasoning text kept to find the marker that ended it: longer than any marker
 _TAIL = 32  # chars of text kept under the grammar: a marker prefix never is longer
+_MAX_TAILS = 4096  # marker prefixes whose completing tokens a vocabulary remembers
 
 
 class _Vocabulary:
@@ -83,6 +84,17 @@ class _Vocabulary:
         specials = tokenizer.special_tokens
         self.breaks = frozenset(specials[m] for m in REASONING_END_MARKERS if m in specials)
         self.closing = ClosingTokens(tokenizer, raw, self.words)
+        self._completing: dict[str, np.ndarray] = {}
+
+    def completing(self, tail: str) -> np.ndarray:
+        """The tokens that would complete a marker after `tail` (the start of one). Worked out once
+        per tail: the tails text holds are few (`<`, `[`, `<|`, ...), the candidates many."""
+        found = self._completing.get(tail)
+        if found is None:
+            found = np.array([t for t in self.closers if MARKER_RE.search(tail + self.texts[t])], np.int64)
+            if len(self._completing) < _MAX_TAILS:
+                self._completing[tail] = found
+        return found
 
 
 _vocabularies: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -178,8 +190,7 @@ class OutputConstraint:
         recent = self._recent
         tail = recent[marker_prefix_start(recent):] if "<" in recent or "[" in recent else ""
         if tail:
-            bitmask.put(own, [t for t in bitmask.select(own, vocab.closers)
-                              if MARKER_RE.search(tail + vocab.texts[t])], False)
+            bitmask.put(own, bitmask.select(own, vocab.completing(tail)), False)
         bitmask.put(out, self._stops, self._matcher.is_accepting())
         if self._phase == _START:
             bitmask.put(out, [self._think], True)
