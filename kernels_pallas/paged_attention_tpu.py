@@ -1,9 +1,9 @@
 """Absorbed-MLA attention over the paged latent cache on TPU (Mosaic); same call and semantics as
-`paged_attention.paged_attention_ref`, both page layouts:
+`paged_attention.paged_attention_ref`, both page orders:
 
     paged_attention_tpu(q_lat [R, C, H, r], q_pe [R, C, H, p], kv_pages [P, S, r + p] ("rows") or
                         [P, r + p, S] ("lanes"), page_table [R, T], q_start [R], kv_len [R], scale,
-                        kv_layout) -> o_lat [R, C, H, r] float32
+                        page_order) -> o_lat [R, C, H, r] float32
 
 Use "lanes" with S a multiple of 128: XLA:TPU then stores the pool exactly as the kernel reads it.
 "rows" pages with K2's width of 576 make XLA copy the whole pool on every call (it keeps arrays
@@ -50,19 +50,19 @@ def default_pages_per_block(page: int, table_pages: int) -> int:
     return max(1, min(table_pages, BLOCK_TOKENS // page))
 
 
-def unsupported_reason(q_lat, q_pe, kv_pages, page_table, q_start, kv_len, *, scale, kv_layout="rows",
+def unsupported_reason(q_lat, q_pe, kv_pages, page_table, q_start, kv_len, *, scale, page_order="rows",
                        **config) -> str | None:
     """Why the kernel cannot take these arguments (page sizes it cannot tile, more queries per row
     than its VMEM holds), or None."""
-    page = page_size(kv_pages, kv_layout)
+    page = page_size(kv_pages, page_order)
     queries = q_lat.shape[1] * q_lat.shape[2]
     if queries > MAX_QUERIES:
         # A row's queries, their running output and scores live in VMEM for the whole row: fine for
         # decode (one token, a few heads), not for a prefill chunk (C * H * r float32 alone is MBs).
         return f"the TPU attention kernel holds at most {MAX_QUERIES} queries per row (C * heads); got {queries}"
-    need = 128 if kv_layout == "lanes" else 16
+    need = 128 if page_order == "lanes" else 16
     if page % need:
-        return f"the TPU attention kernel needs {kv_layout!r} pages of a multiple of {need} tokens; got {page}"
+        return f"the TPU attention kernel needs {page_order!r} pages of a multiple of {need} tokens; got {page}"
     if config.keys() - {"pages_per_block"}:
         return f"the TPU attention kernel takes no {sorted(config.keys() - {'pages_per_block'})}"
     return None
@@ -119,24 +119,24 @@ def _kernel(table_ref, last_ref, blocks_ref, q_start_ref, kv_len_ref, q_lat_ref,
 
 
 def paged_attention_tpu(q_lat, q_pe, kv_pages, page_table, q_start, kv_len, *, scale: float,
-                        kv_layout: str = "rows", pages_per_block: int | None = None, interpret=False):
+                        page_order: str = "rows", pages_per_block: int | None = None, interpret=False):
     """See the module docstring. `pages_per_block`: pages per grid step (default ~512 tokens)."""
     from jax.experimental.pallas import tpu as pltpu
 
     rows, c, h, r = q_lat.shape
     p = q_pe.shape[-1]
-    page = page_size(kv_pages, kv_layout)
-    lanes = kv_layout == "lanes"
+    page = page_size(kv_pages, page_order)
+    lanes = page_order == "lanes"
     width = kv_pages.shape[1 if lanes else 2]
     t = page_table.shape[1]
     if width != r + p or q_pe.shape[:3] != q_lat.shape[:3]:
-        raise ValueError(f"{kv_layout!r} kv_pages {list(kv_pages.shape)} do not match q_lat {list(q_lat.shape)} "
+        raise ValueError(f"{page_order!r} kv_pages {list(kv_pages.shape)} do not match q_lat {list(q_lat.shape)} "
                          f"and q_pe {list(q_pe.shape)}")
     if page_table.shape[0] != rows or q_start.shape != (rows,) or kv_len.shape != (rows,):
         raise ValueError(f"page_table {list(page_table.shape)}, q_start {list(q_start.shape)} and kv_len "
                          f"{list(kv_len.shape)} must have the {rows} rows of q_lat")
     reason = unsupported_reason(q_lat, q_pe, kv_pages, page_table, q_start, kv_len, scale=scale,
-                                kv_layout=kv_layout)
+                                page_order=page_order)
     if reason:
         raise ValueError(reason)
     bp = pages_per_block or default_pages_per_block(page, t)

@@ -105,11 +105,10 @@ class Conversation:
                                  first_index=normalize_history(self.messages)[1], strict=self.strict_tools)
 
     def _generate(self, prompt: list[int], on_event, usage, warnings):
-        """Generate one assistant message; returns (text, token ids, finish reason)."""
+        """Generate one assistant message; returns (text, token ids, finish reason). A prompt the
+        engine refuses raises its KimiError; `send` decides whether that ends the turn instead."""
         engine = self.rt.engine
-        if len(prompt) >= engine.max_len:
-            return "", [], "context"
-        room = engine.max_len - len(prompt)
+        room = max(engine.max_len - len(prompt), 1)  # no room at all is the engine's error to report
         sampling = dataclasses.replace(self.sampling, max_new_tokens=min(self.sampling.max_new_tokens, room))
         decoder = self.rt.tokenizer.stream_decoder()
         parser = StreamParser()
@@ -143,42 +142,59 @@ class Conversation:
 
     # ---- a user turn --------------------------------------------------------------------------
     def send(self, user_text: str, on_event: Callable = lambda event: None) -> TurnResult:
-        """Add a user message and run model steps and tool calls until an answer (or a limit)."""
+        """Add a user message and run model steps and tool calls until an answer (or a limit).
+
+        A prompt that does not fit the engine's context raises KimiError and leaves the history as
+        it was. A turn stopped by Ctrl-C (KeyboardInterrupt) returns with stop_reason 'cancelled'
+        and is dropped from the history: the model was never trained on half-written turns, and a
+        cut-off one derails the answers that follow."""
         if not user_text.strip():
             raise KimiError("empty prompt")
+        turn_start = len(self.messages)
         self.messages.append({"role": "user", "content": user_text})
         usage = {"prompt_tokens": 0, "completion_tokens": 0, "cached_tokens": 0}
         steps, token_ids, warnings = [], [], []
         t0 = time.perf_counter()
         reason = "max_steps"
-        parsed = None
-        for step in range(self.max_steps):
-            on_event(StepStartEvent(step))
-            text, ids, finish = self._generate(self._prompt_ids(), on_event, usage, warnings)
-            token_ids += ids
-            parsed = parse_output(text)
-            warnings += parsed.warnings
-            message = self._assistant_message(parsed)
-            self.messages.append(message)
-            steps.append({"reasoning_content": parsed.reasoning_content, "content": parsed.content,
-                          "tool_calls": message.get("tool_calls", []), "tool_results": []})
-            if finish in ("context", "cancelled"):
-                reason = finish
-                break
-            if finish == "length" and not parsed.tool_calls:
-                reason = "length"
-                break
-            if not parsed.tool_calls:
-                reason = "answer"
-                break
-            if self.tools is None:
-                warnings.append("the model called a tool but no tools are enabled")
-            for call in parsed.tool_calls:
-                result = self._run_tool(call)
-                on_event(result)
-                steps[-1]["tool_results"].append(dataclasses.asdict(result))
-                self.messages.append({"role": "tool", "tool_call_id": call.id, "name": call.name,
-                                      "content": result.content})
+        try:
+            for step in range(self.max_steps):
+                on_event(StepStartEvent(step))
+                prompt = self._prompt_ids()
+                if step and len(prompt) >= self.rt.engine.max_len:
+                    reason = "context"  # the tool results filled the context; what was said stays
+                    break
+                text, ids, finish = self._generate(prompt, on_event, usage, warnings)
+                token_ids += ids
+                parsed = parse_output(text)
+                warnings += parsed.warnings
+                message = self._assistant_message(parsed)
+                self.messages.append(message)
+                steps.append({"reasoning_content": parsed.reasoning_content, "content": parsed.content,
+                              "tool_calls": message.get("tool_calls", []), "tool_results": []})
+                if finish in ("context", "cancelled"):
+                    reason = finish
+                    break
+                if finish == "length" and not parsed.tool_calls:
+                    reason = "length"
+                    break
+                if not parsed.tool_calls:
+                    reason = "answer"
+                    break
+                if self.tools is None:
+                    warnings.append("the model called a tool but no tools are enabled")
+                for call in parsed.tool_calls:
+                    result = self._run_tool(call)
+                    on_event(result)
+                    steps[-1]["tool_results"].append(dataclasses.asdict(result))
+                    self.messages.append({"role": "tool", "tool_call_id": call.id, "name": call.name,
+                                          "content": result.content})
+        except KeyboardInterrupt:  # between engine requests: in a tool, the parser or the template
+            reason = "cancelled"
+        except KimiError:
+            del self.messages[turn_start:]
+            raise
+        if reason == "cancelled":
+            del self.messages[turn_start:]
         usage["seconds"] = round(time.perf_counter() - t0, 3)
         final = steps[-1] if steps else {"reasoning_content": None, "content": "", "tool_calls": []}
         return TurnResult(final["reasoning_content"], final["content"],

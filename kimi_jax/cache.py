@@ -1,8 +1,8 @@
 """The paged MLA latent cache: per token and layer only the normalized latent c_kv and the rotated
 shared rope key k_pe, one row of kv_lora_rank + qk_rope_head_dim values (576 for K2, 35x less than
-per-head K/V; perf-targets.md), kept in fixed-size pages.
+per-head K/V; docs/performance-targets.md), kept in fixed-size pages.
 
-    pages      per layer [n_pages, page_size, r + p]   the pool ("rows" layout; page 0 is never handed out)
+    pages      per layer [n_pages, page_size, r + p]   the pool ("rows" order; page 0 is never handed out)
                or [n_pages, r + p, page_size]          ("lanes": TPU, where a minor dimension of 576
                                                         would make XLA relayout the whole pool)
     page_table [slots, max_pages] int32                 the pages of each slot's sequence, in order
@@ -43,11 +43,11 @@ class PagedCache:
     pages: tuple[jax.Array, ...]  # per layer, see above
     page_table: jax.Array  # [slots, max_pages] int32
     lengths: jax.Array  # [slots] int32
-    kv_layout: str = dataclasses.field(default="rows", metadata=dict(static=True))
+    page_order: str = dataclasses.field(default="rows", metadata=dict(static=True))
 
     @property
     def page_size(self) -> int:
-        return self.pages[0].shape[1 if self.kv_layout == "rows" else 2]
+        return self.pages[0].shape[1 if self.page_order == "rows" else 2]
 
     @property
     def n_pages(self) -> int:
@@ -63,20 +63,20 @@ class PagedCache:
 
     @classmethod
     def create(cls, cfg: Config, *, slots: int, max_len: int, page_size: int, n_pages: int, dtype,
-               mesh=None, kv_layout: str = "rows") -> "PagedCache":
+               mesh=None, page_order: str = "rows") -> "PagedCache":
         """An empty cache placed (committed) where the compiled steps leave their outputs, so the
         first call and every later one hit the same compiled program."""
         spec = cls.abstract(cfg, slots=slots, max_len=max_len, page_size=page_size, n_pages=n_pages, dtype=dtype,
-                            mesh=mesh, kv_layout=kv_layout)
+                            mesh=mesh, page_order=page_order)
         return jax.tree.map(lambda s: _zeros(s.shape, s.dtype, s.sharding)(), spec)
 
     @classmethod
     def abstract(cls, cfg: Config, *, slots: int, max_len: int, page_size: int, n_pages: int, dtype,
-                 mesh=None, kv_layout: str = "rows") -> "PagedCache":
+                 mesh=None, page_order: str = "rows") -> "PagedCache":
         """The cache as ShapeDtypeStructs carrying their shardings (the planner compiles with it)."""
-        if kv_layout not in ("rows", "lanes"):
-            raise ValueError(f"unknown kv_layout {kv_layout!r}")
-        pool_shape = (n_pages, page_size, cfg.cache_dim) if kv_layout == "rows" else \
+        if page_order not in ("rows", "lanes"):
+            raise ValueError(f"unknown page_order {page_order!r}")
+        pool_shape = (n_pages, page_size, cfg.cache_dim) if page_order == "rows" else \
             (n_pages, cfg.cache_dim, page_size)
         pool = jax.ShapeDtypeStruct(pool_shape, jnp.dtype(dtype),
                                     sharding=sharding_for(POOL_AXES, pool_shape, mesh, name="cache pages"))
@@ -86,7 +86,7 @@ class PagedCache:
             page_table=jax.ShapeDtypeStruct(table_shape, jnp.int32,
                                             sharding=sharding_for(SLOT_AXES + (None,), table_shape, mesh)),
             lengths=jax.ShapeDtypeStruct((slots,), jnp.int32, sharding=sharding_for(SLOT_AXES, (slots,), mesh)),
-            kv_layout=kv_layout,
+            page_order=page_order,
         )
 
     def with_table(self, table: np.ndarray) -> "PagedCache":
@@ -116,16 +116,10 @@ class PagedCache:
         cos, sin = rope.rope_angles(cfg, positions)
         return AttnBatch(cos=cos, sin=sin, page_table=table, q_start=q_start, kv_len=kv_len,
                          write_page=jnp.where(valid, page, DISCARD_PAGE), write_slot=positions % ps,
-                         valid=valid, kv_layout=self.kv_layout)
+                         valid=valid, page_order=self.page_order)
 
     def nbytes_per_token(self) -> int:
         return sum(p.size // (p.shape[0] * self.page_size) * p.dtype.itemsize for p in self.pages)
-
-
-def layout_for(platform: str) -> tuple[str, int]:
-    """(pool layout, default tokens per page) for devices of `platform`. TPU: "lanes" pages of 128
-    tokens (the pool's minor dimension a whole number of 128-lane tiles); elsewhere "rows" of 64."""
-    return ("lanes", 128) if platform == "tpu" else ("rows", 64)
 
 
 # Sequences of max_len the default pool holds per slot: the slot's own, and as much again for

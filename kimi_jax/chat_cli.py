@@ -14,6 +14,7 @@ from kimi_jax.chat import (
     ToolCallEnd,
     ToolCallStart,
 )
+from kimi_jax.errors import KimiError
 
 DIM, CYAN, YELLOW, RESET = "\033[2m", "\033[36m", "\033[33m", "\033[0m"
 
@@ -22,8 +23,9 @@ class EventPrinter:
     """Writes a turn's events to a stream: reasoning dimmed (or hidden), tool calls and results
     marked, the answer plain."""
 
-    def __init__(self, out=None, *, show_thinking=True, color=None, enabled=True):
+    def __init__(self, out=None, *, err=None, show_thinking=True, color=None, enabled=True):
         self.out = out if out is not None else sys.stdout  # looked up now: tests and pagers swap it
+        self.err = err if err is not None else sys.stderr
         self.show_thinking = show_thinking
         self.color = self.out.isatty() if color is None else color
         self.enabled = enabled
@@ -61,7 +63,9 @@ class EventPrinter:
             self._switch(("result", event.call_id), self._style(YELLOW) + ("<- error: " if event.is_error else "<- "))
             self.out.write(event.content.removeprefix("error: ") if event.is_error else event.content)
         elif isinstance(event, ParseWarning):
-            print(f"[parse warning: {event.message}]", file=sys.stderr)
+            self._switch(None)  # end the streamed line first: on a terminal both streams share it
+            self.out.flush()
+            print(f"[parse warning: {event.message}]", file=self.err)
         elif isinstance(event, StepStartEvent):
             return
         self.out.flush()
@@ -75,7 +79,7 @@ class EventPrinter:
         note = "" if result.stop_reason == "answer" else f", stopped: {result.stop_reason}"
         print(f"[{len(result.steps)} step(s): {u['prompt_tokens']} tokens prefilled, {u['cached_tokens']} reused from "
               f"the cache, {u['completion_tokens']} generated; {u['seconds']:.1f}s, {rate:.1f} tok/s{note}]",
-              file=sys.stderr)
+              file=self.err)
 
 
 def run_chat(rt, args, sampling) -> int:
@@ -103,5 +107,11 @@ def run_chat(rt, args, sampling) -> int:
         if not line.strip():
             return 0
         printer.mode = None
-        result = conv.send(line, printer)
+        try:
+            result = conv.send(line, printer)
+        except KimiError as e:  # e.g. a message longer than the context: say so and keep chatting
+            print(f"error: {e}", file=sys.stderr)
+            continue
         printer.end_turn(result)
+        if result.stop_reason == "cancelled":
+            print("[stopped: this exchange is left out of the conversation]", file=sys.stderr)

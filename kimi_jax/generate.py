@@ -21,9 +21,8 @@ import time
 
 from kimi_jax import compile_cache, distributed
 from kimi_jax.errors import KimiError
-
-DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                  "checkpoints", "kimi-k2-nano")
+from kimi_jax.runtime import DEFAULT_CHECKPOINT
+from kimi_jax.scheduler import DEFAULT_CHUNK
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,8 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--prompt-ids", help="comma-separated prompt token ids, e.g. 1,2,3")
     p.add_argument("--raw", action="store_true", help="no chat template: continue the prompt text as is")
     p.add_argument("--system", help="system prompt (chat mode)")
+    from kimi_jax.tools import builtin_tools  # the list in the help is the registry's own
+
     p.add_argument("--tools", choices=("none", "builtin"), default="none",
-                   help="'builtin': let the model call safe demo tools (calculator, units, dates, lookups, kv store)")
+                   help="'builtin': let the model call safe demo tools (no shell, network or files): "
+                        + ", ".join(builtin_tools().names()))
     p.add_argument("--max-steps", type=int, default=300, help="tool-call rounds per answer (default 300)")
     p.add_argument("--no-strict-tools", action="store_true",
                    help="let the model write tool calls freely (by default every call names a declared tool and "
@@ -53,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     p.add_argument("--mesh", help="device mesh, e.g. data=1,expert=4,tensor=2 (default: all local devices)")
-    p.add_argument("--chunk", type=int, default=128, help="prefill chunk size in tokens")
+    p.add_argument("--chunk", type=int, default=DEFAULT_CHUNK, help="prefill chunk size in tokens")
     distributed.add_arguments(p)
     compile_cache.add_arguments(p)
     p.add_argument("--json", action="store_true", help="print one JSON object and nothing else on stdout")
@@ -83,8 +85,6 @@ def run(args) -> int:
     from kimi_jax.runtime import Runtime
     from kimi_jax.sampling import SamplingParams, checkpoint_defaults
 
-    compile_cache.enable_from(args)
-
     checkpoint = args.checkpoint or DEFAULT_CHECKPOINT
     if not os.path.isdir(checkpoint):
         hint = "" if args.checkpoint else " (the bundled default model is missing; pass --checkpoint DIR)"
@@ -105,7 +105,7 @@ def run(args) -> int:
     log = sys.stderr
     t0 = time.perf_counter()
     rt = Runtime.load(checkpoint, dtype=args.dtype, max_len=args.max_len, mesh=args.mesh, chunk=args.chunk,
-                      progress=not args.json)
+                      progress=not args.json, compile_cache=compile_cache.from_args(args))
     print(f"loaded {checkpoint} in {time.perf_counter() - t0:.1f}s", file=log)
 
     if args.prompt_ids is not None or args.raw:
@@ -117,15 +117,18 @@ def run(args) -> int:
 
 def _run_raw(rt, args, sampling) -> int:
     if args.prompt_ids is not None:
-        ids = _parse_ids(args.prompt_ids)
-        bad = [i for i in ids if not 0 <= i < rt.cfg.vocab_size]
-        if bad:
-            raise KimiError(f"--prompt-ids: id {bad[0]} is outside the vocabulary [0, {rt.cfg.vocab_size})")
+        ids = _parse_ids(args.prompt_ids)  # the engine checks them against the model's vocabulary
     else:
         if not args.prompt:
             raise KimiError("empty prompt")
+        if rt.tokenizer is None:
+            raise KimiError(f"{rt.checkpoint}: tiktoken.model not found; --raw --prompt needs the tokenizer "
+                            "(use --prompt-ids for a bare checkpoint)")
         ids = rt.tokenizer.encode(args.prompt)
-    decoder = rt.tokenizer.stream_decoder() if rt.tokenizer is not None and not args.json else None
+    # Ids in, ids out: --prompt-ids never needs the tokenizer, which may cover fewer ids than the
+    # model's vocabulary (a bare or test checkpoint); text comes along only where it can be decoded.
+    streams_text = args.prompt_ids is None and not args.json
+    decoder = rt.tokenizer.stream_decoder() if streams_text else None
 
     def show(request, new_tokens, finished):
         if decoder is not None:
@@ -141,7 +144,7 @@ def _run_raw(rt, args, sampling) -> int:
         rt.engine.wait([request])
         interrupted = True
     out = request.tokens
-    text = rt.tokenizer.decode(out) if rt.tokenizer is not None else None
+    text = _decode_or_none(rt.tokenizer, out)
     if args.json:
         print(json.dumps({"token_ids": out, "text": text, "finish_reason": request.finish_reason,
                           "usage": {"prompt_tokens": len(ids), "completion_tokens": len(out)}}, ensure_ascii=False))
@@ -152,6 +155,16 @@ def _run_raw(rt, args, sampling) -> int:
             print(",".join(map(str, out)))
         _print_speed(request)
     return 130 if interrupted else 0
+
+
+def _decode_or_none(tokenizer, ids: list[int]) -> str | None:
+    """The text of `ids`, or None without a tokenizer or when it lacks one of them."""
+    if tokenizer is None:
+        return None
+    try:
+        return tokenizer.decode(ids)
+    except KimiError:
+        return None
 
 
 def _print_speed(request) -> None:

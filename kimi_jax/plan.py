@@ -105,42 +105,42 @@ def compile_steps(cfg, *, devices, mesh_text: str | None, max_len: int, batch: i
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
+    from kernels_pallas.backends import backend_for
     from kimi_jax.cache import PagedCache, default_pool_pages
-    from kimi_jax.cache import layout_for as cache_layout_for
-    from kimi_jax.engine import DEFAULT_DECODE_STEPS
-    from kimi_jax.model import abstract_model, default_impl, expert_layout_for
+    from kimi_jax.model import abstract_model, expert_packing_for
     from kimi_jax.sampling import SamplingParams, knob_arrays
+    from kimi_jax.scheduler import DEFAULT_DECODE_BLOCK
     from kimi_jax.sharding import MeshSpec, default_mesh_spec, make_mesh, placed_abstract
-    from kimi_jax.steps import SlotState, decode_steps, prefill_step, split_abstract
+    from kimi_jax.steps import SlotState, decode_steps, prefill_step, split_state
 
     spec = MeshSpec.parse(mesh_text) if mesh_text else default_mesh_spec(cfg, len(devices))
     mesh = make_mesh(spec, devices)
     jdtype = jnp.dtype(dtype)
     platform = devices[0].platform
-    expert_layout = expert_layout_for(cfg, platform)
-    kv_layout, default_page = cache_layout_for(platform)
-    page_size = page_size or default_page
-    graphdef, state = abstract_model(cfg, jdtype, expert_layout=expert_layout)
+    backend = backend_for(platform)
+    expert_packing = expert_packing_for(cfg, backend)
+    page_order, page_size = backend.page_order, page_size or backend.page_size
+    graphdef, state = abstract_model(cfg, jdtype, expert_packing=expert_packing)
     state = placed_abstract(state, mesh)
-    model_def, weights = split_abstract(graphdef, state)
+    model_def, weights = split_state(graphdef, state)
     n_pages = default_pool_pages(batch, max_len, page_size, spec.data)  # what the engine allocates
     cache = PagedCache.abstract(cfg, slots=batch, max_len=max_len, page_size=page_size, n_pages=n_pages,
-                                dtype=jdtype, mesh=mesh, kv_layout=kv_layout)
+                                dtype=jdtype, mesh=mesh, page_order=page_order)
     rep = NamedSharding(mesh, P())
     sds = jax.ShapeDtypeStruct
     ints = lambda *shape: sds(shape, jnp.int32, sharding=rep)  # noqa: E731
     knobs = {k: sds(v.shape, v.dtype, sharding=rep) for k, v in knob_arrays([SamplingParams()] * batch).items()}
     slots = SlotState.abstract(batch, rep)
-    impl = default_impl(platform)  # Mosaic kernels for a TPU target, the XLA path on CPU
-    steps = max(DEFAULT_DECODE_STEPS)  # the block the engine runs when every slot decodes
+    impl = backend.impl  # Mosaic kernels for a TPU target, the XLA path on CPU
     info = {"mesh": str(spec), "devices": len(devices), "device_kind": devices[0].device_kind, "batch": batch,
             "max_len": max_len, "page_size": page_size, "pages": n_pages, "dtype": jdtype.name, "kernels": impl,
-            "expert_layout": expert_layout, "kv_layout": kv_layout, "decode_steps": steps, "compile_seconds": {}}
+            "expert_packing": expert_packing, "page_order": page_order, "decode_block": DEFAULT_DECODE_BLOCK,
+            "compile_seconds": {}}
     lowerings = {
         "prefill": lambda: prefill_step.lower(model_def, weights, cache, slots, ints(1, chunk), ints(1), ints(1),
                                               ints(1), ints(1), knobs, impl=impl),
-        "decode": lambda: decode_steps.lower(model_def, weights, cache, slots, ints(batch), knobs, steps=steps,
-                                             impl=impl),
+        "decode": lambda: decode_steps.lower(model_def, weights, cache, slots, ints(batch), ints(), knobs,
+                                             max_steps=DEFAULT_DECODE_BLOCK, impl=impl),
     }
     compiled = {}
     with jax.set_mesh(mesh), _persistent_cache_off(platform != jax.default_backend()):
@@ -250,7 +250,10 @@ def _gb(x) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m kimi_jax.plan", description=__doc__.split("\n")[0])
+    from kimi_jax.scheduler import DEFAULT_CHUNK
+
+    ap = argparse.ArgumentParser(prog="python -m kimi_jax.plan", description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--config", default="k2-thinking", help="preset name (k2-thinking, tiny) or a config.json path")
     ap.add_argument("--devices", type=int, default=8, help="devices of the target host (--target cpu)")
     ap.add_argument("--target", default="cpu", help="'cpu' (fake host devices; XLA:CPU upcasts bf16 weights to "
@@ -261,7 +264,7 @@ def main(argv=None) -> int:
     ap.add_argument("--hbm-gb", type=float, default=None, help="HBM per device in GB to fit against")
     ap.add_argument("--max-len", type=int, default=262144, help="cache capacity in tokens")
     ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--chunk", type=int, default=256, help="prefill chunk size")
+    ap.add_argument("--chunk", type=int, default=DEFAULT_CHUNK, help="prefill chunk size (the runtime's)")
     ap.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)

@@ -1,21 +1,29 @@
 """A loaded model ready to serve: config, weights on their devices, engine, tokenizer, template.
 
 `Runtime.load(dir)` accepts a Hugging Face layout directory (config.json + safetensors shards) or a
-directory written by `python -m kimi_jax.convert` (orbax), and is what the CLI, the agent loop and
-scripts start from.
+directory written by `python -m kimi_jax.convert` (orbax), and is what the CLI, the server, the
+agent loop and scripts start from; without a directory they start from `DEFAULT_CHECKPOINT`, the
+nano model bundled with the repository. Importing this module imports no JAX: the front ends read
+their defaults here before they need a device.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-
-from jax.sharding import Mesh
+from typing import TYPE_CHECKING
 
 from kimi_jax.config import Config
-from kimi_jax.engine import BatchEngine
 from kimi_jax.errors import KimiError
+from kimi_jax.scheduler import DEFAULT_CHUNK
 
+if TYPE_CHECKING:
+    from jax.sharding import Mesh
+
+    from kimi_jax.engine import BatchEngine
+
+DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                  "checkpoints", "kimi-k2-nano")
 DEFAULT_MAX_LEN = 4096
 
 
@@ -34,14 +42,18 @@ class Runtime:
 
     @classmethod
     def load(cls, checkpoint: str, *, dtype: str = "bfloat16", max_len: int | None = None, mesh: Mesh | str | None = None,
-             chunk: int = 128, max_batch: int = 1, page_size: int | None = None, n_pages: int | None = None,
-             max_queue: int = 64, mirror: bool = False, progress: bool = True) -> "Runtime":
+             chunk: int = DEFAULT_CHUNK, max_batch: int = 1, page_size: int | None = None, n_pages: int | None = None,
+             max_queue: int = 64, mirror: bool = False, progress: bool = True,
+             compile_cache: str | bool = True) -> "Runtime":
         """Load weights onto the devices and build the engine: `max_batch` decode slots of up to
         `max_len` tokens each, over a paged cache (`page_size` tokens a page, `n_pages` pages).
+        Compiled programs are kept on disk for the next run unless `compile_cache=False`
+        (kimi_jax.load has the same switch).
 
         `mesh` is a `jax.sharding.Mesh`, text such as "expert=4,tensor=2", or None for every local
         device (kimi_jax.loading); on a single device the programs run unsharded."""
-        from kimi_jax.loading import load, model_dtype, resolve_mesh
+        from kimi_jax.engine import BatchEngine
+        from kimi_jax.loading import load_checkpoint, model_dtype, resolve_mesh
 
         if not os.path.isdir(checkpoint):
             raise KimiError(f"checkpoint directory '{checkpoint}' not found")
@@ -59,7 +71,10 @@ class Runtime:
         device_mesh = resolve_mesh(mesh or "auto", cfg)
         if device_mesh.size == 1:
             device_mesh = None
-        model = load(checkpoint, dtype=jdtype, mesh=device_mesh, progress=progress)
+        from kimi_jax import compile_cache as cache
+
+        cache.use(compile_cache)
+        model = load_checkpoint(checkpoint, cfg, dtype=jdtype, mesh=device_mesh, progress=progress)
         tokenizer = template = None
         if os.path.isfile(os.path.join(checkpoint, "tiktoken.model")):
             from kimi_jax.chat import Tokenizer

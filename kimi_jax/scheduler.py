@@ -12,7 +12,7 @@ One `step()`:
   3. dispatch one decode block for the generating slots: they are packed into the smallest row
      bucket that holds them (idle slots cost nothing), and the block runs several steps on the
      device when nothing waits for a prefill (rows stop on the device at their stop ids and
-     budgets, so a long block wastes nothing but the steps after every row has stopped);
+     budgets, and a block ends as soon as none is left);
   4. read the oldest outputs while the device runs this iteration's work, hand the tokens to their
      requests, finish those that stopped, and free their slots and pages at once.
 
@@ -38,6 +38,12 @@ import numpy as np
 from kimi_jax.errors import KimiError
 from kimi_jax.pages import DISCARD_PAGE, PagePool, pages_for
 from kimi_jax.sampling import SamplingParams, knob_arrays
+
+# The most decode steps one dispatch runs (when every slot decodes; one step while a prompt is
+# being prefilled and for constrained rows). 16 steps of K2 on 8 GPUs take ~15 ms at the memory
+# roofline, short enough for smooth streaming.
+DEFAULT_DECODE_BLOCK = 16
+DEFAULT_CHUNK = 128  # prompt tokens per prefill row and dispatch
 
 
 class QueueFull(KimiError):
@@ -87,6 +93,7 @@ class Request:
 
     @property
     def decoding(self) -> bool:
+        """Whether its prompt is fully dispatched and it holds a slot: it generates."""
         return self._slot is not None and self._written == len(self.prompt_ids)
 
 
@@ -105,11 +112,11 @@ class PrefillWork:
 
 @dataclasses.dataclass
 class DecodeWork:
-    """`steps` decode steps for the slots rows[b] (max_batch pads)."""
+    """Up to `steps` decode steps for the slots rows[b] (max_batch pads)."""
 
     rows: np.ndarray  # [B] int32
     steps: int
-    mask: np.ndarray | None  # [B, W] int32, steps 1 only
+    mask: np.ndarray | None  # [B, W] int32 (then steps is 1)
     requests: list[tuple[int, Request]]
 
 
@@ -137,13 +144,13 @@ class Scheduler:
     """The host-side policy of continuous batching over a paged cache (see the module doc)."""
 
     def __init__(self, device: Device, *, max_batch: int, max_len: int, chunk: int, pool: PagePool,
-                 prefill_rows: int = 1, decode_steps: tuple[int, ...] = (1,)):
+                 prefill_rows: int = 1, decode_block: int = 1):
         if max_batch % pool.shards:
             raise KimiError(f"max_batch {max_batch} must be a multiple of the data shards ({pool.shards})")
         self.device = device
         self.max_batch, self.max_len, self.chunk, self.prefill_rows = max_batch, max_len, chunk, prefill_rows
         self.pool, self.page_size = pool, pool.page_size
-        self.decode_steps = tuple(sorted(set(decode_steps) | {1}))  # constrained rows take one step at a time
+        self.decode_block = decode_block
         self.buckets = row_buckets(max_batch, pool.shards)
         self.slots: list[Request | None] = [None] * max_batch
         self.waiting: collections.deque[Request] = collections.deque()
@@ -167,6 +174,23 @@ class Scheduler:
         while len(self.pending) > (1 if dispatched else 0):
             self._read_oldest()
         return self.busy()
+
+    def warm_up(self, masks: bool = False) -> None:
+        """Run each program the device compiles for this scheduler on nothing (see
+        BatchEngine.warm_up): a prefill of padding rows, and zero decode steps per row bucket."""
+        if self.busy():
+            raise RuntimeError("warm_up() is for an idle engine")
+        n, pad = self.prefill_rows, self.max_batch
+        zeros = np.zeros(n, np.int32)
+        self._sync()
+        handles = [self.device.prefill(PrefillWork(np.zeros((n, self.chunk), np.int32), np.full(n, pad, np.int32),
+                                                   zeros, zeros, zeros - 1, None, []))]
+        for bucket in self.buckets:
+            rows = np.full(bucket, pad, np.int32)
+            for mask in [None] + ([self._allow_all(bucket)] if masks else []):
+                handles.append(self.device.decode(DecodeWork(rows, 0, mask, [])))
+        for h in handles:
+            self.device.read(h)
 
     def busy(self) -> bool:
         return bool(self.waiting or self.pending or any(r is not None for r in self.slots))
@@ -275,12 +299,12 @@ class Scheduler:
                     r._halted = False
         if resume:
             self.device.resume(resume)
-        prefill_waits = bool(self.waiting or self.prefilling)
-        if any(m is not None for m in masks.values()) or prefill_waits:
-            steps = self.decode_steps[0]
+        # Short blocks while a prompt is being prefilled, so its chunks keep coming; a request that
+        # waits for a slot or pages gains nothing from them.
+        if any(m is not None for m in masks.values()) or self.prefilling:
+            steps = 1
         else:
-            need = max(r._limit - r._sampled for r in ready)
-            steps = next((s for s in self.decode_steps if s >= need), self.decode_steps[-1])
+            steps = min(self.decode_block, max(r._limit - r._sampled for r in ready))
         rows, order = self._pack([r._slot for r in ready])
         requests = []
         for r in ready:
@@ -291,7 +315,7 @@ class Scheduler:
             requests.append((order[r._slot], r))
         mask = None
         if masks:
-            mask = self._mask_rows({order[s]: m for s, m in masks.items()}, len(rows)) if steps == 1 else None
+            mask = self._mask_rows({order[s]: m for s, m in masks.items()}, len(rows))
         work = DecodeWork(rows, steps, mask, requests)
         self._sync()
         self.pending.append((self.device.decode(work), work))
@@ -327,10 +351,13 @@ class Scheduler:
         masks = {i: m for i, m in masks.items() if m is not None}
         if not masks:
             return None
-        out = np.full((n_rows, -(-self.device.vocab_size // 32)), -1, np.int32)
+        out = self._allow_all(n_rows)
         for i, m in masks.items():
             out[i] = m
         return out
+
+    def _allow_all(self, n_rows: int) -> np.ndarray:
+        return np.full((n_rows, -(-self.device.vocab_size // 32)), -1, np.int32)
 
     # ---- reading ---------------------------------------------------------------------------------
     def _read_oldest(self) -> None:

@@ -20,7 +20,8 @@ import time
 
 from kimi_jax import compile_cache, distributed
 from kimi_jax.errors import KimiError
-from kimi_jax.generate import DEFAULT_CHECKPOINT
+from kimi_jax.runtime import DEFAULT_CHECKPOINT
+from kimi_jax.scheduler import DEFAULT_CHUNK
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -41,10 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the most completion tokens one request may ask for (default: --max-len)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429 (default 64)")
     p.add_argument("--max-body-bytes", type=int, default=8 << 20, help="request body limit (default 8 MiB)")
-    p.add_argument("--chunk", type=int, default=128, help="prefill chunk size in tokens")
+    p.add_argument("--chunk", type=int, default=DEFAULT_CHUNK, help="prefill chunk size in tokens")
     p.add_argument("--page-size", type=int, default=None,
                    help="cache tokens per page (default 64; 128 on TPU). Requests share whole pages of a common "
                         "prefix, so smaller pages share more of it")
+    p.add_argument("--n-pages", type=int, default=None,
+                   help="pages in the latent cache (default: --max-batch requests of --max-len tokens, and as "
+                        "much again for cached prefixes; `python -m kimi_jax.plan` sizes the same pool)")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     p.add_argument("--mesh", help="device mesh, e.g. data=1,expert=4,tensor=2 (default: all local devices)")
     p.add_argument("--no-strict-tools", action="store_true",
@@ -67,18 +71,18 @@ def build_service(args, *, mirror: bool = False):
     `mirror`: a multi-process run, where process 0 serves and the others follow its engine; only
     process 0 starts it."""
     from kimi_jax.runtime import Runtime
-    from kimi_jax.sampling import SamplingParams, checkpoint_defaults
+    from kimi_jax.sampling import checkpoint_defaults
     from kimi_jax.server.service import Service, Settings
 
-    for flag in ("max_batch", "max_len", "max_tokens", "max_queue", "max_body_bytes", "chunk", "page_size"):
+    for flag in ("max_batch", "max_len", "max_tokens", "max_queue", "max_body_bytes", "chunk", "page_size", "n_pages"):
         _positive(getattr(args, flag), "--" + flag.replace("_", "-"))
     checkpoint = args.checkpoint or DEFAULT_CHECKPOINT
     if not os.path.isdir(checkpoint):
         hint = "" if args.checkpoint else " (the bundled default model is missing; pass --checkpoint DIR)"
         raise KimiError(f"checkpoint directory '{checkpoint}' not found{hint}")
     rt = Runtime.load(checkpoint, dtype=args.dtype, max_len=args.max_len, mesh=args.mesh, chunk=args.chunk,
-                      max_batch=args.max_batch, max_queue=args.max_queue, page_size=args.page_size, mirror=mirror,
-                      progress=False)
+                      max_batch=args.max_batch, max_queue=args.max_queue, page_size=args.page_size,
+                      n_pages=args.n_pages, mirror=mirror, progress=False, compile_cache=compile_cache.from_args(args))
     rt.require_chat()
     engine, max_len = rt.engine, rt.engine.max_len
     settings = Settings(model_name=args.served_model_name or os.path.basename(os.path.abspath(checkpoint)),
@@ -86,19 +90,12 @@ def build_service(args, *, mirror: bool = False):
                         max_body_bytes=args.max_body_bytes, defaults=checkpoint_defaults(checkpoint),
                         strict_tools=not args.no_strict_tools)
     service = Service(rt, engine, settings)
+    if not args.no_warmup:  # every process: the programs run as collectives over the whole mesh
+        engine.warm_up()
     if not distributed.is_main():
         return service, engine
     engine.start()
-    if not args.no_warmup:
-        _warm_up(engine, SamplingParams(max_new_tokens=2))
     return service, engine
-
-
-def _warm_up(engine, sampling) -> None:
-    """One tiny request, so the first client does not wait for the compiler."""
-    done = threading.Event()
-    engine.submit([0], sampling, lambda request, tokens, finished: finished and done.set())
-    done.wait()
 
 
 class BackgroundServer:
@@ -140,14 +137,13 @@ def main(argv=None) -> int:
 
         from kimi_jax.server.app import create_app
     except ImportError as e:
-        print(f"error: the server needs the 'serve' extra (pip install 'kimi-jax[serve]'): {e}", file=sys.stderr)
+        print(f"error: the server needs the 'serve' extra (from the repository: pip install -e '.[serve]'): {e}", file=sys.stderr)
         return 2
     if args.host not in LOOPBACK and not args.api_key:
         log.warning("listening on %s without --api-key: anyone who can reach it can use it", args.host)
     try:
         t0 = time.perf_counter()
         mirror = distributed.initialize_from(args)
-        compile_cache.enable_from(args)
         service, engine = build_service(args, mirror=mirror)
     except KimiError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -2,7 +2,7 @@
 latent cache and the per-slot decode state.
 
     prefill_step  — R rows of C prompt tokens, each row continuing one slot of the cache
-    decode_steps  — `steps` decode steps (static) for B packed rows, each row one slot, in one dispatch
+    decode_steps  — up to `max_steps` decode steps for B packed rows, each row one slot, in one dispatch
 
 Every engine, the planner and the benchmarks call these module-level jitted functions, so engines
 with the same shapes share one compiled program. Their arguments are plain pytrees:
@@ -43,7 +43,7 @@ from jax.sharding import PartitionSpec as P
 
 from kimi_jax.cache import PagedCache
 from kimi_jax.distributed import global_array
-from kimi_jax.sampling import allowed_by_mask, row_keys, sample
+from kimi_jax.draw import allowed_by_mask, row_keys, sample
 
 
 class ModelDef:
@@ -76,13 +76,11 @@ class ModelDef:
 
 def split_model(model) -> tuple[ModelDef, list]:
     """(structure, flat list of weight arrays) of an nnx model, as the compiled steps take it."""
-    graphdef, state = nnx.split(model)
-    leaves, treedef = jax.tree.flatten(state)
-    return ModelDef.of(graphdef, treedef), leaves
+    return split_state(*nnx.split(model))
 
 
-def split_abstract(graphdef, state) -> tuple[ModelDef, list]:
-    """`split_model` for an already split (possibly abstract) model: the planner's inputs."""
+def split_state(graphdef, state) -> tuple[ModelDef, list]:
+    """`split_model` for a model already split by nnx (the planner's abstract one)."""
     leaves, treedef = jax.tree.flatten(state)
     return ModelDef.of(graphdef, treedef), leaves
 
@@ -154,55 +152,52 @@ def prefill_step(model_def: ModelDef, weights, cache: PagedCache, state: SlotSta
     return sampled, logits, dataclasses.replace(cache, lengths=lengths), state
 
 
-@functools.partial(jax.jit, static_argnames=("model_def", "steps", "impl", "want_logits"),
+@functools.partial(jax.jit, static_argnames=("model_def", "max_steps", "impl", "want_logits"),
                    donate_argnames=("cache", "state"))
-def decode_steps(model_def: ModelDef, weights, cache: PagedCache, state: SlotState, rows, knobs, mask=None, *,
-                 steps: int, impl: str, want_logits: bool = False):
-    """Run `steps` decode steps for the slots rows[b] (`cache.slots` pads), feeding each alive row
-    its token at its length and sampling the next.
+def decode_steps(model_def: ModelDef, weights, cache: PagedCache, state: SlotState, rows, n_steps, knobs, mask=None,
+                 *, max_steps: int, impl: str, want_logits: bool = False):
+    """Run up to `n_steps` (<= max_steps) decode steps for the slots rows[b] (`cache.slots` pads),
+    feeding each alive row its token at its length and sampling the next; the block ends early
+    once no row is alive.
 
-    Returns (tokens [steps, B] int32, -1 where a row sampled nothing; the last step's logits [B, V]
-    float32 if `want_logits` (steps 1 only) else None; cache; state). `mask` (steps 1 only)
-    restricts row b's token to the ids whose bits are set in mask[b]."""
-    if (mask is not None or want_logits) and steps != 1:
-        raise ValueError("a token mask or logits need steps=1")
+    The step count is data, so one program per row count serves every block length (a `while`
+    loop; its body is the model once). Returns (tokens [max_steps, B] int32, -1 where a row sampled
+    nothing; the last step's logits [B, V] float32 if `want_logits` else None; cache; state).
+    `mask` restricts row b's tokens to the ids whose bits are set in mask[b] (constrained rows run
+    one step per dispatch, so it is one mask per row)."""
     model = model_def.merge(weights)
-    n_slots = cache.slots
+    n_slots, n_rows = cache.slots, rows.shape[0]
     slot = jnp.minimum(rows, n_slots - 1)
     row_knobs = {k: jnp.take(v, slot, axis=0) for k, v in knobs.items()}
     table = jnp.take(cache.page_table, slot, axis=0)
 
     def step(carry):
-        pages, tokens, lengths, alive, budget = carry
+        i, pages, tokens, lengths, alive, budget, out, _ = carry
         batch = cache.rows_batch(model.cfg, table, lengths, alive)
         h, pages = model(tokens[:, None], batch, pages, impl=impl)
         logits = model.logits(h[:, 0])
         lengths = lengths + alive.astype(jnp.int32)
         drawn = _replicated(_sample(logits, row_knobs, lengths, mask))
-        out = jnp.where(alive, drawn, -1)
+        out = out.at[i].set(jnp.where(alive, drawn, -1))
         budget = budget - alive.astype(jnp.int32)
         tokens = jnp.where(alive, drawn, tokens)
         alive = alive & (budget > 0) & ~_halted(drawn, row_knobs["halt"])
-        return (pages, tokens, lengths, alive, budget), out, logits
+        return i + 1, pages, tokens, lengths, alive, budget, out, (logits if want_logits else None)
 
-    carry = (cache.pages, jnp.take(state.tokens, slot), jnp.take(cache.lengths, slot),
-             jnp.take(state.alive, slot) & (rows < n_slots), jnp.take(state.budget, slot))
-    if steps == 1:  # no loop in the program: one step, and its logits when asked
-        carry, out, logits = step(carry)
-        out = out[None]
-    else:
-        def body(carry, _):
-            carry, out, _ = step(carry)
-            return carry, out
+    def more(carry):
+        i, alive = carry[0], carry[4]
+        return (i < jnp.minimum(n_steps, max_steps)) & jnp.any(alive)
 
-        carry, out = jax.lax.scan(body, carry, None, length=steps)
-        logits = None
-    pages, tokens, lengths, alive, budget = carry
+    logits0 = jnp.zeros((n_rows, model.cfg.vocab_size), jnp.float32) if want_logits else None
+    carry = (jnp.int32(0), cache.pages, jnp.take(state.tokens, slot), jnp.take(cache.lengths, slot),
+             jnp.take(state.alive, slot) & (rows < n_slots), jnp.take(state.budget, slot),
+             jnp.full((max_steps, n_rows), -1, jnp.int32), logits0)
+    _, pages, tokens, lengths, alive, budget, out, logits = jax.lax.while_loop(more, step, carry)
     state = SlotState(tokens=state.tokens.at[rows].set(tokens, mode="drop"),
                       alive=state.alive.at[rows].set(alive, mode="drop"),
                       budget=state.budget.at[rows].set(budget, mode="drop"))
     cache = dataclasses.replace(cache, pages=pages, lengths=cache.lengths.at[rows].set(lengths, mode="drop"))
-    return out, (logits if want_logits else None), cache, state
+    return out, logits, cache, state
 
 
 @functools.partial(jax.jit, donate_argnames=("state",))

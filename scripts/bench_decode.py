@@ -39,7 +39,7 @@ def step_bytes(model, batch: int, context: int) -> tuple[int, int]:
         if path == ("embed",):
             size = size // cfg.vocab_size * batch  # only the rows of this step's tokens
         elif is_routed_expert(path, var):
-            # distinct experts touched per layer under uniform routing (perf-targets.md)
+            # distinct experts touched per layer under uniform routing (docs/performance-targets.md)
             touched = cfg.n_routed_experts * (1 - (1 - cfg.num_experts_per_tok / cfg.n_routed_experts) ** batch)
             size = int(size * touched / cfg.n_routed_experts)
             experts += size
@@ -106,7 +106,8 @@ def main(argv=None) -> int:
               f"{r['step_ms']:.2f} | {r['tok_s']:,.0f} | {r['bytes_per_step'] / 1e9:.2f} GB | {r['roofline_ms']:.2f} | "
               f"{r['achieved_gb_s']:,.0f} ({r['achieved_gb_s'] / r['peak_gb_s']:.0%}) |")
     for batch, table in profiles.items():
-        print(f"\nprofile of 10 engine steps (one decode step each), batch {batch}, context {args.context}:")
+        print(f"\nprofile of 10 engine iterations (a block of decode steps each), batch {batch}, "
+              f"context {args.context}:")
         print(format_table(table))
     if args.json:
         with open(args.json, "w") as f:
@@ -116,14 +117,15 @@ def main(argv=None) -> int:
 
 
 def profile_steps(engine, prompts, steps: int = 10):
-    """Profile `steps` scheduler iterations of a running batch: each one dispatches a decode step
-    and reads the previous one's tokens, so host gaps show up as device idle time."""
+    """Profile `steps` scheduler iterations of a running batch: each one dispatches a block of
+    decode steps and reads the previous block's tokens, so host gaps show up as device idle time."""
     from kimi_jax.sampling import SamplingParams
+    from kimi_jax.scheduler import DEFAULT_DECODE_BLOCK
 
     engine.generate(prompts[:1], SamplingParams(max_new_tokens=2))  # the programs are compiled already
-    for p in prompts:
-        engine.submit(p, SamplingParams(max_new_tokens=steps + 8))
-    while engine._prefilling or engine._waiting or engine._inbox:  # prefill everything first
+    running = [engine.submit(p, SamplingParams(max_new_tokens=(steps + 8) * DEFAULT_DECODE_BLOCK))
+               for p in prompts]
+    while not all(r.tokens for r in running):  # prefill everything first
         engine.step()
     table = profile(engine.step, steps=steps, warmup=2)
     while engine.step():

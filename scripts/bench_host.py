@@ -28,16 +28,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from kimi_jax.config import TINY
-from kimi_jax.engine import DEFAULT_DECODE_STEPS, BatchEngine
+from kimi_jax.engine import BatchEngine
 from kimi_jax.model import KimiK2
 from kimi_jax.sampling import SamplingParams
-from kimi_jax.scheduler import DecodeWork
+from kimi_jax.scheduler import DEFAULT_DECODE_BLOCK, DecodeWork
 from kimi_jax.steps import SlotState
 
 
-def engine_ms_per_step(engine: BatchEngine, batch: int, tokens: int) -> float:
-    """Median over requests of (last token time - first token time) / steps between them."""
-    prompts = [[1 + i, 2, 3, 4] for i in range(batch)]
+def engine_ms_per_step(engine: BatchEngine, requests: int, tokens: int) -> float:
+    """Median over `requests` requests run together of (last token time - first token time) / steps
+    between them."""
+    prompts = [[1 + i, 2, 3, 4] for i in range(requests)]
     done = engine.generate(prompts, SamplingParams(max_new_tokens=tokens + 1))
     return 1e3 * float(np.median([(r.finished_at - r.first_token_at) / (len(r.tokens) - 1) for r in done]))
 
@@ -61,6 +62,18 @@ def device_ms_per_step(engine: BatchEngine, batch: int, steps: int, reps: int) -
     return 1e3 * (time.perf_counter() - t0) / (reps * steps)
 
 
+def idle_slot_ratio(model, slots: int, tokens: int) -> dict:
+    """One request alone in a 1-slot engine and in a `slots`-slot engine: ms per decode step of
+    each (the second must not pay for its idle slots)."""
+    out = {}
+    for n in (1, slots):
+        engine = BatchEngine(model, max_batch=n, max_len=2 * tokens + 64, chunk=16)
+        engine_ms_per_step(engine, 1, DEFAULT_DECODE_BLOCK + 2)  # compiles
+        out[n] = engine_ms_per_step(engine, 1, tokens)
+    return {"slots": slots, "alone_ms": round(out[1], 2), "one_of_many_ms": round(out[slots], 2),
+            "ratio": round(out[slots] / out[1], 3)}
+
+
 def mesh_context_us(reps: int = 2000) -> float:
     """Microseconds to enter and leave `jax.set_mesh` of a mesh over every local device."""
     mesh = jax.make_mesh((len(jax.devices()),), ("data",))
@@ -76,21 +89,30 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=61)
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--tokens", type=int, default=64, help="decode steps timed per request")
+    ap.add_argument("--checkpoint", help="instead: one request alone in a 1-slot and in a 32-slot engine of this "
+                                         "checkpoint (e.g. a K2-shaped INT4 slice), ms per decode step")
     ap.add_argument("--json", help="also write the rows to this file")
     args = ap.parse_args(argv)
+    if args.checkpoint:
+        import kimi_jax
+
+        row = idle_slot_ratio(kimi_jax.load(args.checkpoint, dtype="bfloat16"), 32, args.tokens)
+        print(json.dumps(row))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(row, f)
+        return 0
     cfg = TINY.replace(num_hidden_layers=args.layers, first_k_dense_replace=1)
     model = KimiK2(cfg, dtype=jnp.float32)
-    block = max(DEFAULT_DECODE_STEPS)
     rows = []
     for batch in [int(b) for b in args.batches.split(",")]:
-        for steps in ((1,), DEFAULT_DECODE_STEPS):
+        for n in (1, DEFAULT_DECODE_BLOCK):
             engine = BatchEngine(model, max_batch=batch, max_len=2 * args.tokens + 512, chunk=16,
-                                 prefill_rows=batch, decode_steps=steps)
+                                 prefill_rows=batch, decode_block=n)
             t0 = time.perf_counter()
-            engine_ms_per_step(engine, batch, max(steps) + 2)  # compiles prefill and the block
+            engine_ms_per_step(engine, batch, n + 2)  # compiles prefill and the decode program
             compile_s = time.perf_counter() - t0
             wall = engine_ms_per_step(engine, batch, args.tokens)
-            n = max(steps)
             device = device_ms_per_step(engine, batch, n, reps=max(2, args.tokens // n))
             row = dict(layers=args.layers, batch=batch, steps_per_dispatch=n, engine_ms_per_step=round(wall, 3),
                        device_ms_per_step=round(device, 3), overhead_ms_per_step=round(wall - device, 3),
@@ -108,7 +130,7 @@ def main(argv=None) -> int:
               f"{r['device_ms_per_step']:.2f} | {r['overhead_ms_per_step']:.3f} | {r['overhead_ms_per_dispatch']:.3f} |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"rows": rows, "set_mesh_us": ctx, "block": block}, f)
+            json.dump({"rows": rows, "set_mesh_us": ctx}, f)
     return 0
 
 

@@ -162,6 +162,25 @@ def static_decode_tok_s(runtime, batch: int, steps: int, prompt_len: int = 64) -
     return sum(len(r.tokens) - 1 for r in done) / (end - start)
 
 
+def lone_request_tpot_ms(runtime, steps: int) -> dict:
+    """Time per output token of one request alone: in the server's engine (every other slot idle)
+    and in a 1-slot engine over the same weights. Idle slots should cost nothing."""
+    from kimi_jax.engine import BatchEngine
+    from kimi_jax.sampling import SamplingParams
+
+    params = SamplingParams(max_new_tokens=steps, temperature=0.0)
+    alone = BatchEngine(runtime.model, max_batch=1, max_len=runtime.engine.max_len, chunk=runtime.engine.chunk,
+                        mesh=runtime.mesh, page_size=runtime.engine.page_size)
+    out = {}
+    for name, engine in (("one_slot_engine", alone), ("server_engine", runtime.engine)):
+        engine.generate([[11, 12, 13]], dataclasses.replace(params, max_new_tokens=2))  # compile
+        engine.generate([[21, 22, 23]], params)  # warm
+        (r,) = engine.generate([[31, 32, 33]], params)
+        out[name] = 1e3 * (r.finished_at - r.first_token_at) / (len(r.tokens) - 1)
+    out["ratio"] = out["server_engine"] / out["one_slot_engine"]
+    return out
+
+
 def machine() -> str:
     import jax
     from bench_cpu import cpu_name  # scripts/ is on the path when a script runs
@@ -200,13 +219,14 @@ def main(argv=None) -> int:
         engine.stop()
     batch = max(args.levels)
     static = static_decode_tok_s(service.runtime, batch, args.static_steps)
+    lone = lone_request_tpot_ms(service.runtime, args.static_steps)
     top = rows[-1]
     engine_metrics = engine.metrics()
     report = {
         "date": datetime.date.today().isoformat(), "machine": machine(),
         "command": " ".join(["python scripts/bench_serve.py", *(argv if argv is not None else sys.argv[1:])]),
         "levels": rows, "static_batch": batch, "static_decode_tok_s": static,
-        "ratio_at_top": top["output_tok_s"] / static,
+        "ratio_at_top": top["output_tok_s"] / static, "lone_request_tpot_ms": lone,
         "prefix_cache_fraction": sum(r["cached_fraction"] * r["prompt_tokens"] for r in rows)
         / max(1, sum(r["prompt_tokens"] for r in rows)),
         "engine_metrics": engine_metrics,
@@ -221,6 +241,8 @@ def main(argv=None) -> int:
     print(f"\nstatic-batch engine, batch {batch}: {static:.1f} decode tok/s; server at concurrency {top['concurrency']}: "
           f"{top['output_tok_s']:.1f} output tok/s = {100 * report['ratio_at_top']:.1f}% of it (goal >= 80%)")
     print(f"prompt tokens served from the prefix cache: {100 * report['prefix_cache_fraction']:.1f}% (goal >= 90%)")
+    print(f"one request alone: {lone['server_engine']:.1f} ms per token in the {batch}-slot engine, "
+          f"{lone['one_slot_engine']:.1f} ms in a 1-slot engine: {lone['ratio']:.2f}x (goal <= 1.2x)")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=2)

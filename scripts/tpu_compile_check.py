@@ -9,10 +9,11 @@ whose result has the shape of an expert weight, a scale or the cache pool, and r
 temporaries from the compiled memory analysis.
 
     python scripts/tpu_compile_check.py --target v5p:2x2x2 --mesh tensor=8 --config k2
-    python scripts/tpu_compile_check.py --target tpu7x:2x2x1 --config k2 --layout ct --kv-layout rows
+    python scripts/tpu_compile_check.py --target tpu7x:2x2x1 --config k2 --packing ct --page-order rows
 
---layout ct / --kv-layout rows compile the checkpoint layout and the row-per-token pages instead,
-the "before" of this check. --schedule DIR keeps libtpu's dumps in DIR and prints, per Mosaic
+--packing ct / --page-order rows compile the checkpoint's INT4 packing (which no TPU kernel reads:
+its experts go through the XLA reference) and the row-per-token pages instead, the "before" of
+this check. --schedule DIR keeps libtpu's dumps in DIR and prints, per Mosaic
 kernel, the static schedule of its innermost loop body (VLIW bundles and the slots they fill): the
 compiler's own count of what a step costs, the nearest thing to a timing without a TPU.
 """
@@ -33,7 +34,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile for the TPU, run nothin
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 COPYING_OPS = ("copy", "copy-start", "transpose", "bitcast-convert")
-KERNELS = ("int4_swiglu_tpu_layout", "int4_matmul_tpu_layout", "int4_swiglu_tpu", "int4_matmul_tpu",
+KERNELS = ("int4_swiglu_tpu", "int4_matmul_tpu",
            "paged_mla_attention_tpu")
 
 
@@ -56,18 +57,18 @@ class Dims:
 CONFIGS = {
     # K2 Thinking's shapes: one layer, batch 8 at 4K context.
     "k2": Dims(hidden=7168, expert_hidden=2048, experts=384, top_k=8, tokens=8, heads=64, context=4096),
-    # Small, yet every checkpoint-layout minor dim misses 128 under tensor=8 (scales 16, down words 32).
+    # Small, yet every checkpoint-packing minor dim misses 128 under tensor=8 (scales 16, down words 32).
     "tiny": Dims(hidden=512, expert_hidden=2048, experts=64, top_k=4, tokens=4, heads=64, context=512),
 }
 
 
-def expert_arrays(dims: Dims, layout: str):
+def expert_arrays(dims: Dims, packing: str):
     """Global abstract shapes of one layer's (packed, scale) gate, up, down and their specs."""
     import jax.numpy as jnp
     from jax.sharding import PartitionSpec as P
 
     e, d, f, g = dims.experts, dims.hidden, dims.expert_hidden, dims.group
-    if layout == "tpu":  # [E, K/8, N], [E, K/g, N]
+    if packing == "tpu":  # [E, K/8, N], [E, K/g, N]
         gate = ((e, d // 8, f), (e, d // g, f), P("expert", None, "tensor"))
         down = ((e, f // 8, d), (e, f // g, d), P("expert", "tensor", None))
     else:  # checkpoint [E, N, K/8], [E, N, K/g]
@@ -76,7 +77,7 @@ def expert_arrays(dims: Dims, layout: str):
     return [(jnp.int32, p, jnp.bfloat16, s, spec) for p, s, spec in (gate, gate, down)]
 
 
-def moe_block(dims: Dims, mesh, layout: str):
+def moe_block(dims: Dims, mesh, packing: str):
     """(function, abstract args) of one routed-expert block, sharded as the model shards it."""
     import jax
     import jax.numpy as jnp
@@ -86,12 +87,12 @@ def moe_block(dims: Dims, mesh, layout: str):
     from kernels_pallas import ops
     from kimi_jax.moe import dispatch
 
-    arrays = expert_arrays(dims, layout)
+    arrays = expert_arrays(dims, packing)
     n_local = dims.experts // mesh.shape["expert"]
 
     def ffn(xs, sizes, gp, gs, up, us, dp, ds):
-        h = ops.grouped_int4_swiglu(xs, gp, gs, up, us, sizes, layout=layout, impl="pallas_tpu")
-        return ops.grouped_int4_matmul(h, dp, ds, sizes, layout=layout, impl="pallas_tpu")
+        h = ops.grouped_int4_swiglu(xs, gp, gs, up, us, sizes, packing=packing, impl="pallas_tpu")
+        return ops.grouped_int4_matmul(h, dp, ds, sizes, packing=packing, impl="pallas_tpu")
 
     def body(x, w, idx, *weights):
         offset = jax.lax.axis_index("expert") * n_local
@@ -111,7 +112,7 @@ def moe_block(dims: Dims, mesh, layout: str):
     return block, args
 
 
-def attention_block(dims: Dims, mesh, kv_layout: str):
+def attention_block(dims: Dims, mesh, page_order: str):
     """(function, abstract args) of the paged decode attention: heads over `tensor`, cache shared."""
     import jax
     import jax.numpy as jnp
@@ -122,12 +123,12 @@ def attention_block(dims: Dims, mesh, kv_layout: str):
 
     rows, width = dims.tokens, dims.lora + dims.rope
     table_pages = dims.context // dims.page
-    pool = (rows * table_pages + 1, dims.page, width) if kv_layout == "rows" else \
+    pool = (rows * table_pages + 1, dims.page, width) if page_order == "rows" else \
         (rows * table_pages + 1, width, dims.page)
     heads = P(None, None, "tensor", None)
 
     def body(q_lat, q_pe, kv_pages, table, q_start, kv_len):
-        return ops.paged_attention(q_lat, q_pe, kv_pages, table, q_start, kv_len, scale=0.1, kv_layout=kv_layout,
+        return ops.paged_attention(q_lat, q_pe, kv_pages, table, q_start, kv_len, scale=0.1, page_order=page_order,
                                    impl="pallas_tpu")
 
     block = jax.shard_map(body, mesh=mesh, in_specs=(heads, heads, P(), P(), P(), P()), out_specs=heads,
@@ -181,7 +182,7 @@ def compile_report(fn, args, watched) -> dict:
             "compile_seconds": round(time.perf_counter() - t0, 1)}
 
 
-def check(target: str, mesh_text: str, dims: Dims, layout: str = "tpu", kv_layout: str = "lanes") -> dict:
+def check(target: str, mesh_text: str, dims: Dims, packing: str = "tpu", page_order: str = "lanes") -> dict:
     """Compile both blocks for `target`; see the module docstring."""
     import jax
 
@@ -191,16 +192,16 @@ def check(target: str, mesh_text: str, dims: Dims, layout: str = "tpu", kv_layou
     spec = MeshSpec.parse(mesh_text)
     devices = target_devices(target, spec.size)
     mesh = make_mesh(spec, devices[:spec.size])
-    out = {"target": target, "device_kind": devices[0].device_kind, "mesh": str(spec), "layout": layout,
-           "kv_layout": kv_layout, "dims": dataclasses.asdict(dims)}
+    out = {"target": target, "device_kind": devices[0].device_kind, "mesh": str(spec), "packing": packing,
+           "page_order": page_order, "dims": dataclasses.asdict(dims)}
     with jax.set_mesh(mesh):
-        fn, args = moe_block(dims, mesh, layout)
+        fn, args = moe_block(dims, mesh, packing)
         weights = args[3:]
         watched = {local_shape(a.shape, a.sharding.spec, mesh) for a in weights} | {a.shape for a in weights}
         out["moe"] = compile_report(fn, args, watched)
         out["moe"]["expert_slab_bytes"] = sum(
             math.prod(local_shape(a.shape, a.sharding.spec, mesh)) * a.dtype.itemsize for a in weights)
-        fn, args = attention_block(dims, mesh, kv_layout)
+        fn, args = attention_block(dims, mesh, page_order)
         out["attention"] = compile_report(fn, args, {args[2].shape})
         out["attention"]["pool_bytes"] = args[2].size * args[2].dtype.itemsize
     return out
@@ -235,22 +236,22 @@ def main(argv=None) -> int:
     ap.add_argument("--target", default="v5p:2x2x2", help="a TPU topology, e.g. v5p:2x2x2 or tpu7x:2x2x1")
     ap.add_argument("--mesh", default="tensor=8", help="data=..,expert=..,tensor=.. over the topology's devices")
     ap.add_argument("--config", choices=sorted(CONFIGS), default="k2")
-    ap.add_argument("--layout", choices=("tpu", "ct"), default="tpu", help="expert layout")
-    ap.add_argument("--kv-layout", choices=("lanes", "rows"), default="lanes", help="cache page layout")
+    ap.add_argument("--packing", choices=("tpu", "ct"), default="tpu", help="INT4 expert packing")
+    ap.add_argument("--page-order", choices=("lanes", "rows"), default="lanes", help="cache page order")
     ap.add_argument("--schedule", metavar="DIR", help="keep libtpu's dumps here; print the kernels' schedules")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     if args.schedule:  # read when libtpu starts, so before anything compiles
         os.environ["LIBTPU_INIT_ARGS"] = (os.environ.get("LIBTPU_INIT_ARGS", "") +
                                           f" --xla_jf_dump_to={args.schedule} --xla_jf_dump_llo_text=true")
-    r = check(args.target, args.mesh, CONFIGS[args.config], args.layout, args.kv_layout)
+    r = check(args.target, args.mesh, CONFIGS[args.config], args.packing, args.page_order)
     if args.schedule:
         r["schedule"] = {k: schedule_summary(args.schedule, k) for k in KERNELS}
     if args.json:
         print(json.dumps(r))
         return 0
-    print(f"{args.config} on {r['target']} ({r['device_kind']}), mesh {r['mesh']}, experts {r['layout']}, "
-          f"pages {r['kv_layout']}")
+    print(f"{args.config} on {r['target']} ({r['device_kind']}), mesh {r['mesh']}, experts {r['packing']}, "
+          f"pages {r['page_order']}")
     moe, att = r["moe"], r["attention"]
     print(f"expert block: temporaries {moe['temp_bytes'] / 1e6:,.1f} MB per device (local expert slab "
           f"{moe['expert_slab_bytes'] / 1e6:,.1f} MB), {len(moe['copies'])} weight-shaped copies, "

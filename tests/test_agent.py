@@ -48,10 +48,13 @@ class ScriptedEngine:
     engine, and through the request's constraint: a scripted token its mask refuses raises Refused.
     Records the prompts and constraints it was given."""
 
-    def __init__(self, tok, outputs, max_len=4096):
+    def __init__(self, tok, outputs, max_len=4096, interrupt_after=None):
         self.tok, self.outputs, self.max_len, self.prompts, self.constraints = tok, list(outputs), max_len, [], []
+        self.interrupt_after = interrupt_after  # tokens into the first request, Ctrl-C arrives
 
     def submit(self, prompt, sampling, on_event=None, constraint=None):
+        if len(prompt) >= self.max_len:  # the real engine's rule and message
+            raise KimiError(f"prompt of {len(prompt)} tokens does not fit the context of {self.max_len} tokens")
         self.prompts.append(prompt)
         self.constraints.append(constraint)
         out = self.outputs.pop(0)
@@ -61,13 +64,17 @@ class ScriptedEngine:
 
     def wait(self, requests):
         for r in requests:
-            script = iter(r.ids) if isinstance(r.ids, list) else iter(lambda r=r: r.ids.next_token(r.gate.mask), None)
+            script = (iter(r.ids[len(r.tokens):]) if isinstance(r.ids, list)
+                      else iter(lambda r=r: r.ids.next_token(r.gate.mask), None))
             for tok in script:
                 if r.finish_reason:
                     break
                 if r.cancelled:
                     r.finish_reason = "cancelled"
                     break
+                if len(r.tokens) == self.interrupt_after:
+                    self.interrupt_after = None
+                    raise KeyboardInterrupt
                 r.gate.take(tok)
                 r.tokens.append(tok)
                 if len(r.tokens) >= r.limit:
@@ -102,8 +109,8 @@ def tokenizer(tmp_path_factory):
     return Tokenizer.from_dir(path)
 
 
-def runtime(tokenizer, outputs, max_len=4096):
-    return FakeRuntime(tokenizer, ChatTemplate.default(), ScriptedEngine(tokenizer, outputs, max_len))
+def runtime(tokenizer, outputs, max_len=4096, interrupt_after=None):
+    return FakeRuntime(tokenizer, ChatTemplate.default(), ScriptedEngine(tokenizer, outputs, max_len, interrupt_after))
 
 
 def call(name, args, idx=0, reasoning="Use a tool."):
@@ -184,10 +191,43 @@ def test_max_steps_ends_the_turn_with_a_reason(tokenizer):
     assert result.stop_reason == "max_steps" and len(result.steps) == 3 and result.tool_calls
 
 
-def test_context_exhaustion_is_a_stop_reason_not_a_crash(tokenizer):
-    rt = runtime(tokenizer, [call("calculator", '{"expression":"1+1"}')], max_len=60)
-    result = Conversation(rt, tools=builtin_tools()).send("x" * 200)
-    assert result.stop_reason == "context"
+def test_a_message_longer_than_the_context_is_an_error_and_leaves_the_history_as_it_was(tokenizer):
+    rt = runtime(tokenizer, [answer("Hi.")], max_len=60)
+    conv = Conversation(rt, system="Be brief.")
+    with pytest.raises(KimiError, match="does not fit the context of 60 tokens"):
+        conv.send("x" * 200)
+    assert conv.messages == [{"role": "system", "content": "Be brief."}]
+    assert conv.send("hi").content == "Hi."  # the conversation goes on
+
+
+def test_tool_results_that_fill_the_context_end_the_turn_with_a_reason(tokenizer):
+    first = call("calculator", '{"expression":"1+1"}')
+    prompt = Conversation(runtime(tokenizer, []), tools=builtin_tools())
+    prompt.messages.append({"role": "user", "content": "add"})
+    room = len(prompt._prompt_ids()) + len(tokenizer.encode(first, allow_special=True)) + 5
+    rt = runtime(tokenizer, [first], max_len=room)  # the call fits; the call and its result do not
+    conv = Conversation(rt, tools=builtin_tools())
+    result = conv.send("add")
+    assert result.stop_reason == "context" and result.steps[0]["tool_results"][0]["content"] == '{"result":2}'
+    assert [m["role"] for m in conv.messages] == ["user", "assistant", "tool"]
+
+
+@pytest.mark.parametrize("where", ["while generating", "while a tool runs"])
+def test_a_turn_stopped_with_ctrl_c_is_left_out_of_the_next_prompt(tokenizer, where):
+    outputs = [call("calculator", '{"expression":"4*7"}'), answer("42.")]
+    rt = runtime(tokenizer, outputs, interrupt_after=3 if where == "while generating" else None)
+
+    def on_event(event):
+        if where == "while a tool runs" and isinstance(event, ToolResultEvent):
+            raise KeyboardInterrupt
+
+    conv = Conversation(rt, tools=builtin_tools())
+    assert conv.send("What is 4 * 7?", on_event).stop_reason == "cancelled"
+    assert conv.messages == []
+    assert conv.send("What is 6 * 7?").content == "42."
+    fresh = Conversation(runtime(tokenizer, []), tools=builtin_tools())
+    fresh.messages.append({"role": "user", "content": "What is 6 * 7?"})
+    assert rt.engine.prompts[-1] == fresh._prompt_ids()  # as if the stopped turn never happened
 
 
 def test_tool_call_inside_unfinished_thinking_still_runs(tokenizer):

@@ -21,7 +21,7 @@ def _case(rng, layout, n_pages=6, width=24, size=128, n=7):
 @pytest.mark.parametrize("layout", ["rows", "lanes"])
 def test_the_reference_puts_each_token_at_its_page_and_slot(layout):
     pool, page, slot, rows = _case(np.random.default_rng(0), layout)
-    out = np.asarray(write_pages_ref(pool, page, slot, rows, kv_layout=layout))
+    out = np.asarray(write_pages_ref(pool, page, slot, rows, page_order=layout))
     for i in range(len(page)):
         got = out[page[i], slot[i]] if layout == "rows" else out[page[i], :, slot[i]]
         np.testing.assert_array_equal(got, np.asarray(rows[i]))
@@ -36,6 +36,6 @@ def test_the_reference_puts_each_token_at_its_page_and_slot(layout):
 
 def test_the_tpu_kernel_writes_lanes_pages_like_the_reference():
     pool, page, slot, rows = _case(np.random.default_rng(1), "lanes")
-    want = write_pages_ref(pool, page, slot, rows, kv_layout="lanes")
-    got = ops.write_pages(pool, page, slot, rows, kv_layout="lanes", impl="interpret_tpu")
+    want = write_pages_ref(pool, page, slot, rows, page_order="lanes")
+    got = ops.write_pages(pool, page, slot, rows, page_order="lanes", impl="interpret_tpu")
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

@@ -82,6 +82,16 @@ def test_nothing_cites_the_spec_outside_the_repository():
     assert not stale, "cite docs/k2-format.md instead:\n" + "\n".join(stale)
 
 
+def test_no_page_or_source_points_outside_the_repository():
+    # The repository stands alone: the facts its code and docs cite live in docs/.
+    files = [*ROOT.glob("*.md"), *ROOT.glob("docs/*.md"), *ROOT.glob("kimi_jax/**/*.py"), *ROOT.glob("scripts/*.py"),
+             *ROOT.glob("kernels_pallas/**/*.py"), *ROOT.glob("notebooks/*.ipynb")]
+    outside = [f"{path.relative_to(ROOT)}: {line.strip()}" for path in files
+               for line in path.read_text(encoding="utf-8").splitlines()
+               if "../shared" in line or "perf-targets.md" in line]
+    assert not outside, "\n".join(outside)
+
+
 def test_config_table_holds_the_k2_thinking_preset():
     preset = K2_THINKING.to_hf()
     table = {}

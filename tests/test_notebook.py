@@ -74,11 +74,13 @@ def test_the_notebook_runs_top_to_bottom_on_one_cpu_device(executed):
     install, load, chat, raw, layer, forward, router, mesh, *k2 = executed
     assert "nothing to install" in _text(install)
     assert "1 CPU device(s)" in _text(load)
+    assert "compiled programs are kept in" in _text(load)  # Runtime.load turned the cache on by itself
     out = _text(chat)
     assert 'tool call: calculator({"expression":"17 * 23"}) -> {"result":391}' in out and "391" in out
     assert "<think>" in _text(raw) and "<|tool_call_begin|>" in _text(raw)
     assert "packed (8, 256, 32) int32" in _text(layer)
     assert "logits (1, " in _text(forward)
     assert any("image/png" in output.get("data", {}) for output in router.outputs)
+    assert _text(router).count("tokens per expert") == 3  # one line per MoE layer of the nano model
     assert "same next token on the mesh: True" in _text(mesh)
     assert all(not cell.outputs for cell in k2)  # the flag is off: those cells print nothing

@@ -5,6 +5,7 @@ every request loop is bounded in count and time."""
 import asyncio
 import http.client
 import json
+import re
 import threading
 import time
 import urllib.error
@@ -100,6 +101,9 @@ def test_models_health_and_metrics(server, client):
     with urllib.request.urlopen(server.url + "/metrics", timeout=10) as r:
         text = r.read().decode()
     assert "# TYPE kimi_jax_slots_busy gauge" in text and "kimi_jax_prefix_cache_hit_rate " in text
+    types = dict(re.findall(r"^# TYPE kimi_jax_(\w+) (\w+)$", text, re.MULTILINE))
+    assert types["requests_finished"] == types["generated_tokens"] == "counter"
+    assert set(types) == set(metrics(server)) and "untyped" not in types.values(), types
     assert {"slots_busy", "slots_total", "queue_len", "pages_used", "pages_total", "prefix_cache_hit_rate",
             "tokens_per_second"} <= set(metrics(server))
 
@@ -347,6 +351,8 @@ def test_bodies_that_are_not_json_or_too_large_are_refused(server):
     conn.close()
     status, answer = post(server, "/v1/completions", json.dumps({"prompt": [1, 10 ** 9]}).encode())
     assert (status, answer["error"]["param"]) == (400, "prompt")
+    status, answer = post(server, "/v1/completions", json.dumps({"prompt": [1] * 1024}).encode())
+    assert (status, answer["error"]["code"]) == (400, "context_length_exceeded")  # --max-len 1024
     status, answer = post(server, "/v1/nothing", b"{}")
     assert status == 404 and answer["error"]["code"] == "not_found"
     with pytest.raises(urllib.error.HTTPError) as e:

@@ -107,10 +107,11 @@ def test_memory_plan_of_a_mid_size_config(tmp_path, capsys):
     assert "data=1,expert=8,tensor=1" in meshes and "data=1,expert=2,tensor=4" in meshes
     assert all("tensor=8" not in m for m in meshes)
     assert p["context"] == max(c["context"] for c in p["candidates"])
-    # one 4096-token sequence in 64-token pages plus the discard page; (kv_lora + rope) bf16 per token
-    # and layer, plus the page table and lengths
-    assert (p["pages"], p["page_size"]) == (65, 64)
-    assert p["cache_bytes"] == cfg.num_hidden_layers * 65 * 64 * (32 + 8) * 2 + 64 * 4 + 4
+    # The engine's own pool: the slot's 4096-token sequence and as much again for cached prefixes,
+    # in 64-token pages, plus the discard page; (kv_lora + rope) bf16 per token and layer, plus the
+    # page table and lengths
+    assert (p["pages"], p["page_size"]) == (129, 64)
+    assert p["cache_bytes"] == cfg.num_hidden_layers * 129 * 64 * (32 + 8) * 2 + 64 * 4 + 4
     assert 0 < p["expert_weight_bytes"] < p["weight_bytes"]
     assert p["prefill_temp_bytes"] > 0 and p["decode_temp_bytes"] > 0
     assert p["fits"]["1 GB"]["1"] > p["fits"]["1 GB"]["8"] > 0

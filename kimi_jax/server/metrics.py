@@ -11,11 +11,14 @@ _HELP = {
     "slots_total": ("gauge", "decode slots"),
     "queue_len": ("gauge", "requests waiting for a slot"),
     "pages_used": ("gauge", "latent-cache pages in use"),
+    "pages_cached": ("gauge", "free latent-cache pages still holding a reusable prefix"),
     "pages_total": ("gauge", "latent-cache pages"),
+    "page_size": ("gauge", "tokens per latent-cache page"),
     "prefix_cache_hit_rate": ("gauge", "fraction of prompt tokens served from the prefix cache"),
     "prompt_tokens": ("counter", "prompt tokens submitted"),
     "cached_tokens": ("counter", "prompt tokens served from the prefix cache"),
     "generated_tokens": ("counter", "tokens generated"),
+    "requests_finished": ("counter", "requests the engine finished, whatever the reason"),
     "tokens_per_second": ("gauge", "generated tokens per second, recent"),
     "streams_active": ("gauge", "streaming responses in progress"),
     "requests_cancelled": ("counter", "requests whose client left before the end"),
@@ -46,6 +49,8 @@ class Counters:
 def prometheus_text(values: dict) -> str:
     lines = []
     for name, value in values.items():
-        kind, text = _HELP.get(name, ("gauge", name.replace("_", " ")))
+        # A value missing from _HELP is 'untyped', never guessed: a counter typed as a gauge misleads
+        # rate() and alerts (tests/test_server.py checks that every value is listed).
+        kind, text = _HELP.get(name, ("untyped", name.replace("_", " ")))
         lines += [f"# HELP {PREFIX}{name} {text}", f"# TYPE {PREFIX}{name} {kind}", f"{PREFIX}{name} {float(value):g}"]
     return "\n".join(lines) + "\n"
