@@ -91,7 +91,7 @@ def build_service(args, *, mirror: bool = False):
                         strict_tools=not args.no_strict_tools)
     service = Service(rt, engine, settings)
     if not args.no_warmup:  # every process: the programs run as collectives over the whole mesh
-        engine.warm_up()
+        engine.warm_up(masks=settings.strict_tools)  # strict tool calls run the masked programs
     if not distributed.is_main():
         return service, engine
     engine.start()
