@@ -13,6 +13,10 @@ A record holds every choice that depends on the platform and on nothing else:
   page_order      how a cache page holds its tokens (paged_attention.py): "rows", a token per row,
                   except on TPU: "lanes", a token per lane column, so the 576-wide rows of K2 do not
                   make XLA relayout the whole pool (paged_attention_tpu.py, cache_write.py)
+  cache_words     whether a bf16 cache pool is stored as its raw 16-bit words (uint16): on CPU, where
+                  XLA converts a whole bf16 array to float32 for each gather, scatter or update in
+                  it, a bf16 pool cost three whole-pool conversions per layer and decode step, so a
+                  step's cost grew with the pool rather than the rows (paged_attention.pool_values)
   page_size       tokens per cache page by default: on TPU 128, one lane tile of "lanes" pages;
                   elsewhere 64, since requests share only whole pages of a common prefix and smaller
                   pages share more of it
@@ -43,10 +47,12 @@ class Backend:
     expert_packing: str
     page_order: str
     page_size: int
+    cache_words: bool = False
 
 
 BACKENDS = {
-    "cpu": Backend("cpu", impl="xla", expert_packing="ct", page_order="rows", page_size=64),
+    "cpu": Backend("cpu", impl="xla", expert_packing="ct", page_order="rows", page_size=64,
+                   cache_words=True),
     "gpu": Backend("gpu", impl="pallas_gpu", expert_packing="ct", page_order="rows", page_size=64),
     "tpu": Backend("tpu", impl="pallas_tpu", expert_packing="tpu", page_order="lanes", page_size=128),
 }

@@ -19,11 +19,13 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from kernels_pallas.paged_attention import pool_words
+
 __all__ = ["write_pages_ref", "write_pages_tpu"]
 
 
 def write_pages_ref(kv_pages, page, slot, rows, *, page_order: str = "rows"):
-    rows = rows.astype(kv_pages.dtype)
+    rows = pool_words(rows, kv_pages.dtype)
     if page_order == "rows":
         return kv_pages.at[page, slot].set(rows)
     return kv_pages.at[page, :, slot].set(rows)

@@ -44,6 +44,8 @@ import functools
 import logging
 from typing import Callable
 
+import jax.numpy as jnp
+
 from kernels_pallas import (
     cache_write,
     experts_gpu,
@@ -176,6 +178,16 @@ grouped_matmul = Op("grouped_matmul", experts_xla.grouped_matmul_ref,
                     {impl: _ragged_dot for impl in IMPLS if impl != "xla"})
 
 
+def _values_pool(pool_arg: int, unsupported: Callable[..., str | None]) -> Callable[..., str | None]:
+    """`unsupported`, after refusing a pool of bf16 words (paged_attention.pool_values): only the
+    XLA reference reads those (on CPU, where XLA converts whole bf16 arrays it gathers from)."""
+    def check(*args, **kwargs):
+        if args[pool_arg].dtype == jnp.uint16:
+            return "a pool of bf16 words (uint16) is read by the XLA reference only"
+        return unsupported(*args, **kwargs)
+    return check
+
+
 def _gpu_attention_support(*args, page_order="rows", **kwargs):
     if page_order != "rows":
         return f"the GPU attention kernel reads page_order 'rows', not {page_order!r}"
@@ -185,9 +197,9 @@ def _gpu_attention_support(*args, page_order="rows", **kwargs):
 paged_attention = Op("paged_attention", paged_attention_module.paged_attention_ref,
                      _pallas(gpu=_without("page_order", paged_attention_gpu.paged_attention_gpu),
                              tpu=paged_attention_tpu.paged_attention_tpu,
-                             gpu_unsupported=_gpu_attention_support,
-                             tpu_unsupported=paged_attention_tpu.unsupported_reason))
+                             gpu_unsupported=_values_pool(2, _gpu_attention_support),
+                             tpu_unsupported=_values_pool(2, paged_attention_tpu.unsupported_reason)))
 
 
 write_pages = Op("write_pages", cache_write.write_pages_ref,
-                 _pallas(tpu=cache_write.write_pages_tpu))
+                 _pallas(tpu=cache_write.write_pages_tpu, tpu_unsupported=_values_pool(0, _always)))

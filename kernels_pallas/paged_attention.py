@@ -16,6 +16,11 @@ is not a multiple of 128 in a transposed tiling that a Pallas kernel cannot read
 of layout is the kernel's, and nothing is copied. (With "rows", width 576 for K2, XLA copies the
 whole pool on every call.)
 
+A pool may hold bfloat16 values as raw 16-bit words (dtype uint16; backends.Backend.cache_words):
+XLA:CPU converts a whole bf16 array to float32 for every gather, scatter or update-slice on it, so
+a bf16 pool costs two whole-pool conversions per layer and step there; on words the same gathers
+and writes touch only the rows they move. The reference reads and writes either kind.
+
 Query c of row b sits at position q_start[b] + c and sees the keys at positions s with
 s <= q_start[b] + c and s < kv_len[b]:
 
@@ -37,7 +42,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["paged_attention_ref", "gather_pages", "PAGE_ORDERS", "page_size"]
+__all__ = ["paged_attention_ref", "gather_pages", "PAGE_ORDERS", "page_size", "pool_values", "pool_words"]
 
 PAGE_ORDERS = ("rows", "lanes")
 
@@ -49,12 +54,24 @@ def page_size(kv_pages, page_order: str = "rows") -> int:
     return kv_pages.shape[1] if page_order == "rows" else kv_pages.shape[2]
 
 
+def pool_values(x: jax.Array) -> jax.Array:
+    """Values read from a pool: words of a uint16 pool are bfloat16 values."""
+    return lax.bitcast_convert_type(x, jnp.bfloat16) if x.dtype == jnp.uint16 else x
+
+
+def pool_words(rows: jax.Array, pool_dtype) -> jax.Array:
+    """`rows` as a pool of `pool_dtype` stores them (bfloat16 words in a uint16 pool)."""
+    if pool_dtype == jnp.uint16:
+        return lax.bitcast_convert_type(rows.astype(jnp.bfloat16), jnp.uint16)
+    return rows.astype(pool_dtype)
+
+
 def gather_pages(kv_pages, page_table, first: int | jax.Array, n: int, page_order: str = "rows"):
     """Tokens of pages page_table[:, first:first + n] for every row: [R, n * S, r + p]."""
     rows = page_table.shape[0]
     page = page_size(kv_pages, page_order)
     pages = lax.dynamic_slice_in_dim(page_table, first, n, axis=1)  # [R, n]
-    tokens = jnp.take(kv_pages, pages.reshape(-1), axis=0)  # [R * n, S, w] (rows) or [R * n, w, S]
+    tokens = pool_values(jnp.take(kv_pages, pages.reshape(-1), axis=0))  # [R * n, S, w] (rows) or [R * n, w, S]
     if page_order == "lanes":
         tokens = jnp.swapaxes(tokens, 1, 2)
     return tokens.reshape(rows, n * page, tokens.shape[2])

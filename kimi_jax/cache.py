@@ -63,22 +63,24 @@ class PagedCache:
 
     @classmethod
     def create(cls, cfg: Config, *, slots: int, max_len: int, page_size: int, n_pages: int, dtype,
-               mesh=None, page_order: str = "rows") -> "PagedCache":
+               mesh=None, page_order: str = "rows", words: bool = False) -> "PagedCache":
         """An empty cache placed (committed) where the compiled steps leave their outputs, so the
         first call and every later one hit the same compiled program."""
         spec = cls.abstract(cfg, slots=slots, max_len=max_len, page_size=page_size, n_pages=n_pages, dtype=dtype,
-                            mesh=mesh, page_order=page_order)
+                            mesh=mesh, page_order=page_order, words=words)
         return jax.tree.map(lambda s: _zeros(s.shape, s.dtype, s.sharding)(), spec)
 
     @classmethod
     def abstract(cls, cfg: Config, *, slots: int, max_len: int, page_size: int, n_pages: int, dtype,
-                 mesh=None, page_order: str = "rows") -> "PagedCache":
-        """The cache as ShapeDtypeStructs carrying their shardings (the planner compiles with it)."""
+                 mesh=None, page_order: str = "rows", words: bool = False) -> "PagedCache":
+        """The cache as ShapeDtypeStructs carrying their shardings (the planner compiles with it).
+        `words`: a bf16 pool is stored as its raw 16-bit words (kernels_pallas/backends.py)."""
         if page_order not in ("rows", "lanes"):
             raise ValueError(f"unknown page_order {page_order!r}")
         pool_shape = (n_pages, page_size, cfg.cache_dim) if page_order == "rows" else \
             (n_pages, cfg.cache_dim, page_size)
-        pool = jax.ShapeDtypeStruct(pool_shape, jnp.dtype(dtype),
+        pool_dtype = jnp.dtype(jnp.uint16) if words and jnp.dtype(dtype) == jnp.bfloat16 else jnp.dtype(dtype)
+        pool = jax.ShapeDtypeStruct(pool_shape, pool_dtype,
                                     sharding=sharding_for(POOL_AXES, pool_shape, mesh, name="cache pages"))
         table_shape = (slots, pages_for(max_len, page_size))
         return cls(

@@ -146,7 +146,8 @@ class BatchEngine:
             raise KimiError(f"a cache of {n_pages} pages of {self.page_size} tokens cannot hold one request of "
                             f"max_len {max_len} tokens" + (f" per data shard ({data})" if data > 1 else ""))
         cache = PagedCache.create(self.cfg, slots=max_batch, max_len=max_len, page_size=self.page_size,
-                                  n_pages=n_pages, dtype=model.dtype, mesh=mesh, page_order=backend.page_order)
+                                  n_pages=n_pages, dtype=model.dtype, mesh=mesh, page_order=backend.page_order,
+                                  words=backend.cache_words)
         self.device = JaxDevice(model, cache, mesh=mesh, impl=self.impl, max_steps=decode_block)
         self.scheduler = Scheduler(self.device, max_batch=max_batch, max_len=max_len, chunk=chunk, pool=self.pool,
                                    prefill_rows=prefill_rows, decode_block=decode_block)

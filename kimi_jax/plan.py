@@ -125,7 +125,7 @@ def compile_steps(cfg, *, devices, mesh_text: str | None, max_len: int, batch: i
     model_def, weights = split_state(graphdef, state)
     n_pages = default_pool_pages(batch, max_len, page_size, spec.data)  # what the engine allocates
     cache = PagedCache.abstract(cfg, slots=batch, max_len=max_len, page_size=page_size, n_pages=n_pages,
-                                dtype=jdtype, mesh=mesh, page_order=page_order)
+                                dtype=jdtype, mesh=mesh, page_order=page_order, words=backend.cache_words)
     rep = NamedSharding(mesh, P())
     sds = jax.ShapeDtypeStruct
     ints = lambda *shape: sds(shape, jnp.int32, sharding=rep)  # noqa: E731

@@ -52,3 +52,18 @@ def test_cpu_decode_and_prefill_hold_no_float32_copy_of_the_vocabulary_matrices(
     lm_head = VOCAB * WIDTH * 2
     for name, program in compiled.items():
         assert program.memory_analysis().temp_size_in_bytes < lm_head / 2, name
+
+
+def test_cpu_decode_temporaries_do_not_grow_with_the_page_pool():
+    # XLA:CPU converted a whole bf16 pool to float32 around every cache write and read (three
+    # whole-pool passes per layer and step), so a lone request in a 32-slot engine decoded 7x slower
+    # than in a 1-slot one. The CPU backend stores the pool as bf16 words; no pool-sized temporary.
+    cfg = TINY.replace(quantization=Int4Quant(group_size=16))
+    temps, pools = [], []
+    for max_len in (64, 4096):
+        _, compiled, _, cache = plan.compile_steps(cfg, devices=jax.devices()[:1], mesh_text="data=1",
+                                                   max_len=max_len, batch=2, chunk=16, steps=("decode",))
+        temps.append(compiled["decode"].memory_analysis().temp_size_in_bytes)
+        pools.append(cache.pages[0].size * cache.pages[0].dtype.itemsize)
+    assert temps[1] - temps[0] < (pools[1] - pools[0]) / 10, (temps, pools)
+    assert cache.pages[0].dtype == jnp.uint16

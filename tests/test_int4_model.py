@@ -79,7 +79,8 @@ _CALLS = ("jit", "pjit", "shard_map", "closed_call", "custom_jvp_call", "custom_
 
 def _weight_uses(jaxpr, weights) -> set[str]:
     """Primitives that take a weight as an operand, looking through calls and shard_map bodies
-    (each maps its operands to its body's inputs by position)."""
+    (each maps its operands to its body's inputs by position) and optimization barriers (which
+    move nothing: model.embed_rows passes the table through one)."""
     used = set()
     for eqn in jaxpr.eqns:
         hits = [i for i, v in enumerate(eqn.invars) if isinstance(v, Var) and v in weights]
@@ -89,6 +90,9 @@ def _weight_uses(jaxpr, weights) -> set[str]:
             skip = eqn.params["cond_nconsts"]
             inner = eqn.params["body_jaxpr"].jaxpr
             used |= _weight_uses(inner, {inner.invars[i - skip] for i in hits if i >= skip})
+            continue
+        if eqn.primitive.name == "optimization_barrier":
+            used |= _weight_uses(jaxpr, {eqn.outvars[i] for i in hits})
             continue
         body = eqn.params.get("jaxpr") or eqn.params.get("call_jaxpr")
         if eqn.primitive.name in _CALLS and body is not None:
