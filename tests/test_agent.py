@@ -206,7 +206,9 @@ def test_tool_results_that_fill_the_context_end_the_turn_with_a_reason(tokenizer
     prompt.messages.append({"role": "user", "content": "add"})
     room = len(prompt._prompt_ids()) + len(tokenizer.encode(first, allow_special=True)) + 5
     rt = runtime(tokenizer, [first], max_len=room)  # the call fits; the call and its result do not
-    conv = Conversation(rt, tools=builtin_tools())
+    # Not strict: with so small a budget the grammar steers toward the shortest way to close the
+    # call (chat/closing.py), which a scripted output does not follow.
+    conv = Conversation(rt, tools=builtin_tools(), strict_tools=False)
     result = conv.send("add")
     assert result.stop_reason == "context" and result.steps[0]["tool_results"][0]["content"] == '{"result":2}'
     assert [m["role"] for m in conv.messages] == ["user", "assistant", "tool"]
