@@ -132,11 +132,15 @@ def _temporaries(layers):
 
 def test_temporaries_from_a_few_layers_extrapolate_to_the_whole_models():
     # 1 dense + 4 MoE layers compiled whole, against 2 and 3 layers extrapolated by one MoE layer's share.
+    # The compiler reuses buffers across layers, so a layer's share measured on a cut model may
+    # overstate what it adds to the whole one: the estimate may err high (a plan on the safe side),
+    # by little, and must not err low.
     full, scaled = _temporaries("all"), _temporaries("scaled")
     assert full["how"] == "compiled for TPU v5, all 5 layers"
     assert "with 2 and 3 of 5 layers" in scaled["how"]
     for name in ("prefill", "decode"):
-        assert full[name] > 0 and abs(scaled[name] - full[name]) <= 0.1 * full[name] + 2**16, (name, scaled, full)
+        assert full[name] > 0, name
+        assert 0.95 * full[name] - 2**16 <= scaled[name] <= 1.15 * full[name] + 2**16, (name, scaled, full)
 
 
 def test_the_gpu_activation_model_is_above_what_libtpu_assigns_for_the_same_programs():
