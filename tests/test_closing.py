@@ -10,22 +10,12 @@ import pytest
 from schema_suite import SCHEMAS
 from scripts_loader import load_script
 
-from kimi_jax.chat import Tokenizer, parse_output
+from kimi_jax.chat import parse_output
 from kimi_jax.chat.constraint import output_constraint
 from kimi_jax.chat.grammar import ToolChoice
 
 allowed = load_script("constrained_sampling").allowed
 NANO = pathlib.Path(__file__).resolve().parents[1] / "checkpoints" / "kimi-k2-nano"
-
-
-@pytest.fixture(scope="module")
-def nano_tokenizer():
-    return Tokenizer.from_dir(NANO)
-
-
-@pytest.fixture(params=["nano", "bytes"])
-def tokenizer(request, nano_tokenizer, byte_tokenizer):
-    return nano_tokenizer if request.param == "nano" else byte_tokenizer
 
 
 class Rambler:

@@ -27,16 +27,6 @@ stand_in = load_script("constrained_sampling")  # in scripts/: the benchmark dri
 RandomModel, allowed, generate = stand_in.RandomModel, stand_in.allowed, stand_in.generate
 
 
-@pytest.fixture(scope="module")
-def nano_tokenizer():
-    return Tokenizer.from_dir(NANO)
-
-
-@pytest.fixture(params=["nano", "bytes"])
-def tokenizer(request, nano_tokenizer, byte_tokenizer):
-    return nano_tokenizer if request.param == "nano" else byte_tokenizer
-
-
 def tool(name, parameters):
     return {"type": "function", "function": {"name": name, "parameters": parameters}}
 

@@ -7,41 +7,31 @@ temperature 1). Every forced call, streamed or whole, must validate under its sc
 import asyncio
 import json
 import time
-import urllib.request
 
 import jsonschema
 import openai
 import pytest
 from schema_suite import SCHEMAS
+from served import MODEL, client_for, metrics, nano_server
 
 from kimi_jax import serve
 from kimi_jax.server.app import create_app
 from kimi_jax.server.service import Service, Settings
 from kimi_jax.tools import builtin_tools
 
-MODEL = "kimi-k2-nano"
 TOOLS = builtin_tools().specs()
 ASK = [{"role": "user", "content": "Look this up for me, please."}]
 
 
 @pytest.fixture(scope="module")
 def server():
-    args = serve.build_parser().parse_args(["--mesh", "data=1", "--max-len", "1024", "--max-batch", "8"])
-    service, engine = serve.build_service(args)
-    with serve.BackgroundServer(create_app(service)) as srv:
-        srv.service, srv.engine = service, engine
+    with nano_server() as srv:
         yield srv
-    engine.stop()
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=300)
-
-
-def metrics(server) -> dict:
-    with urllib.request.urlopen(server.url + "/metrics?format=json", timeout=10) as r:
-        return json.loads(r.read())
+    return client_for(server, timeout=300)
 
 
 def forced(name: str) -> dict:
