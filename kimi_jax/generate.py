@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'builtin': let the model call safe demo tools (no shell, network or files): "
                         + ", ".join(builtin_tools().names()))
     p.add_argument("--max-steps", type=int, default=300, help="tool-call rounds per answer (default 300)")
+    p.add_argument("--no-strict-tools", action="store_true",
+                   help="let the model write tool calls freely (by default every call names a declared tool and "
+                        "its arguments fit the tool's schema)")
     p.add_argument("--hide-thinking", action="store_true", help="do not print the model's reasoning")
     p.add_argument("--max-new-tokens", type=int, default=None, help="per model turn (default: generation "
                                                                      "config or 512)")

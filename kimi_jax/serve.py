@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "much again for cached prefixes; `python -m kimi_jax.plan` sizes the same pool)")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     p.add_argument("--mesh", help="device mesh, e.g. data=1,expert=4,tensor=2 (default: all local devices)")
+    p.add_argument("--no-strict-tools", action="store_true",
+                   help="do not hold tool-call arguments to their schemas (tool_choice and response_format are "
+                        "still enforced)")
     p.add_argument("--no-warmup", action="store_true", help="skip compiling the engine before listening")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     speculation.add_arguments(p)
@@ -86,10 +89,11 @@ def build_service(args, *, mirror: bool = False):
     engine, max_len = rt.engine, rt.engine.max_len
     settings = Settings(model_name=args.served_model_name or os.path.basename(os.path.abspath(checkpoint)),
                         max_tokens=min(args.max_tokens or max_len, max_len), api_key=args.api_key or None,
-                        max_body_bytes=args.max_body_bytes, defaults=checkpoint_defaults(checkpoint))
+                        max_body_bytes=args.max_body_bytes, defaults=checkpoint_defaults(checkpoint),
+                        strict_tools=not args.no_strict_tools)
     service = Service(rt, engine, settings)
     if not args.no_warmup:  # every process: the programs run as collectives over the whole mesh
-        engine.warm_up()
+        engine.warm_up(masks=settings.strict_tools)  # strict tool calls run the masked programs
     if not distributed.is_main():
         return service, engine
     engine.start()

@@ -3,8 +3,9 @@ compiler, no TPU needed (pip install 'jax[tpu]' for libtpu).
 
 Compiles, for a TPU topology and a mesh, one routed-expert block the way the model runs it (each
 device's experts and its slice of their hidden units, router-sorted rows in through
-kimi_jax.moe.dispatch, the Mosaic kernels inside shard_map, psum out) and the paged decode
-attention, then walks the optimized HLO for copies, transposes, bitcast-converts and loop fusions
+kimi_jax.moe.dispatch, the Mosaic kernels inside shard_map, psum out), the paged decode attention
+and the paged attention of one prefill chunk of the runtime's size (its C * heads queries run in
+query blocks: the kernel, not the XLA reference, takes them), then walks the optimized HLO for copies, transposes, bitcast-converts and loop fusions
 whose result has the shape of an expert weight, a scale or the cache pool, and reads the
 temporaries from the compiled memory analysis.
 
@@ -52,6 +53,7 @@ class Dims:
     group: int = 32
     page: int = 128
     context: int = 1024  # cached tokens per row
+    chunk: int = 128  # prompt tokens of one prefill row (scheduler.DEFAULT_CHUNK)
 
 
 CONFIGS = {
@@ -112,8 +114,9 @@ def moe_block(dims: Dims, mesh, packing: str):
     return block, args
 
 
-def attention_block(dims: Dims, mesh, page_order: str):
-    """(function, abstract args) of the paged decode attention: heads over `tensor`, cache shared."""
+def attention_block(dims: Dims, mesh, page_order: str, prefill: bool = False):
+    """(function, abstract args) of the paged attention of a decode step (`dims.tokens` rows of one
+    query), or of one prefill row of `dims.chunk` queries: heads over `tensor`, cache shared."""
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding
@@ -121,7 +124,8 @@ def attention_block(dims: Dims, mesh, page_order: str):
 
     from kernels_pallas import ops
 
-    rows, width = dims.tokens, dims.lora + dims.rope
+    rows, queries = (1, dims.chunk) if prefill else (dims.tokens, 1)
+    width = dims.lora + dims.rope
     table_pages = dims.context // dims.page
     pool = (rows * table_pages + 1, dims.page, width) if page_order == "rows" else \
         (rows * table_pages + 1, width, dims.page)
@@ -135,8 +139,8 @@ def attention_block(dims: Dims, mesh, page_order: str):
                           check_vma=False)
     sds = jax.ShapeDtypeStruct
     rep = NamedSharding(mesh, P())
-    args = [sds((rows, 1, dims.heads, dims.lora), jnp.bfloat16, sharding=NamedSharding(mesh, heads)),
-            sds((rows, 1, dims.heads, dims.rope), jnp.bfloat16, sharding=NamedSharding(mesh, heads)),
+    args = [sds((rows, queries, dims.heads, dims.lora), jnp.bfloat16, sharding=NamedSharding(mesh, heads)),
+            sds((rows, queries, dims.heads, dims.rope), jnp.bfloat16, sharding=NamedSharding(mesh, heads)),
             sds(pool, jnp.bfloat16, sharding=rep), sds((rows, table_pages), jnp.int32, sharding=rep),
             sds((rows,), jnp.int32, sharding=rep), sds((rows,), jnp.int32, sharding=rep)]
     return block, args
@@ -171,6 +175,11 @@ def local_shape(shape, spec, mesh) -> tuple[int, ...]:
     return tuple(out)
 
 
+def kernels_in(hlo_text: str) -> list[str]:
+    """The Mosaic kernels of KERNELS that the optimized HLO calls."""
+    return [k for k in KERNELS if re.search(rf"\b{k}\b", hlo_text)]
+
+
 def compile_report(fn, args, watched) -> dict:
     """Compile `fn` for the args' devices; copies of `watched` shapes and the temporaries."""
     import jax
@@ -178,7 +187,9 @@ def compile_report(fn, args, watched) -> dict:
     t0 = time.perf_counter()
     compiled = jax.jit(fn).lower(*args).compile()
     mem = compiled.memory_analysis()
-    return {"copies": copies_of(compiled.as_text(), watched), "temp_bytes": int(mem.temp_size_in_bytes),
+    text = compiled.as_text()
+    return {"copies": copies_of(text, watched), "temp_bytes": int(mem.temp_size_in_bytes),
+            "kernels": kernels_in(text),
             "compile_seconds": round(time.perf_counter() - t0, 1)}
 
 
@@ -186,11 +197,11 @@ def check(target: str, mesh_text: str, dims: Dims, packing: str = "tpu", page_or
     """Compile both blocks for `target`; see the module docstring."""
     import jax
 
-    from kimi_jax.plan import target_devices
+    from kimi_jax.planner.targets import tpu_topology
     from kimi_jax.sharding import MeshSpec, make_mesh
 
     spec = MeshSpec.parse(mesh_text)
-    devices = target_devices(target, spec.size)
+    devices = tpu_topology(target)
     mesh = make_mesh(spec, devices[:spec.size])
     out = {"target": target, "device_kind": devices[0].device_kind, "mesh": str(spec), "packing": packing,
            "page_order": page_order, "dims": dataclasses.asdict(dims)}
@@ -204,6 +215,8 @@ def check(target: str, mesh_text: str, dims: Dims, packing: str = "tpu", page_or
         fn, args = attention_block(dims, mesh, page_order)
         out["attention"] = compile_report(fn, args, {args[2].shape})
         out["attention"]["pool_bytes"] = args[2].size * args[2].dtype.itemsize
+        fn, args = attention_block(dims, mesh, page_order, prefill=True)
+        out["prefill_attention"] = compile_report(fn, args, {args[2].shape})
     return out
 
 
@@ -262,6 +275,10 @@ def main(argv=None) -> int:
           f" MB), {len(att['copies'])} pool-shaped copies, compile {att['compile_seconds']} s")
     for c in att["copies"]:
         print(f"  {c}")
+    pre = r["prefill_attention"]
+    runs = "the Mosaic kernel" if "paged_mla_attention_tpu" in pre["kernels"] else "the XLA reference (no kernel)"
+    print(f"prefill attention ({CONFIGS[args.config].chunk} tokens): {runs}, temporaries {pre['temp_bytes'] / 1e6:,.1f} "
+          f"MB per device, {len(pre['copies'])} pool-shaped copies, compile {pre['compile_seconds']} s")
     for name, sched in r.get("schedule", {}).items():
         if sched:
             print(f"{name}: bundles by loop depth {sched['bundles_by_loop_depth']}; slot use {sched['slot_use']}")

@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kimi_jax import plan
 from kimi_jax.config import TINY, Int4Quant
 from kimi_jax.layers import linear
+from kimi_jax.planner import compiled as planner_compiled
 
 VOCAB, WIDTH = 32768, 256  # a weight of 16 MB in bf16, 32 MB as float32
 
@@ -47,7 +47,7 @@ def test_linear_is_the_einsum_it_replaces():
 
 def test_cpu_decode_and_prefill_hold_no_float32_copy_of_the_vocabulary_matrices():
     cfg = TINY.replace(vocab_size=VOCAB, hidden_size=WIDTH, quantization=Int4Quant(group_size=16))
-    _, compiled, _, _ = plan.compile_steps(cfg, devices=jax.devices()[:1], mesh_text="data=1", max_len=64,
+    _, compiled, _, _ = planner_compiled.compile_steps(cfg, devices=jax.devices()[:1], mesh_text="data=1", max_len=64,
                                            batch=1, chunk=16)
     lm_head = VOCAB * WIDTH * 2
     for name, program in compiled.items():
@@ -61,7 +61,7 @@ def test_cpu_decode_temporaries_do_not_grow_with_the_page_pool():
     cfg = TINY.replace(quantization=Int4Quant(group_size=16))
     temps, pools = [], []
     for max_len in (64, 4096):
-        _, compiled, _, cache = plan.compile_steps(cfg, devices=jax.devices()[:1], mesh_text="data=1",
+        _, compiled, _, cache = planner_compiled.compile_steps(cfg, devices=jax.devices()[:1], mesh_text="data=1",
                                                    max_len=max_len, batch=2, chunk=16, steps=("decode",))
         temps.append(compiled["decode"].memory_analysis().temp_size_in_bytes)
         pools.append(cache.pages[0].size * cache.pages[0].dtype.itemsize)

@@ -102,15 +102,32 @@ def test_ops_run_the_tpu_kernel_for_either_page_layout_and_the_gpu_one_for_rows_
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5)
 
 
-def test_a_prefill_chunk_too_large_for_vmem_runs_the_reference():
-    from kernels_pallas import ops
-    from kernels_pallas.paged_attention_tpu import MAX_QUERIES
+@pytest.mark.parametrize("c,lengths,q_start", [
+    (144, [200, 144, 300], [56, 0, 156]),  # 576 queries (4 heads): two blocks of 288
+    (260, [260, 300], [0, 40]),  # 1040 queries: five blocks of 208, causal within the chunk
+])
+def test_a_prefill_chunk_of_more_queries_than_vmem_holds_runs_in_query_blocks(c, lengths, q_start):
+    rng = np.random.default_rng(c)
+    pool, table = paged_pool(rng, lengths, 128, "lanes", n_pages=8, table_pages=3)
+    q_lat, q_pe = queries(rng, len(lengths), c)
+    kv_len, q_start = jnp.asarray(lengths, jnp.int32), jnp.asarray(q_start, jnp.int32)
+    args = (q_lat, q_pe, pool, table, q_start, kv_len)
+    assert c * H > 512
+    assert ops.paged_attention.choose("pallas_tpu", *args, scale=SCALE, page_order="lanes")[0] == "pallas_tpu"
+    got = paged_attention_tpu(*args, scale=SCALE, page_order="lanes", pages_per_block=1, interpret=INTERPRET)
+    want = paged_attention_ref(*args, scale=SCALE, page_order="lanes")
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5)
 
-    q = jnp.zeros((1, MAX_QUERIES // 8 + 1, 8, 32), jnp.float32)  # one query too many
+
+def test_query_blocks_fill_whole_sublane_tiles_and_the_runtimes_chunk_needs_two():
+    from kernels_pallas.paged_attention_tpu import MAX_QUERIES, query_block
+
+    assert query_block(8) == 8 and query_block(MAX_QUERIES) == MAX_QUERIES
+    assert query_block(128 * 8) == 512  # the runtime's prefill chunk, K2's 8 heads per device at tensor=8
+    assert query_block(128 * 64) == 512  # ... and all 64 heads on one device
+    assert query_block(513) is None  # odd: no block of whole 8-row tiles divides it
+    q = jnp.zeros((1, 513, 1, 32), jnp.float32)
     pool = jnp.zeros((4, 40, 128), jnp.float32)
     args = (q, q[..., :8], pool, jnp.ones((1, 2), jnp.int32), jnp.zeros(1, jnp.int32), jnp.ones(1, jnp.int32))
     chosen, _ = ops.paged_attention.choose("pallas_tpu", *args, scale=1.0, page_order="lanes")
     assert chosen == "xla"
-    chosen, _ = ops.paged_attention.choose("pallas_tpu", q[:, :1], q[:, :1, :, :8], *args[2:], scale=1.0,
-                                           page_order="lanes")
-    assert chosen == "pallas_tpu"

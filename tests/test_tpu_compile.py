@@ -16,10 +16,12 @@ import pytest
 from flax import nnx
 from scripts_loader import load_script
 
-from kimi_jax import plan
 from kimi_jax.config import TINY as TINY_CONFIG
 from kimi_jax.config import Int4Quant
+from kimi_jax.planner import activations, compiled, targets
 from kimi_jax.quant import is_routed_expert
+from kimi_jax.scheduler import DEFAULT_CHUNK
+from kimi_jax.sharding import MeshSpec
 
 pytestmark = pytest.mark.slow  # the whole module; `pytest -m "not slow"` skips it
 
@@ -50,12 +52,12 @@ def persistent_cache(tmp_path_factory):
 
 @functools.cache  # the tests below share compiles
 def _decode_step(target, cfg):
-    devices = plan.target_devices(target, 8)
-    info, compiled, state, cache = plan.compile_steps(cfg, devices=devices, mesh_text="tensor=8", max_len=1024,
-                                                      batch=8, chunk=128, steps=("decode",))
+    devices = targets.tpu_topology(target)
+    info, programs, state, cache = compiled.compile_steps(cfg, devices=devices, mesh_text="tensor=8", max_len=1024,
+                                                          batch=8, chunk=128, steps=("decode",))
     assert (info["expert_packing"], info["page_order"], info["kernels"]) == ("tpu", "lanes", "pallas_tpu")
     experts = [x for p, v in nnx.to_flat_state(state) if is_routed_expert(p, v) for x in jax.tree.leaves(v.get_value())]
-    return compiled["decode"], experts, list(cache.pages)
+    return programs["decode"], experts, list(cache.pages)
 
 
 @pytest.mark.parametrize("target", ["v5p:2x2x2", "tpu7x:2x2x1"])
@@ -79,10 +81,14 @@ def test_decode_temporaries_do_not_grow_with_the_experts():
 
 
 @pytest.mark.parametrize("target", ["v5p:2x2x2", "tpu7x:2x2x1"])
-def test_decode_blocks_compile_for_tpu_without_copying_weights_or_the_cache(target):
+def test_decode_and_prefill_blocks_compile_for_tpu_without_copying_weights_or_the_cache(target):
     report = check.check(target, "tensor=8", TINY)
-    moe, attention = report["moe"], report["attention"]
-    assert moe["copies"] == [] and attention["copies"] == []
+    moe, attention, prefill = report["moe"], report["attention"], report["prefill_attention"]
+    assert moe["copies"] == [] and attention["copies"] == [] and prefill["copies"] == []
+    # A prefill row of the runtime's chunk with K2's 8 heads per device (1024 queries, more than
+    # one grid step holds) runs the Mosaic kernel in query blocks, not the XLA reference.
+    assert (TINY.chunk, TINY.heads // 8) == (DEFAULT_CHUNK, 8)
+    assert attention["kernels"] == prefill["kernels"] == ["paged_mla_attention_tpu"]
     # Temporaries are activations and metadata, far below what one layer's experts weigh.
     assert moe["temp_bytes"] < moe["expert_slab_bytes"] / 8
     assert attention["temp_bytes"] < attention["pool_bytes"] / 8
@@ -115,3 +121,30 @@ def test_topology_compiles_leave_nothing_in_the_persistent_cache(persistent_cach
     _decode_step("v5p:2x2x2", STEP_CONFIG)  # compiled, by this test or an earlier one, with the cache on
     # Host-side helpers compiled for the CPU may be stored; the TPU programs must not be.
     assert [name for name in os.listdir(persistent_cache) if "decode_step" in name] == []
+
+
+@functools.cache
+def _temporaries(layers):
+    cfg = STEP_CONFIG.replace(num_hidden_layers=5)
+    return compiled.temporaries(cfg, devices=targets.tpu_topology("v5p:2x2x2"), mesh_text="tensor=8", max_len=2048,
+                                batch=8, chunk=128, dtype="bfloat16", layers=layers)
+
+
+def test_temporaries_from_a_few_layers_extrapolate_to_the_whole_models():
+    # 1 dense + 4 MoE layers compiled whole, against 2 and 3 layers extrapolated by one MoE layer's share.
+    # The compiler reuses buffers across layers, so a layer's share measured on a cut model may
+    # overstate what it adds to the whole one: the estimate may err high (a plan on the safe side),
+    # by little, and must not err low.
+    full, scaled = _temporaries("all"), _temporaries("scaled")
+    assert full["how"] == "compiled for TPU v5, all 5 layers"
+    assert "with 2 and 3 of 5 layers" in scaled["how"]
+    for name in ("prefill", "decode"):
+        assert full[name] > 0, name
+        assert 0.95 * full[name] - 2**16 <= scaled[name] <= 1.15 * full[name] + 2**16, (name, scaled, full)
+
+
+def test_the_gpu_activation_model_is_above_what_libtpu_assigns_for_the_same_programs():
+    cfg = STEP_CONFIG.replace(num_hidden_layers=5)
+    model = activations.modelled(cfg, MeshSpec.parse("tensor=8"), batch=8, chunk=128, max_len=2048)
+    full = _temporaries("all")
+    assert model["prefill"] >= full["prefill"] and model["decode"] >= full["decode"]
