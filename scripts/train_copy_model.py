@@ -15,11 +15,11 @@ Two layers (one dense, one MoE with 4 routed experts and a shared one) at hidden
 one attention layer finds the token before each position, the next matches it (an induction head).
 
 Status (2026-12-06): it does not copy yet. Induction forms late in small models (a long plateau
-first); 1,500 steps and 400 more (about 25 minutes here) taught JSON and code syntax but only
-fragments of copying: on the third of three JSON records that differ in one field, the model's next
-token is right 62% of the time, teacher-forced, mostly punctuation. The log's copy accuracy (on
-copies of random tokens) is the number to watch; speculative decoding's copy benchmark needs a
-checkpoint that copies (see BENCHMARKS.md).
+first). A run of 1,500 steps and 650 more from it (--resume; about 28 minutes here) learned JSON and
+code syntax but no copying: on the third of three JSON records that differ in one field, its next
+token was right 62% of the time teacher-forced (after 1,900 steps), nearly all punctuation, and on
+copies of random tokens, what the log's copy accuracy scores and the number to watch, 0.1%.
+Speculative decoding's copy benchmark needs a checkpoint that copies (see BENCHMARKS.md).
 """
 
 from __future__ import annotations
