@@ -45,7 +45,6 @@ class VerifyWork:
     rows: np.ndarray  # [B] int32
     drafts: np.ndarray  # [B, K] int32
     n_draft: np.ndarray  # [B] int32
-    mask: np.ndarray | None  # [B, W] int32: each row's first token (masked rows carry no drafts)
     requests: list[tuple[int, Request]]
     drafted: dict  # request -> its draft
 

@@ -109,11 +109,10 @@ class JaxDevice:
         return tokens
 
     def verify(self, work: VerifyWork):
-        mask = None if work.mask is None else self._put(work.mask)
         with self._context():
             tokens, self.cache, self.state = verify_step(
                 self.model_def, self.weights, self.cache, self.state, self._put(work.rows), self._put(work.drafts),
-                self._put(work.n_draft), self.knobs, mask, impl=self.impl)
+                self._put(work.n_draft), self.knobs, impl=self.impl)
         return tokens
 
     def resume(self, slots: list[int]) -> None:
@@ -264,9 +263,11 @@ class BatchEngine:
 
     def warm_up(self, masks: bool = False) -> None:
         """Compile every program the engine may run before the first request needs it: the
-        prefill chunk, the decode block and (speculating) the verify step of each draft width for
-        each row bucket (with `masks`, also those of constrained rows). Each runs once on nothing (padding rows, zero steps), so no
-        slot changes; with the compilation cache on, later processes load them from disk."""
+        prefill chunk and, for each row bucket, the decode block (with `masks`, also that of
+        constrained rows) and, speculating, the verify step of the narrowest draft width (a wider
+        one compiles when the policy first finds it worth trying). Each runs once on nothing
+        (padding rows, zero steps), so no slot changes; with the compilation cache on, later
+        processes load them from disk."""
         with self._step_lock:
             self.scheduler.warm_up(masks)
 

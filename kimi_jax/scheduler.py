@@ -157,7 +157,7 @@ class Scheduler:
     def warm_up(self, masks: bool = False) -> None:
         """Run each program the device compiles for this scheduler on nothing (see
         BatchEngine.warm_up): a prefill of padding rows, zero decode steps per row bucket, and with
-        a speculator a verify step of padding rows per bucket and draft width."""
+        a speculator a verify step of padding rows per bucket at the narrowest draft width."""
         if self.busy():
             raise RuntimeError("warm_up() is for an idle engine")
         n, pad = self.prefill_rows, self.max_batch
@@ -169,9 +169,12 @@ class Scheduler:
             rows = np.full(bucket, pad, np.int32)
             for mask in [None] + ([self._allow_all(bucket)] if masks else []):
                 handles.append(self.device.decode(DecodeWork(rows, 0, mask, [])))
-                for width in self.spec.widths if self.spec is not None else ():
-                    handles.append(self.device.verify(VerifyWork(rows, np.zeros((bucket, width), np.int32),
-                                                                 np.zeros(bucket, np.int32), mask, [], {})))
+            # The narrowest verify step only: the policy tries a wider one after a narrower one paid
+            # off (speculation.Speculator.plan), and then its compilation is paid for by the drafts.
+            if self.spec is not None:
+                width = self.spec.widths[0]
+                handles.append(self.device.verify(VerifyWork(rows, np.zeros((bucket, width), np.int32),
+                                                             np.zeros(bucket, np.int32), [], {})))
         for h in handles:
             self.device.read(h)
 
@@ -301,9 +304,12 @@ class Scheduler:
                     r._halted = False
         if resume:
             self.device.resume(resume)
-        drafts = self.spec.drafts(ready, lambda r: r._limit - r._sampled, self._width) if self._width else {}
+        # No verify step while a constraint masks a row's next token: its grammar says what that one
+        # token may be, and the verify programs then need no masked variants.
+        drafts = {} if not self._width or masks else self.spec.drafts(ready, lambda r: r._limit - r._sampled,
+                                                                        self._width)
         if drafts:
-            return self._dispatch_verify(ready, drafts, masks)
+            return self._dispatch_verify(ready, drafts)
         steps = self._block_steps(ready, any(m is not None for m in masks.values()))
         rows, order = self._pack([r._slot for r in ready])
         requests = []
@@ -321,7 +327,7 @@ class Scheduler:
         self.pending.append((self.device.decode(work), work, self._started, self._timed))
         return True
 
-    def _dispatch_verify(self, ready: list[Request], drafts: dict, masks: dict) -> bool:
+    def _dispatch_verify(self, ready: list[Request], drafts: dict) -> bool:
         """One verify step: every ready row, with its draft if it has one (all were read)."""
         rows, order = self._pack([r._slot for r in ready])
         width = self.spec.width(max(len(d) for d in drafts.values()))
@@ -335,8 +341,7 @@ class Scheduler:
             r._sampled += 1 + len(d)
             r._inflight += 1
             requests.append((i, r))
-        mask = self._mask_rows({order[s]: m for s, m in masks.items()}, len(rows))
-        work = VerifyWork(rows, draft_rows, n_draft, mask, requests, drafts)
+        work = VerifyWork(rows, draft_rows, n_draft, requests, drafts)
         self._sync()
         self.pending.append((self.device.verify(work), work, self._started, self._timed))
         return True

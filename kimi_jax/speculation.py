@@ -37,7 +37,8 @@ SPECULATE_MODES = ("off", "ngram", "suffix")  # ngram: the request's own tokens;
 DEFAULT_SPECULATE = "suffix"
 DEFAULT_DRAFT_TOKENS = 8
 SHARED_CAPACITY = 1 << 16  # tokens of recent outputs the shared index keeps
-STALE_AFTER = 200  # measurements of other shapes after which one is taken again
+STALE_AFTER = 200  # measurements of other shapes after which one is taken again (at first)
+MAX_STALE_AFTER = 200 * 64
 
 
 def check_settings(mode: str, max_draft: int) -> None:
@@ -66,24 +67,35 @@ def draft_widths(max_draft: int) -> tuple[int, ...]:
 
 class StepCosts:
     """Measured seconds per dispatch, keyed by ("decode", rows, steps) or ("verify", rows, width).
-    The first measurement of each key is dropped: it includes the compilation."""
+    The first measurement of each key is dropped: it includes the compilation.
+
+    A measurement goes stale after STALE_AFTER measurements of other keys and is then taken again
+    (the load may have changed). A key that is only ever measured because it went stale is one the
+    policy keeps turning down, and each such try costs a step that makes fewer tokens than a decode
+    block: each time a key is taken again, it stays fresh twice as long (up to MAX_STALE_AFTER)."""
 
     def __init__(self):
-        self._seen: dict[tuple, tuple[float | None, int]] = {}  # key -> (mean seconds, tick measured)
+        # key -> (mean seconds or None, tick measured, measurements of other keys it stays fresh for)
+        self._seen: dict[tuple, tuple[float | None, int, int]] = {}
         self._tick = 0
 
     def record(self, kind: str, rows: int, width: int, seconds: float) -> None:
         self._tick += 1
         key = (kind, rows, width)
-        mean, _ = self._seen.get(key, (None, 0))
         if key not in self._seen:
-            self._seen[key] = (None, self._tick)
+            self._seen[key] = (None, self._tick, STALE_AFTER)
             return
-        self._seen[key] = (seconds if mean is None else 0.5 * mean + 0.5 * seconds, self._tick)
+        mean, tick, life = self._seen[key]
+        if mean is None:
+            self._seen[key] = (seconds, self._tick, life)
+            return
+        if self._tick - tick > life:  # taken again after it went stale
+            life = min(2 * life, MAX_STALE_AFTER)
+        self._seen[key] = (0.5 * mean + 0.5 * seconds, self._tick, life)
 
     def _fresh(self, key) -> float | None:
-        mean, tick = self._seen.get(key, (None, 0))
-        return mean if mean is not None and self._tick - tick <= STALE_AFTER else None
+        mean, tick, life = self._seen.get(key, (None, 0, 0))
+        return mean if mean is not None and self._tick - tick <= life else None
 
     def ratio(self, rows: int, steps: int, width: int) -> float:
         """A verify step's cost in decode steps (of a block of `steps`) at `rows` rows; 0 when the

@@ -201,8 +201,8 @@ def decode_steps(model_def: ModelDef, weights, cache: PagedCache, state: SlotSta
 
 
 @functools.partial(jax.jit, static_argnames=("model_def", "impl"), donate_argnames=("cache", "state"))
-def verify_step(model_def: ModelDef, weights, cache: PagedCache, state: SlotState, rows, drafts, n_draft, knobs,
-                mask=None, *, impl: str):
+def verify_step(model_def: ModelDef, weights, cache: PagedCache, state: SlotState, rows, drafts, n_draft, knobs, *,
+                impl: str):
     """One step that may make several tokens per row: row b (slot rows[b], `cache.slots` pads)
     feeds its token and its first n_draft[b] draft tokens drafts[b] [B, K] at its length, draws
     the model's token after each of them exactly as `decode_steps` would (same knobs, same keys),
@@ -214,7 +214,7 @@ def verify_step(model_def: ModelDef, weights, cache: PagedCache, state: SlotStat
 
     Halt ids and budgets cut a row's run as they stop decode_steps; the cache length advances only
     by the tokens kept (rows written for rejected drafts lie past it and are overwritten later).
-    `mask` restricts each row's first token; rows with a mask must carry no drafts. Returns
+    No grammar mask: the scheduler verifies only while no row's next token is constrained. Returns
     (tokens [K+1, B] int32: row b's new tokens in order, -1 after them; cache; state)."""
     model = model_def.merge(weights)
     n_slots, width = cache.slots, drafts.shape[1] + 1
@@ -234,10 +234,6 @@ def verify_step(model_def: ModelDef, weights, cache: PagedCache, state: SlotStat
     # XLA:CPU a 3-D product rounds differently in bf16, and a greedy row would then not always
     # draw the token decoding draws.
     logits = model.logits(h.reshape(b * width, -1))
-    if mask is not None:
-        first = (jnp.arange(b * width) % width == 0)[:, None]
-        allowed = jnp.repeat(allowed_by_mask(mask, logits.shape[-1]), width, axis=0)
-        logits = jnp.where(first & ~allowed, -jnp.inf, logits)
     per_token = {k: jnp.repeat(v, width, axis=0) for k, v in row_knobs.items()}
     positions = (lengths[:, None] + 1 + jnp.arange(width, dtype=jnp.int32)[None, :]).reshape(-1)
     drawn = _replicated(_sample(logits, per_token, positions, None).reshape(b, width))

@@ -4,8 +4,8 @@ cost of a verify step against a decode step.
     python scripts/bench_speculate.py                     # copy workloads, the copy model, concurrency 1,8,32
     python scripts/bench_speculate.py --verify-cost --checkpoint DIR   # verify vs decode step, k = 1, 4, 8
 
-Copy workloads (the copy model of scripts/train_copy_model.py by default: the bundled nano model
-does not continue repeated text):
+Copy workloads (by default on the copy model of scripts/make_copy_model.py, built on first use
+into scripts/copy_model/: the bundled nano model does not continue repeated text):
   edit  a 200-line Python file in the prompt, then the start of the same file with one line changed;
         the model goes on copying the rest
   json  JSON records that differ in one field; the model writes the next record
@@ -102,6 +102,10 @@ def copy_benchmark(args) -> list[dict]:
     from kimi_jax.drafting import SuffixIndex
     from kimi_jax.runtime import Runtime
 
+    if args.checkpoint == COPY_MODEL and not os.path.isdir(COPY_MODEL):
+        from make_copy_model import build
+
+        build(COPY_MODEL)
     rows = []
     for workload in args.workloads:
         for clients in args.levels:
@@ -266,7 +270,7 @@ def k2_projection(tokens_per_step: float, max_draft: int, ks: list[int], batches
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", default=COPY_MODEL, help="default: the copy model (scripts/copy_model)")
+    p.add_argument("--checkpoint", default=COPY_MODEL, help="default: the copy model (scripts/copy_model, built if missing)")
     p.add_argument("--workloads", default="edit,json")
     p.add_argument("--concurrency", default="1,8,32")
     p.add_argument("--max-new-tokens", type=int, default=128)

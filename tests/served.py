@@ -18,9 +18,10 @@ MODEL = "kimi-k2-nano"
 @contextlib.contextmanager
 def nano_server(*extra_args: str):
     """A started server with 8 slots of 1024 tokens on one device (`srv.url`, `srv.service`,
-    `srv.engine`); the engine stops on exit."""
+    `srv.engine`), without speculation unless `extra_args` turn it on (its verify programs cost
+    compile time in every test); the engine stops on exit."""
     args = serve.build_parser().parse_args(["--mesh", "data=1", "--max-len", "1024", "--max-batch", "8",
-                                            *extra_args])
+                                            "--speculate", "off", *extra_args])
     service, engine = serve.build_service(args)
     try:
         with serve.BackgroundServer(create_app(service)) as srv:

@@ -138,6 +138,22 @@ def test_step_costs_drop_the_first_measurement_and_ask_for_stale_ones_again():
     assert costs.ratio(4, 16, 8) == 0.0  # the verify cost is old: measure it again
 
 
+def test_a_verify_cost_taken_again_after_going_stale_stays_fresh_longer_each_time():
+    costs = StepCosts()
+    for seconds in (5.0, 0.05):  # the compile, then a measurement
+        costs.record("verify", 4, 8, seconds)
+    costs.record("decode", 4, 16, 9.0)
+    lives = []
+    for _ in range(4):
+        fresh = 0
+        while costs.ratio(4, 16, 8) != 0.0:  # decode blocks run while the verify cost is fresh
+            costs.record("decode", 4, 16, 0.16)
+            fresh += 1
+        lives.append(fresh)
+        costs.record("verify", 4, 8, 0.05)  # stale: the policy tries it once more
+    assert [round(n / STALE_AFTER, 1) for n in lives] == [1, 2, 4, 8]
+
+
 class _Req:
     """What the speculator reads of a scheduler request."""
 

@@ -144,19 +144,19 @@ def test_a_constrained_row_drafts_only_while_its_constraint_is_free():
     assert r.tokens[:cut] == free[:cut] and grammar.seen == r.tokens
     assert all(t in (10, 20, 30) for t in r.tokens[cut:cut + 6]) and r.tokens[cut + 6:] == [99]
     assert neighbour.tokens == expected(neighbour.prompt_ids, 30)
-    verifies = device.verifies()
-    assert any(r in w.drafted for w in verifies)  # it drafted in its free phase
-    for w in verifies:
-        if w.mask is not None:  # a masked row carries no draft, and only it is masked
-            masked = [b for b in range(len(w.rows)) if not (w.mask[b] == -1).all()]
-            assert all(w.n_draft[b] == 0 for b in masked)
+    assert any(r in w.drafted for w in device.verifies())  # it drafted in its free phase
+    # Its constrained tokens came from masked decode steps (a verify step takes no mask), and its
+    # drafting neighbour rode along in them instead of verifying.
+    masked_steps = [w for kind, w in device.log if kind == "decode" and w.mask is not None]
+    assert len(masked_steps) >= 6
+    assert any(neighbour in [q for _, q in w.requests] for w in masked_steps)
 
 
-def test_warm_up_also_runs_a_verify_step_per_bucket_and_draft_width():
+def test_warm_up_also_runs_the_narrowest_verify_step_per_bucket():
     sched, device = make(max_batch=4, max_draft=8)
     sched.warm_up(masks=True)
-    verifies = [(len(w.rows), w.drafts.shape[1], w.mask is not None) for w in device.verifies()]
-    assert sorted(verifies) == sorted((b, k, m) for b in (1, 2, 4) for k in (2, 4, 8) for m in (False, True))
+    verifies = [(len(w.rows), w.drafts.shape[1]) for w in device.verifies()]
+    assert sorted(verifies) == [(1, 2), (2, 2), (4, 2)]  # wider ones compile when first worth trying
     assert not any(w.n_draft.any() for w in device.verifies())
     assert not device.alive.any() and not device.lengths.any() and sched.spec.stats["verify_steps"] == 0
     todo = run(sched, [req(p, 20) for p in repeating(2, 3)])

@@ -2,14 +2,10 @@
 the streamed message must be the one a whole response gives; /metrics counts the drafts; bad
 settings are refused before any weight is read."""
 
-import json
-import urllib.request
-
-import openai
 import pytest
+from served import MODEL, client_for, metrics, nano_server
 
 from kimi_jax import generate, serve
-from kimi_jax.server.app import create_app
 from kimi_jax.speculation import FixedCosts
 
 # A finished tool round: the answer quotes the question and the tool's result, text the drafts find.
@@ -24,34 +20,24 @@ COPY = [
 
 @pytest.fixture(scope="module")
 def server():
-    args = serve.build_parser().parse_args(["--mesh", "data=1", "--max-len", "1024", "--max-batch", "2",
-                                            "--speculate", "suffix", "--draft-tokens", "4"])
-    service, engine = serve.build_service(args)
-    engine.scheduler.spec.costs = FixedCosts(1.0)  # verify whenever a draft exists: no timing in the test
-    with serve.BackgroundServer(create_app(service)) as srv:
-        srv.engine = engine
+    with nano_server("--max-batch", "2", "--speculate", "suffix", "--draft-tokens", "4") as srv:
+        srv.engine.scheduler.spec.costs = FixedCosts(1.0)  # verify whenever a draft exists: no timing here
         yield srv
-    engine.stop()
-
-
-def _metrics(server) -> dict:
-    with urllib.request.urlopen(server.url + "/metrics?format=json", timeout=10) as r:
-        return json.loads(r.read())
 
 
 @pytest.mark.slow
 def test_a_streamed_answer_with_verified_drafts_equals_the_whole_answer(server):
-    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
-    whole = client.chat.completions.create(model="kimi-k2-nano", messages=COPY, max_tokens=60)
+    client = client_for(server, timeout=120)
+    whole = client.chat.completions.create(model=MODEL, messages=COPY, max_tokens=60)
     content, reasoning = "", ""
-    for chunk in client.chat.completions.create(model="kimi-k2-nano", messages=COPY, max_tokens=60, stream=True):
+    for chunk in client.chat.completions.create(model=MODEL, messages=COPY, max_tokens=60, stream=True):
         for choice in chunk.choices:
             content += choice.delta.content or ""
             reasoning += getattr(choice.delta, "reasoning_content", None) or ""
     message = whole.choices[0].message
     assert content == (message.content or "") and reasoning == (getattr(message, "reasoning_content", None) or "")
     assert "6016" in content + reasoning
-    m = _metrics(server)
+    m = metrics(server)
     assert m["verify_steps"] > 0 and 0 < m["draft_tokens_accepted"] <= m["draft_tokens"]
     assert m["tokens_per_verify_row"] > 1
 
