@@ -37,10 +37,6 @@ def _start_jax(target: str, devices: int | None) -> None:
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
-def _gb(x) -> str:
-    return f"{x / 1e9:,.2f} GB"
-
-
 def _progress(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
@@ -101,11 +97,12 @@ def _context(tokens: int, limit: int) -> str:
 
 def print_plan(p) -> None:
     from kimi_jax.cache import POOL_SEQUENCES_PER_SLOT
+    from kimi_jax.planner.memory import gb
     from kimi_jax.planner.targets import JAX_GPU_MEMORY_FRACTION
 
     t, best, m = p.target, p.best, p.best.memory
     print(f"{p.config} on {t.label}, {p.dtype}, batch {p.batch}, --max-len {p.max_len:,}")
-    print(f"memory per device for XLA: {_gb(t.memory) + ', ' if t.memory else ''}{t.memory_note}")
+    print(f"memory per device for XLA: {gb(t.memory) + ', ' if t.memory else ''}{t.memory_note}")
     for mp in p.meshes:
         if mp is best and mp.verdict == "best":
             print(f"mesh {mp.mesh}: best" + (f", {mp.fits[p.batch]:,} tokens at batch {p.batch}" if mp.fits else ""))
@@ -114,12 +111,12 @@ def print_plan(p) -> None:
     temps = best.temporaries or {}
     again = "as much again" if POOL_SEQUENCES_PER_SLOT == 2 else f"{POOL_SEQUENCES_PER_SLOT - 1}x that"
     print(f"\n| per device, mesh {best.mesh} | bytes |\n|---|---|")
-    print(f"| weights (routed experts) | {_gb(m.weight_bytes)} ({_gb(m.expert_weight_bytes)}) |")
+    print(f"| weights (routed experts) | {gb(m.weight_bytes)} ({gb(m.expert_weight_bytes)}) |")
     print(f"| latent cache: the engine's pool of {m.pages:,} pages of {m.page_size} tokens (batch {p.batch} x "
-          f"{p.max_len:,} tokens, and {again} for cached prefixes) | {_gb(m.cache_bytes)} |")
+          f"{p.max_len:,} tokens, and {again} for cached prefixes) | {gb(m.cache_bytes)} |")
     if temps:
-        print(f"| prefill temporaries (a {p.chunk}-token chunk) | {_gb(temps['prefill'])} |")
-        print(f"| decode temporaries (a block of decode steps) | {_gb(temps['decode'])} |")
+        print(f"| prefill temporaries (a {p.chunk}-token chunk) | {gb(temps['prefill'])} |")
+        print(f"| decode temporaries (a block of decode steps) | {gb(temps['decode'])} |")
         print(f"\ntemporaries: {temps['how']}")
         for name, message in (temps.get("refused") or {}).items():
             print(f"{name}: the compiler refused the whole program: {message}")
@@ -128,9 +125,9 @@ def print_plan(p) -> None:
     elif best.fits and best.fits[p.batch] > 0:
         need = m.weight_bytes + m.cache_bytes + best.temp_bytes
         if need <= t.memory:
-            print(f"--max-len {p.max_len:,} at batch {p.batch} fits: {_gb(need)} of {_gb(t.memory)} per device")
+            print(f"--max-len {p.max_len:,} at batch {p.batch} fits: {gb(need)} of {gb(t.memory)} per device")
         else:
-            print(f"--max-len {p.max_len:,} at batch {p.batch} does not fit: {_gb(need)} of {_gb(t.memory)} per device; "
+            print(f"--max-len {p.max_len:,} at batch {p.batch} does not fit: {gb(need)} of {gb(t.memory)} per device; "
                   f"--max-len {min(best.fits[p.batch], p.max_positions):,} does")
         cells = ", ".join(f"batch {b}: {_context(n, p.max_positions)}" for b, n in best.fits.items())
         print(f"longest context per sequence: {cells}")

@@ -38,6 +38,11 @@ class MeshMemory:
     cache_bytes_per_token_per_row: float
 
 
+def gb(x) -> str:
+    """Bytes as the planner prints them."""
+    return f"{x / 1e9:,.2f} GB"
+
+
 def shard_bytes(x) -> int:
     return math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
 

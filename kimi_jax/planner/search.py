@@ -46,10 +46,6 @@ class Plan:
     max_positions: int
 
 
-def _gb(x) -> str:
-    return f"{x / 1e9:,.2f} GB"
-
-
 def plan(cfg, target, *, config_name: str, max_len: int, batch: int, chunk: int, dtype: str,
          mesh_text: str | None = None, layers: str = "scaled", recorded: dict | None = None,
          progress=print) -> Plan:
@@ -57,7 +53,7 @@ def plan(cfg, target, *, config_name: str, max_len: int, batch: int, chunk: int,
     compiled temporaries by mesh from an earlier plan, used instead of compiling again."""
     from kimi_jax.errors import KimiError
     from kimi_jax.planner import activations, compiled
-    from kimi_jax.planner.memory import backend, fits, longest_context, mesh_memory
+    from kimi_jax.planner.memory import backend, fits, gb, longest_context, mesh_memory
     from kimi_jax.sharding import MeshSpec, make_mesh, mesh_candidates
 
     t0 = time.perf_counter()
@@ -93,12 +89,12 @@ def plan(cfg, target, *, config_name: str, max_len: int, batch: int, chunk: int,
         m = p.memory
         bound = longest_context(m, 0, memory, batch) if memory else None
         if memory and m.weight_bytes >= memory:
-            p.verdict = f"weights {_gb(m.weight_bytes)} per device exceed the {_gb(memory)} available"
+            p.verdict = f"weights {gb(m.weight_bytes)} per device exceed the {gb(memory)} available"
             p.fits = {b: 0 for b in BATCHES}
             continue
         if memory and best is not None and bound <= best.fits[batch]:
             p.verdict = (f"at most {bound:,} tokens at batch {batch} even with no temporaries (weights "
-                         f"{_gb(m.weight_bytes)} per device), not more than {best.mesh}'s {best.fits[batch]:,}")
+                         f"{gb(m.weight_bytes)} per device), not more than {best.mesh}'s {best.fits[batch]:,}")
             continue
         if recorded and p.mesh in recorded and target.devices is not None:
             p.temporaries = dict(recorded[p.mesh])
@@ -107,7 +103,7 @@ def plan(cfg, target, *, config_name: str, max_len: int, batch: int, chunk: int,
                                                  max_len=max_len)
             p.temporaries["how"] = "activation model (planner/activations.py)"
         else:
-            progress(f"mesh {p.mesh}: weights {_gb(m.weight_bytes)} per device; compiling prefill and decode")
+            progress(f"mesh {p.mesh}: weights {gb(m.weight_bytes)} per device; compiling prefill and decode")
             p.temporaries = compiled.temporaries(cfg, devices=target.devices, mesh_text=p.mesh, max_len=max_len,
                                                  batch=batch, chunk=chunk, dtype=dtype, layers=layers,
                                                  progress=lambda text, mesh=p.mesh: progress(f"  {mesh}: {text}"))
@@ -121,12 +117,12 @@ def plan(cfg, target, *, config_name: str, max_len: int, batch: int, chunk: int,
         if p is best or p.verdict:
             continue
         if memory and p.fits[batch] == 0:
-            p.verdict = (f"weights {_gb(p.memory.weight_bytes)} and temporaries {_gb(p.temp_bytes)} per device "
+            p.verdict = (f"weights {gb(p.memory.weight_bytes)} and temporaries {gb(p.temp_bytes)} per device "
                          f"leave no room for a cache at batch {batch}")
         elif memory:
             p.verdict = f"{p.fits[batch]:,} tokens at batch {batch}, fewer than {best.mesh}'s {best.fits[batch]:,}"
         else:
-            p.verdict = f"needs more per device than {best.mesh} ({_gb(_total(p))} against {_gb(_total(best))})"
+            p.verdict = f"needs more per device than {best.mesh} ({gb(_total(p))} against {gb(_total(best))})"
     best.verdict = best.verdict or "best"
     return Plan(target=target, config=config_name, batch=batch, max_len=max_len, chunk=chunk, dtype=dtype,
                 best=best, meshes=plans, seconds=round(time.perf_counter() - t0, 1), backend=be,
