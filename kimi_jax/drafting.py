@@ -159,10 +159,14 @@ class RequestDrafter:
     match_len: int = 0  # length of the match the latest lookup found (0: none)
 
     @classmethod
-    def for_prompt(cls, prompt_ids: Sequence[int], max_draft: int) -> "RequestDrafter":
+    def for_prompt(cls, prompt_ids: Sequence[int], max_draft: int, prior: float = 0.5) -> "RequestDrafter":
+        """A drafter for a new request. `prior`: the acceptance it starts from (the engine passes
+        what recent requests' drafts achieved), worth two draft tokens of evidence; the first draft
+        length follows from it: about the run a draft token of that acceptance survives."""
         own = SuffixIndex()
         own.append(prompt_ids)  # indexed by the lookups, INDEX_STEP tokens at a time
-        return cls(own, max_draft)
+        length = max(2, min(max_draft, int(1 / max(1 - prior, 1e-3))))
+        return cls(own, max_draft, length=length, accepted=2 * prior, trials=2.0)
 
     @property
     def acceptance(self) -> float:

@@ -103,10 +103,14 @@ class StepCosts:
         verify = self._fresh(("verify", rows, width))
         if verify is None:
             return 0.0
-        decode = self._fresh(("decode", rows, steps))
-        if decode is None:
+        # A decode step's cost from the block of `steps` steps, or the nearest measured length (a
+        # request's last block is shorter; per step they cost about the same).
+        blocks = sorted((abs(n - steps), n) for kind, r, n in self._seen if kind == "decode" and r == rows
+                        and self._fresh((kind, r, n)) is not None)
+        if not blocks:
             return math.inf
-        return verify / (decode / steps)
+        n = blocks[0][1]
+        return verify / (self._fresh(("decode", rows, n)) / n)
 
 
 @dataclasses.dataclass
@@ -138,10 +142,14 @@ class Speculator:
         self.costs = costs if costs is not None else StepCosts()
         self.shared = SuffixIndex(shared_capacity) if mode == "suffix" else None
         self.stats = dict(drafted_tokens=0, accepted_tokens=0, verify_steps=0, verify_rows=0, verify_tokens=0)
+        # Recent drafts' acceptance over all requests (decayed counts, as RequestDrafter.observe
+        # keeps them per request): a new request starts from it, not from a guess. On text that
+        # copies, a new request then drafts long from its first step instead of earning it.
+        self._accepted, self._trials = 1.0, 2.0
 
     # ---- a request's life -------------------------------------------------------------------------
     def admit(self, r) -> None:
-        r._drafter = RequestDrafter.for_prompt(r.prompt_ids, self.max_draft)
+        r._drafter = RequestDrafter.for_prompt(r.prompt_ids, self.max_draft, self._accepted / self._trials)
 
     def eligible(self, r) -> bool:
         """Whether the request may draft now: not while its constraint restricts the next token or
@@ -161,6 +169,9 @@ class Speculator:
         while accepted < min(len(drafted), len(tokens)) and drafted[accepted] == tokens[accepted]:
             accepted += 1
         r._drafter.observe(len(drafted), accepted)
+        if drafted:
+            self._accepted = 0.95 * self._accepted + accepted
+            self._trials = 0.95 * self._trials + accepted + (accepted < len(drafted))
         self.stats["drafted_tokens"] += len(drafted)
         self.stats["accepted_tokens"] += accepted
         self.stats["verify_rows"] += 1
@@ -176,22 +187,25 @@ class Speculator:
         """The draft width of a verify step for `rows` (packed into `bucket` rows), or 0 when a
         decode block of `steps` steps should run instead, judging by each request's latest lookup:
         the width whose expected tokens per row, over its cost in decode steps, is highest and
-        above the decode block's 1."""
+        above the decode block's 1. Widths are measured narrowest first, a wider one only while its
+        drafts could pay for the narrower one's cost."""
         candidates = [r for r in rows if self.eligible(r)]
-        best, best_rate, narrower_gain, narrower_rate = 0, 1.0, 0.0, math.inf
+        best, best_rate, narrower_gain, narrower_cost = 0, 1.0, 0.0, 0.0
         for width in self.widths:
             gain = sum(r._drafter.expected_gain(width) for r in candidates)
             if gain <= narrower_gain:
                 break  # a wider step would carry no more drafts
+            made = (len(rows) + gain) / len(rows)  # tokens per row
             ratio = self.costs.ratio(bucket, steps, width)
             if ratio == 0:
-                # Not measured (or long ago): measure it, unless the narrower width was not worth it
-                # (a wider one costs more: no need to compile and try it).
-                return width if narrower_rate > 1 else best
-            rate = (len(rows) + gain) / len(rows) / ratio
-            if rate > best_rate:
-                best, best_rate = width, rate
-            narrower_gain, narrower_rate = gain, rate
+                # Not measured (or long ago). A wider step costs at least what the narrower one
+                # did: measure it (compiling it, the first time) only if at that cost it would win.
+                if not narrower_cost or made / narrower_cost > best_rate:
+                    return width
+                continue
+            if made / ratio > best_rate:
+                best, best_rate = width, made / ratio
+            narrower_gain, narrower_cost = gain, ratio
         return best
 
     def drafts(self, rows: list, remaining, width: int) -> dict:

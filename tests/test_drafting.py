@@ -209,7 +209,7 @@ def test_widths_and_bad_settings():
         Speculator("ngram", 0)
 
 
-def test_wider_steps_are_tried_only_after_a_narrower_one_paid_off():
+def test_a_wider_step_is_tried_only_while_its_drafts_could_pay_for_the_narrower_ones_cost():
     costs = StepCosts()
     spec = Speculator("ngram", 8, costs=costs)
     r = _Req([*range(1, 30), *range(1, 21)])
@@ -220,13 +220,17 @@ def test_wider_steps_are_tried_only_after_a_narrower_one_paid_off():
     assert spec.plan([r], 1, 16) == 2  # nothing measured: the narrowest first
     for seconds in (9.0, 0.01, 0.01):
         costs.record("decode", 1, 16, 16 * seconds)  # the first of each is dropped (the compile)
-        costs.record("verify", 1, 2, 5 * seconds)
-    assert spec.plan([r], 1, 16) == 0  # 3 tokens for the price of 5: decode
+        costs.record("verify", 1, 2, 6 * seconds)
+    assert spec.plan([r], 1, 16) == 0  # 3 tokens for the price of 6: decode
+    r._drafter.length = 4
+    assert spec.plan([r], 1, 16) == 0  # 5 tokens would not pay for 6 steps either: width 4 is not tried
     r._drafter.length = 8
-    assert spec.plan([r], 1, 16) == 0  # and wider steps, dearer still, are not tried
-    costs.record("verify", 1, 2, 0.012)  # now cheap: (1 + 2) / 1.1 steps > 1
-    costs.record("verify", 1, 2, 0.011)
-    assert spec.plan([r], 1, 16) == 4  # so the next width gets measured
+    assert spec.plan([r], 1, 16) == 8  # 9 might: width 8 gets measured
+    costs.record("verify", 1, 8, 9.0)
+    costs.record("verify", 1, 8, 0.07)
+    assert spec.plan([r], 1, 16) == 8  # 8.6 tokens for the price of 7
+    costs.record("verify", 1, 8, 0.2)  # 0.135 s on average now: 8.6 tokens for 13.5 steps
+    assert spec.plan([r], 1, 16) == 0
 
 
 def test_a_long_prompt_is_indexed_a_step_at_a_time(monkeypatch):
@@ -244,3 +248,29 @@ def test_a_long_prompt_is_indexed_a_step_at_a_time(monkeypatch):
     for _ in range(3):
         drafter.draft(None, 8)
     assert drafter.own.indexed == 39  # caught up with the output too
+
+
+def test_a_decode_step_costs_what_the_nearest_measured_block_says():
+    costs = StepCosts()
+    for kind, width, seconds in (("verify", 4, 9.0), ("verify", 4, 0.03), ("decode", 16, 9.0), ("decode", 16, 0.16)):
+        costs.record(kind, 2, width, seconds)
+    # A request's last block of 13 steps was never timed: a step costs what one of the 16-step block did.
+    assert costs.ratio(2, 13, 4) == pytest.approx(0.03 / 0.01)
+    assert costs.ratio(1, 13, 4) == 0.0  # other rows: nothing measured
+
+
+def test_a_new_request_starts_from_the_acceptance_of_recent_drafts():
+    spec = Speculator("ngram", 8, costs=FixedCosts(1.0))
+    first = _Req([1, 2, 3, 4])
+    spec.admit(first)
+    assert first._drafter.length == 2 and first._drafter.acceptance == 0.5  # nothing known yet
+    for _ in range(20):  # drafts of 8 that were all accepted
+        spec.verified(first, [1] * 8, [1] * 9)
+    second = _Req([5, 6, 7])
+    spec.admit(second)
+    assert second._drafter.length == 8 and second._drafter.acceptance > 0.9
+    for _ in range(100):  # then drafts that all failed
+        spec.verified(first, [1] * 8, [2])
+    third = _Req([5, 6, 7])
+    spec.admit(third)
+    assert third._drafter.length == 2 and third._drafter.acceptance < 0.2
