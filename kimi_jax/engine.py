@@ -163,9 +163,11 @@ class BatchEngine:
                                   n_pages=n_pages, dtype=model.dtype, mesh=mesh, page_order=backend.page_order,
                                   words=backend.cache_words)
         self.device = JaxDevice(model, cache, mesh=mesh, impl=self.impl, max_steps=decode_block)
-        # Several processes must make the same choices without sharing clocks: a fixed cost then.
+        # Several processes must make the same choices without sharing clocks: a fixed cost then,
+        # that of two decode steps (a K2 verify step's bytes with a few drafts per row, BENCHMARKS.md),
+        # so only drafts that are mostly accepted get verified.
         speculator = None if speculate == "off" else Speculator(
-            speculate, draft_tokens, costs=FixedCosts() if jax.process_count() > 1 else None)
+            speculate, draft_tokens, costs=FixedCosts(2.0) if jax.process_count() > 1 else None)
         self.speculate = speculate
         self.scheduler = Scheduler(self.device, max_batch=max_batch, max_len=max_len, chunk=chunk, pool=self.pool,
                                    prefill_rows=prefill_rows, decode_block=decode_block, speculator=speculator)
