@@ -1,9 +1,9 @@
 """Writing tokens' rows into a paged latent cache: the reference (a scatter) and a TPU kernel.
 
-    write_pages(kv_pages, page [N], slot [N], rows [N, r + p], *, kv_layout) -> kv_pages
+    write_pages(kv_pages, page [N], slot [N], rows [N, r + p], *, page_order) -> kv_pages
 
-Token i goes to slot slot[i] of page page[i]: row slot[i] of the page in the "rows" layout
-[P, S, r + p], column slot[i] in the "lanes" layout [P, r + p, S] (see paged_attention.py).
+Token i goes to slot slot[i] of page page[i]: row slot[i] of the page in "rows" order
+[P, S, r + p], column slot[i] in "lanes" order [P, r + p, S] (see paged_attention.py).
 
 Why a kernel: in "lanes" pages one token is a column, and XLA:TPU lays out the target of a column
 scatter (or of a column update) with the written dimension minor, so it relayouts the whole pool
@@ -19,23 +19,25 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from kernels_pallas.paged_attention import pool_words
+
 __all__ = ["write_pages_ref", "write_pages_tpu"]
 
 
-def write_pages_ref(kv_pages, page, slot, rows, *, kv_layout: str = "rows"):
-    rows = rows.astype(kv_pages.dtype)
-    if kv_layout == "rows":
+def write_pages_ref(kv_pages, page, slot, rows, *, page_order: str = "rows"):
+    rows = pool_words(rows, kv_pages.dtype)
+    if page_order == "rows":
         return kv_pages.at[page, slot].set(rows)
     return kv_pages.at[page, :, slot].set(rows)
 
 
-def write_pages_tpu(kv_pages, page, slot, rows, *, kv_layout: str = "lanes", interpret=False):
+def write_pages_tpu(kv_pages, page, slot, rows, *, page_order: str = "lanes", interpret=False):
     """The "lanes" write as a Mosaic kernel (see the module docstring); "rows" pages are written by
     the reference, whose row scatter XLA:TPU does in place."""
     from jax.experimental.pallas import tpu as pltpu
 
-    if kv_layout != "lanes":
-        return write_pages_ref(kv_pages, page, slot, rows, kv_layout=kv_layout)
+    if page_order != "lanes":
+        return write_pages_ref(kv_pages, page, slot, rows, page_order=page_order)
     n_pages, width, size = kv_pages.shape
     n = rows.shape[0]
     # Tokens of one page in one run: each page is then fetched, updated and written back once, and

@@ -1,7 +1,8 @@
 """The one dispatch point for the kernels: a table from each op's implementation names to kernels.
 
-    impl = ops.impl_for_platform(mesh.devices.flat[0].platform)   # once, by whoever builds the step
-    h = ops.grouped_int4_swiglu(x, gate_packed, gate_scale, up_packed, up_scale, group_sizes, impl=impl)
+    backend = backends.backend_for(mesh.devices.flat[0].platform)   # once, by whoever builds the step
+    h = ops.grouped_int4_swiglu(x, gate_packed, gate_scale, up_packed, up_scale, group_sizes,
+                                impl=backend.impl, packing=backend.expert_packing)
 
 Every op takes `impl=` explicitly; nothing is read from the platform, the mesh or a context at
 call time, so an AOT compile for a TPU topology on a CPU host, a test that forces the interpreted
@@ -15,26 +16,25 @@ Implementations (`IMPLS`):
   "interpret_tpu"  the TPU kernels under TPU interpret mode (simulated VMEM/DMA, NaN-poisoned memory)
 
 Ops (shapes as in each reference's docstring):
-  int4_matmul(x [M, K], packed [N, K/8], scale [N, K/g], *, layout) -> [M, N]
   grouped_int4_swiglu(x [M, K], gate_packed, gate_scale, up_packed, up_scale [E, I, ...], group_sizes [E],
-                      *, layout)
-  grouped_int4_matmul(h [M, I], packed [E, D, I/8], scale [E, D, I/g], group_sizes [E], *, layout) -> [M, D]
+                      *, packing) -> [M, I]
+  grouped_int4_matmul(h [M, I], packed [E, D, I/8], scale [E, D, I/g], group_sizes [E], *, packing) -> [M, D]
   grouped_matmul(x [M, K], w [E, N, K], group_sizes [E]) -> [M, N]     dense experts (`ragged_dot`)
-  dequantize_int4(packed [..., N, K/8], scale [..., N, K/g], k, dtype) -> [..., N, k]
-  paged_attention(q_lat, q_pe, kv_pages, page_table, q_start, kv_len, *, scale, kv_layout)
-  write_pages(kv_pages, page [N], slot [N], rows [N, r + p], *, kv_layout) -> kv_pages (tokens into the cache)
+  paged_attention(q_lat, q_pe, kv_pages, page_table, q_start, kv_len, *, scale, page_order)
       -> o_lat [R, C, H, r]
+  write_pages(kv_pages, page [N], slot [N], rows [N, r + p], *, page_order) -> kv_pages (tokens into the cache)
 
-`layout` (INT4 ops, default "ct"): where the expert words and scales sit (layout.py); the shapes
-above are "ct"'s, "tpu" holds [.., K/8, N] and [.., K/g, N]. The GPU kernels read "ct", the TPU
-kernels both ("tpu" without copies: `layout.layout_for(platform)`). `kv_layout` (default "rows"):
-the cache pages, [P, S, r + p] or "lanes" [P, r + p, S] (paged_attention.py), the GPU kernel reads
-"rows", the TPU kernel both ("lanes" with S a multiple of 128 without copies).
+`packing` (INT4 ops, default "ct"): how the expert words and scales are stored (int4_packing.py);
+the shapes above are "ct"'s, "tpu" holds [.., K/8, N] and [.., K/g, N]. The GPU kernels read "ct",
+the TPU kernels "tpu". `page_order` (default "rows"): the cache pages, [P, S, r + p] or "lanes"
+[P, r + p, S] (paged_attention.py); the GPU kernel reads "rows", the TPU kernel both ("lanes" with S
+a multiple of 128 without copies). backends.py pairs each platform's kernels with what they read.
 
 When an op has no kernel for `impl`, or its kernel's support predicate rejects the arguments (a
-group size that is not a power of two, a head width Triton cannot tile), the reference runs
-instead and the first such fallback per (op, impl, reason) is logged. Kernels take unsharded
-arrays: under a mesh, call them inside `jax.shard_map(..., check_vma=False)`.
+group size that is not a power of two, a packing the kernel does not read, a head width Triton
+cannot tile), the reference runs instead and the first such fallback per (op, impl, reason) is
+logged. Kernels take unsharded arrays: under a mesh, call them inside
+`jax.shard_map(..., check_vma=False)`.
 """
 
 from __future__ import annotations
@@ -44,31 +44,27 @@ import functools
 import logging
 from typing import Callable
 
-# Module aliases: the ops below take the names of int4_matmul and paged_attention.
-from kernels_pallas import cache_write, dequant, int4_gpu, int4_tpu, paged_attention_gpu, paged_attention_tpu
-from kernels_pallas import grouped_moe as grouped
-from kernels_pallas import int4_matmul as int4_matmul_module
-from kernels_pallas import paged_attention as paged_attention_module
-from kernels_pallas.int4 import dequantize_int4_ref
-from kernels_pallas.layout import features, scale_groups
+import jax.numpy as jnp
 
-__all__ = ["IMPLS", "impl_for_platform", "Op", "Kernel", "int4_matmul", "grouped_int4_swiglu",
-           "grouped_int4_matmul", "grouped_matmul", "dequantize_int4", "paged_attention",
-           "write_pages"]
+from kernels_pallas import (
+    cache_write,
+    experts_gpu,
+    experts_tpu,
+    experts_xla,
+    paged_attention_gpu,
+    paged_attention_tpu,
+)
+
+# A module alias: the op below takes the module's name.
+from kernels_pallas import paged_attention as paged_attention_module
+from kernels_pallas.int4_packing import features, scale_groups
+
+__all__ = ["IMPLS", "Op", "Kernel", "grouped_int4_swiglu", "grouped_int4_matmul", "grouped_matmul",
+           "paged_attention", "write_pages"]
 
 IMPLS = ("xla", "pallas_gpu", "pallas_tpu", "interpret_gpu", "interpret_tpu")
-_PLATFORM_IMPL = {"cpu": "xla", "gpu": "pallas_gpu", "cuda": "pallas_gpu", "rocm": "pallas_gpu",
-                  "tpu": "pallas_tpu"}
 _log = logging.getLogger(__name__)
 _logged: set = set()
-
-
-def impl_for_platform(platform: str) -> str:
-    """The implementation that runs best on devices of `platform` (a jax Device.platform)."""
-    if platform not in _PLATFORM_IMPL:
-        raise ValueError(f"no kernel implementation for platform {platform!r}; "
-                         f"expected one of {sorted(_PLATFORM_IMPL)}")
-    return _PLATFORM_IMPL[platform]
 
 
 def _always(*args, **kwargs) -> None:
@@ -139,72 +135,71 @@ def _pallas(gpu=None, tpu=None, gpu_unsupported=_always, tpu_unsupported=_always
     return table
 
 
-def _read_layout(kernel: Callable, keyword: str, default: str, kernels: dict[str, Callable]) -> Callable:
-    """One kernel per layout behind one callable: `keyword` (its value, else `default`) picks it;
-    a kernel that reads only the default layout is called without the keyword."""
+def _without(keyword: str, kernel: Callable) -> Callable:
+    """A kernel that reads one format, called without the `keyword` naming it: its support
+    predicate has already sent every other format to the reference."""
     def call(*args, **kwargs):
-        value = kwargs.pop(keyword, default)
-        return kernels.get(value, kernel)(*args, **kwargs)
+        kwargs.pop(keyword, None)
+        return kernel(*args, **kwargs)
     return call
 
 
-def _int4_support(backend: str, weights: Callable):
-    """Support predicate of the `backend` INT4 kernels; `weights(*args)` -> (K, packed, scale)."""
-    def unsupported(*args, layout="ct", **kwargs):
+def _int4_support(reads: str, unsupported: Callable[[int, int, int], str | None], weights: Callable):
+    """Support predicate of INT4 kernels that read packing `reads`: `weights(*args)` -> (K, packed,
+    scale); `unsupported(n, k, n_groups)` says why the kernels cannot take those shapes."""
+    def check(*args, packing="ct", **kwargs):
+        if packing != reads:
+            return f"the kernels read packing {reads!r}, not {packing!r}"
         k, packed, scale = weights(*args)
-        if layout == "tpu":
-            if backend != "tpu":
-                return f"the {backend} kernels read layout 'ct', not 'tpu'"
-            n = features(packed, scale, layout)[0]
-            return None if n % int4_tpu.LANES == 0 else f"N={n} is not a multiple of {int4_tpu.LANES}"
-        n_groups = scale_groups(scale, layout)
-        return dequant.unsupported_reason(backend, k, k // n_groups if n_groups else 0)
-    return unsupported
+        return unsupported(features(packed, scale, packing)[0], k, scale_groups(scale, packing))
+    return check
 
 
-def _int4_op(name, reference, gpu, tpu, tpu_layout, weights) -> Op:
-    tpu = _read_layout(tpu, "layout", "ct", {"tpu": tpu_layout})
-    gpu = _read_layout(gpu, "layout", "ct", {})
-    return Op(name, reference, _pallas(gpu, tpu, _int4_support("gpu", weights), _int4_support("tpu", weights)))
+def _int4_op(name, reference, gpu, tpu, weights) -> Op:
+    gpu_unsupported = _int4_support("ct", lambda n, k, g: experts_gpu.unsupported_reason(k, k // g if g else 0),
+                                    weights)
+    tpu_unsupported = _int4_support("tpu", experts_tpu.unsupported_reason, weights)
+    return Op(name, reference, _pallas(_without("packing", gpu), _without("packing", tpu), gpu_unsupported,
+                                       tpu_unsupported))
 
-
-int4_matmul = _int4_op("int4_matmul", int4_matmul_module.int4_matmul_ref, int4_gpu.int4_matmul_gpu,
-                       int4_matmul_module.int4_matmul_tpu, int4_tpu.int4_matmul_tpu,
-                       lambda x, packed, scale: (x.shape[-1], packed, scale))
 
 grouped_int4_swiglu = _int4_op(
-    "grouped_int4_swiglu", grouped.grouped_int4_swiglu_ref, int4_gpu.grouped_int4_swiglu_gpu,
-    int4_matmul_module.grouped_int4_swiglu_tpu, int4_tpu.grouped_int4_swiglu_tpu,
-    lambda x, gp, gs, up, us, sizes: (x.shape[-1], gp, gs))
+    "grouped_int4_swiglu", experts_xla.grouped_int4_swiglu_ref, experts_gpu.grouped_int4_swiglu_gpu,
+    experts_tpu.grouped_int4_swiglu_tpu, lambda x, gp, gs, up, us, sizes: (x.shape[-1], gp, gs))
 
 grouped_int4_matmul = _int4_op(
-    "grouped_int4_matmul", grouped.grouped_int4_matmul_ref, int4_gpu.grouped_int4_matmul_gpu,
-    int4_matmul_module.grouped_int4_matmul_tpu, int4_tpu.grouped_int4_matmul_tpu,
-    lambda h, packed, scale, sizes: (h.shape[-1], packed, scale))
-
-_dequant_weights = lambda packed, scale, k, dtype=None: (k, packed, scale)  # noqa: E731
-dequantize_int4 = Op("dequantize_int4", dequantize_int4_ref,
-                     _pallas(dequant.dequantize_int4_gpu, dequant.dequantize_int4_tpu,
-                             _int4_support("gpu", _dequant_weights), _int4_support("tpu", _dequant_weights)))
+    "grouped_int4_matmul", experts_xla.grouped_int4_matmul_ref, experts_gpu.grouped_int4_matmul_gpu,
+    experts_tpu.grouped_int4_matmul_tpu, lambda h, packed, scale, sizes: (h.shape[-1], packed, scale))
 
 # Dense experts: GPU and TPU have a native grouped matmul; XLA:CPU would multiply every row by
 # every expert, so the reference gathers experts per row block instead.
-_ragged_dot = Kernel(grouped.grouped_matmul_ragged)
-grouped_matmul = Op("grouped_matmul", grouped.grouped_matmul_ref,
+_ragged_dot = Kernel(experts_xla.grouped_matmul_ragged)
+grouped_matmul = Op("grouped_matmul", experts_xla.grouped_matmul_ref,
                     {impl: _ragged_dot for impl in IMPLS if impl != "xla"})
 
-def _gpu_attention_support(*args, kv_layout="rows", **kwargs):
-    if kv_layout != "rows":
-        return f"the GPU attention kernel reads kv_layout 'rows', not {kv_layout!r}"
+
+def _values_pool(pool_arg: int, unsupported: Callable[..., str | None]) -> Callable[..., str | None]:
+    """`unsupported`, after refusing a pool of bf16 words (paged_attention.pool_values): only the
+    XLA reference reads those (on CPU, where XLA converts whole bf16 arrays it gathers from)."""
+    def check(*args, **kwargs):
+        if args[pool_arg].dtype == jnp.uint16:
+            return "a pool of bf16 words (uint16) is read by the XLA reference only"
+        return unsupported(*args, **kwargs)
+    return check
+
+
+def _gpu_attention_support(*args, page_order="rows", **kwargs):
+    if page_order != "rows":
+        return f"the GPU attention kernel reads page_order 'rows', not {page_order!r}"
     return paged_attention_gpu.unsupported_reason(*args, **kwargs)
 
 
 paged_attention = Op("paged_attention", paged_attention_module.paged_attention_ref,
-                     _pallas(gpu=_read_layout(paged_attention_gpu.paged_attention_gpu, "kv_layout", "rows", {}),
+                     _pallas(gpu=_without("page_order", paged_attention_gpu.paged_attention_gpu),
                              tpu=paged_attention_tpu.paged_attention_tpu,
-                             gpu_unsupported=_gpu_attention_support,
-                             tpu_unsupported=paged_attention_tpu.unsupported_reason))
+                             gpu_unsupported=_values_pool(2, _gpu_attention_support),
+                             tpu_unsupported=_values_pool(2, paged_attention_tpu.unsupported_reason)))
 
 
 write_pages = Op("write_pages", cache_write.write_pages_ref,
-                 _pallas(tpu=cache_write.write_pages_tpu))
+                 _pallas(tpu=cache_write.write_pages_tpu, tpu_unsupported=_values_pool(0, _always)))

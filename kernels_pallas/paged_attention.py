@@ -9,12 +9,17 @@ table entry of 0 past a row's length is harmless: nothing there is ever visible.
     paged_attention(q_lat [R, C, H, r], q_pe [R, C, H, p], kv_pages, page_table [R, T], q_start [R],
                     kv_len [R], scale) -> o_lat [R, C, H, r] float32
 
-Two page layouts (`kv_layout`): "rows", the above, a token per row of its page; "lanes",
+Two page orders (`page_order`): "rows", the above, a token per row of its page; "lanes",
 `kv_pages [P, r + p, S]`, a token per lane column. XLA:TPU stores any array whose minor dimension
 is not a multiple of 128 in a transposed tiling that a Pallas kernel cannot read, so the TPU kernel
 (paged_attention_tpu.py) takes "lanes" pages of S = 128 or 256 tokens: for those XLA's own choice
 of layout is the kernel's, and nothing is copied. (With "rows", width 576 for K2, XLA copies the
 whole pool on every call.)
+
+A pool may hold bfloat16 values as raw 16-bit words (dtype uint16; backends.Backend.cache_words):
+XLA:CPU converts a whole bf16 array to float32 for every gather, scatter or update-slice on it, so
+a bf16 pool costs two whole-pool conversions per layer and step there; on words the same gathers
+and writes touch only the rows they move. The reference reads and writes either kind.
 
 Query c of row b sits at position q_start[b] + c and sees the keys at positions s with
 s <= q_start[b] + c and s < kv_len[b]:
@@ -37,36 +42,48 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["paged_attention_ref", "gather_pages", "KV_LAYOUTS", "page_size"]
+__all__ = ["paged_attention_ref", "gather_pages", "PAGE_ORDERS", "page_size", "pool_values", "pool_words"]
 
-KV_LAYOUTS = ("rows", "lanes")
-
-
-def page_size(kv_pages, kv_layout: str = "rows") -> int:
-    """Tokens per page of a pool in `kv_layout`."""
-    if kv_layout not in KV_LAYOUTS:
-        raise ValueError(f"unknown kv_layout {kv_layout!r}; expected one of {KV_LAYOUTS}")
-    return kv_pages.shape[1] if kv_layout == "rows" else kv_pages.shape[2]
+PAGE_ORDERS = ("rows", "lanes")
 
 
-def gather_pages(kv_pages, page_table, first: int | jax.Array, n: int, kv_layout: str = "rows"):
+def page_size(kv_pages, page_order: str = "rows") -> int:
+    """Tokens per page of a pool in `page_order`."""
+    if page_order not in PAGE_ORDERS:
+        raise ValueError(f"unknown page_order {page_order!r}; expected one of {PAGE_ORDERS}")
+    return kv_pages.shape[1] if page_order == "rows" else kv_pages.shape[2]
+
+
+def pool_values(x: jax.Array) -> jax.Array:
+    """Values read from a pool: words of a uint16 pool are bfloat16 values."""
+    return lax.bitcast_convert_type(x, jnp.bfloat16) if x.dtype == jnp.uint16 else x
+
+
+def pool_words(rows: jax.Array, pool_dtype) -> jax.Array:
+    """`rows` as a pool of `pool_dtype` stores them (bfloat16 words in a uint16 pool)."""
+    if pool_dtype == jnp.uint16:
+        return lax.bitcast_convert_type(rows.astype(jnp.bfloat16), jnp.uint16)
+    return rows.astype(pool_dtype)
+
+
+def gather_pages(kv_pages, page_table, first: int | jax.Array, n: int, page_order: str = "rows"):
     """Tokens of pages page_table[:, first:first + n] for every row: [R, n * S, r + p]."""
     rows = page_table.shape[0]
-    page = page_size(kv_pages, kv_layout)
+    page = page_size(kv_pages, page_order)
     pages = lax.dynamic_slice_in_dim(page_table, first, n, axis=1)  # [R, n]
-    tokens = jnp.take(kv_pages, pages.reshape(-1), axis=0)  # [R * n, S, w] (rows) or [R * n, w, S]
-    if kv_layout == "lanes":
+    tokens = pool_values(jnp.take(kv_pages, pages.reshape(-1), axis=0))  # [R * n, S, w] (rows) or [R * n, w, S]
+    if page_order == "lanes":
         tokens = jnp.swapaxes(tokens, 1, 2)
     return tokens.reshape(rows, n * page, tokens.shape[2])
 
 
 def paged_attention_ref(q_lat, q_pe, kv_pages, page_table, q_start, kv_len, *, scale: float,
-                        block_pages: int | None = None, n_blocks: int | None = None, kv_layout: str = "rows"):
+                        block_pages: int | None = None, n_blocks: int | None = None, page_order: str = "rows"):
     """See the module docstring. `block_pages`: pages per key block (default: ~256 tokens).
     `n_blocks`: visit exactly this many key blocks (a static count makes the loop a scan, which is
     differentiable); by default the longest row's blocks, a traced count."""
     rows, c, h, r = q_lat.shape
-    page = page_size(kv_pages, kv_layout)
+    page = page_size(kv_pages, page_order)
     bp = block_pages or max(1, 256 // page)
     # A block may run past the table's last column; pad it so every block's slice stays in bounds.
     n_blocks_max = -(-page_table.shape[1] // bp)
@@ -77,7 +94,7 @@ def paged_attention_ref(q_lat, q_pe, kv_pages, page_table, q_start, kv_len, *, s
 
     def body(j, carry):
         m, l, acc = carry
-        kv = gather_pages(kv_pages, table, j * bp, bp, kv_layout)  # [R, block, r + p]
+        kv = gather_pages(kv_pages, table, j * bp, bp, page_order)  # [R, block, r + p]
         c_kv, k_pe = kv[..., :r], kv[..., r:]
         s = jnp.einsum("bchr,bsr->bchs", q_lat, c_kv.astype(q_lat.dtype), preferred_element_type=jnp.float32)
         s += jnp.einsum("bchp,bsp->bchs", q_pe, k_pe.astype(q_pe.dtype), preferred_element_type=jnp.float32)

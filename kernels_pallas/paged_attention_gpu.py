@@ -1,6 +1,6 @@
 """Absorbed-MLA attention over the paged latent cache on NVIDIA GPUs (Pallas Triton), flash-decoding style.
 
-Same signature and semantics as `paged_attention.paged_attention_ref` (read it for the cache layout):
+Same signature and semantics as `paged_attention.paged_attention_ref` (read it for the page orders):
 
     paged_attention_gpu(q_lat [R, C, H, r], q_pe [R, C, H, p], kv_pages [P, S, r + p], page_table [R, T],
                         q_start [R], kv_len [R], *, scale) -> o_lat [R, C, H, r] float32

@@ -30,7 +30,7 @@ _EXPORTS = {
     "Int4Weight": "kimi_jax.quant",
     "load": "kimi_jax.loading",
     "random_model": "kimi_jax.loading",
-    "DEFAULT_CHECKPOINT": "kimi_jax.generate",
+    "DEFAULT_CHECKPOINT": "kimi_jax.runtime",
     "RouterChoices": "kimi_jax.router_trace",
     "router_choices": "kimi_jax.router_trace",
     # devices
@@ -56,12 +56,11 @@ if TYPE_CHECKING:  # what editors and type checkers see; at run time the names l
     from kimi_jax.config import Config  # noqa: F401
     from kimi_jax.engine import BatchEngine, Request  # noqa: F401
     from kimi_jax.errors import KimiError  # noqa: F401
-    from kimi_jax.generate import DEFAULT_CHECKPOINT  # noqa: F401
     from kimi_jax.loading import device_mesh, load, random_model, shard  # noqa: F401
     from kimi_jax.model import KimiK2  # noqa: F401
     from kimi_jax.quant import Int4Weight  # noqa: F401
     from kimi_jax.router_trace import RouterChoices, router_choices  # noqa: F401
-    from kimi_jax.runtime import Runtime  # noqa: F401
+    from kimi_jax.runtime import DEFAULT_CHECKPOINT, Runtime  # noqa: F401
     from kimi_jax.sampling import SamplingParams  # noqa: F401
     from kimi_jax.sharding import MeshSpec  # noqa: F401
     from kimi_jax.tools import ToolRegistry, builtin_tools  # noqa: F401

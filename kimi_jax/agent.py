@@ -8,7 +8,10 @@ shared prefix ends where the rendering changed and the rest is recomputed: corre
 where it is exact.)
 
 Tool calls run through a `ToolRegistry`; an unknown tool, bad JSON arguments, a raising or hanging
-tool all come back to the model as an error result, never as an exception here.
+tool all come back to the model as an error result, never as an exception here. With strict tool
+calls (the default) the engine holds every call to the grammar of the declared tools
+(kimi_jax.chat.constraint): a registered name, the conversation's next call index, and arguments
+valid under the schema the registry derived from the function's signature.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ import time
 from typing import TYPE_CHECKING, Callable
 
 from kimi_jax.chat import StreamParser, parse_output
+from kimi_jax.chat.constraint import output_constraint
 from kimi_jax.chat.prompt import encode_chat
+from kimi_jax.chat.tool_calls import normalize_history
 from kimi_jax.errors import KimiError
 from kimi_jax.sampling import SamplingParams
 
@@ -69,7 +74,8 @@ class Conversation:
 
     def __init__(self, runtime: Runtime, *, tools: ToolRegistry | None = None, system: str | None = None,
                  sampling: SamplingParams | None = None, max_steps: int = 300, tool_timeout: float = 10.0,
-                 tool_names: list[str] | None = None):
+                 tool_names: list[str] | None = None, strict_tools: bool = True):
+        """`strict_tools`: hold every tool call to the declared tools and their argument schemas."""
         runtime.require_chat()
         if max_steps < 1:
             raise KimiError(f"max_steps must be >= 1, got {max_steps}")
@@ -81,13 +87,24 @@ class Conversation:
         self.sampling = dataclasses.replace(base, stop_ids=tuple(sorted(set(base.stop_ids) | set(runtime.stop_ids()))))
         self.max_steps = max_steps
         self.tool_timeout = tool_timeout
+        self.strict_tools = strict_tools
+        self._constraint()  # a tool whose schema cannot be enforced is refused now, not mid-turn
 
     # ---- one model step -----------------------------------------------------------------------
-    def _prompt_ids(self) -> list[int]:
-        specs = self.tools.specs(self.tool_names) if self.tools is not None else None
-        return encode_chat(self.rt.tokenizer, self.rt.template, self.messages, specs)
+    def _specs(self, closed: bool = False) -> list[dict] | None:
+        return self.tools.specs(self.tool_names, closed=closed) if self.tools is not None else None
 
-    def _generate(self, prompt: list[int], on_event, usage):
+    def _prompt_ids(self) -> list[int]:
+        return encode_chat(self.rt.tokenizer, self.rt.template, self.messages, self._specs())
+
+    def _constraint(self, max_tokens: int | None = None):
+        """The grammar of the next assistant message, numbering calls on from those in the history;
+        argument objects are closed, as the registry refuses parameters a function does not take."""
+        return output_constraint(self.rt.tokenizer, vocab_size=self.rt.cfg.vocab_size, stop_ids=self.sampling.stop_ids,
+                                 max_tokens=max_tokens, tools=self._specs(closed=True),
+                                 first_index=normalize_history(self.messages)[1], strict=self.strict_tools)
+
+    def _generate(self, prompt: list[int], on_event, usage, warnings):
         """Generate one assistant message; returns (text, token ids, finish reason). A prompt the
         engine refuses raises its KimiError; `send` decides whether that ends the turn instead."""
         engine = self.rt.engine
@@ -103,12 +120,15 @@ class Conversation:
                 for event in parser.feed(pieces[-1]):
                     on_event(event)
 
-        request = engine.submit(prompt, sampling, on_tokens)
+        constraint = self._constraint(sampling.max_new_tokens)
+        request = engine.submit(prompt, sampling, on_tokens, constraint=constraint)
         try:
             engine.wait([request])
         except KeyboardInterrupt:
             request.cancel()
             engine.wait([request])
+        if constraint is not None and constraint.failure:
+            warnings.append(f"the output left its grammar: {constraint.failure}")
         pieces.append(decoder.flush())
         for event in parser.feed(pieces[-1]) + parser.finish():
             on_event(event)
@@ -143,7 +163,7 @@ class Conversation:
                 if step and len(prompt) >= self.rt.engine.max_len:
                     reason = "context"  # the tool results filled the context; what was said stays
                     break
-                text, ids, finish = self._generate(prompt, on_event, usage)
+                text, ids, finish = self._generate(prompt, on_event, usage, warnings)
                 token_ids += ids
                 parsed = parse_output(text)
                 warnings += parsed.warnings

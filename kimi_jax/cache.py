@@ -2,7 +2,7 @@
 shared rope key k_pe, one row of kv_lora_rank + qk_rope_head_dim values (576 for K2, 35x less than
 per-head K/V; docs/performance-targets.md), kept in fixed-size pages.
 
-    pages      per layer [n_pages, page_size, r + p]   the pool ("rows" layout; page 0 is never handed out)
+    pages      per layer [n_pages, page_size, r + p]   the pool ("rows" order; page 0 is never handed out)
                or [n_pages, r + p, page_size]          ("lanes": TPU, where a minor dimension of 576
                                                         would make XLA relayout the whole pool)
     page_table [slots, max_pages] int32                 the pages of each slot's sequence, in order
@@ -43,11 +43,11 @@ class PagedCache:
     pages: tuple[jax.Array, ...]  # per layer, see above
     page_table: jax.Array  # [slots, max_pages] int32
     lengths: jax.Array  # [slots] int32
-    kv_layout: str = dataclasses.field(default="rows", metadata=dict(static=True))
+    page_order: str = dataclasses.field(default="rows", metadata=dict(static=True))
 
     @property
     def page_size(self) -> int:
-        return self.pages[0].shape[1 if self.kv_layout == "rows" else 2]
+        return self.pages[0].shape[1 if self.page_order == "rows" else 2]
 
     @property
     def n_pages(self) -> int:
@@ -63,22 +63,24 @@ class PagedCache:
 
     @classmethod
     def create(cls, cfg: Config, *, slots: int, max_len: int, page_size: int, n_pages: int, dtype,
-               mesh=None, kv_layout: str = "rows") -> "PagedCache":
+               mesh=None, page_order: str = "rows", words: bool = False) -> "PagedCache":
         """An empty cache placed (committed) where the compiled steps leave their outputs, so the
         first call and every later one hit the same compiled program."""
         spec = cls.abstract(cfg, slots=slots, max_len=max_len, page_size=page_size, n_pages=n_pages, dtype=dtype,
-                            mesh=mesh, kv_layout=kv_layout)
+                            mesh=mesh, page_order=page_order, words=words)
         return jax.tree.map(lambda s: _zeros(s.shape, s.dtype, s.sharding)(), spec)
 
     @classmethod
     def abstract(cls, cfg: Config, *, slots: int, max_len: int, page_size: int, n_pages: int, dtype,
-                 mesh=None, kv_layout: str = "rows") -> "PagedCache":
-        """The cache as ShapeDtypeStructs carrying their shardings (the planner compiles with it)."""
-        if kv_layout not in ("rows", "lanes"):
-            raise ValueError(f"unknown kv_layout {kv_layout!r}")
-        pool_shape = (n_pages, page_size, cfg.cache_dim) if kv_layout == "rows" else \
+                 mesh=None, page_order: str = "rows", words: bool = False) -> "PagedCache":
+        """The cache as ShapeDtypeStructs carrying their shardings (the planner compiles with it).
+        `words`: a bf16 pool is stored as its raw 16-bit words (kernels_pallas/backends.py)."""
+        if page_order not in ("rows", "lanes"):
+            raise ValueError(f"unknown page_order {page_order!r}")
+        pool_shape = (n_pages, page_size, cfg.cache_dim) if page_order == "rows" else \
             (n_pages, cfg.cache_dim, page_size)
-        pool = jax.ShapeDtypeStruct(pool_shape, jnp.dtype(dtype),
+        pool_dtype = jnp.dtype(jnp.uint16) if words and jnp.dtype(dtype) == jnp.bfloat16 else jnp.dtype(dtype)
+        pool = jax.ShapeDtypeStruct(pool_shape, pool_dtype,
                                     sharding=sharding_for(POOL_AXES, pool_shape, mesh, name="cache pages"))
         table_shape = (slots, pages_for(max_len, page_size))
         return cls(
@@ -86,7 +88,7 @@ class PagedCache:
             page_table=jax.ShapeDtypeStruct(table_shape, jnp.int32,
                                             sharding=sharding_for(SLOT_AXES + (None,), table_shape, mesh)),
             lengths=jax.ShapeDtypeStruct((slots,), jnp.int32, sharding=sharding_for(SLOT_AXES, (slots,), mesh)),
-            kv_layout=kv_layout,
+            page_order=page_order,
         )
 
     def with_table(self, table: np.ndarray) -> "PagedCache":
@@ -103,11 +105,15 @@ class PagedCache:
         table = jnp.take(self.page_table, slots, axis=0, mode="clip")
         return self._batch(cfg, table, positions, valid, q_start, q_start + n_valid)
 
-    def rows_batch(self, cfg: Config, table, lengths, alive) -> AttnBatch:
-        """One token per row at its length `lengths[b]`, over the pages `table[b]` (rows packed
-        from slots by the caller); rows that are not alive write to the discard page."""
-        return self._batch(cfg, table, lengths[:, None], alive[:, None], lengths,
-                           lengths + alive.astype(jnp.int32))
+    def rows_batch(self, cfg: Config, table, lengths, n_valid, width: int = 1) -> AttnBatch:
+        """`width` tokens per row from its length `lengths[b]` on, over the pages `table[b]` (rows
+        packed from slots by the caller), of which the first n_valid[b] are real: a decode step
+        feeds one (n_valid 0 or 1), a verify step the last token and its drafts. Tokens past
+        n_valid write to the discard page."""
+        n_valid = n_valid.astype(jnp.int32)
+        positions = lengths[:, None] + jnp.arange(width, dtype=jnp.int32)[None, :]
+        valid = jnp.arange(width)[None, :] < n_valid[:, None]
+        return self._batch(cfg, table, positions, valid, lengths, lengths + n_valid)
 
     def _batch(self, cfg, table, positions, valid, q_start, kv_len) -> AttnBatch:
         ps = self.page_size
@@ -116,16 +122,10 @@ class PagedCache:
         cos, sin = rope.rope_angles(cfg, positions)
         return AttnBatch(cos=cos, sin=sin, page_table=table, q_start=q_start, kv_len=kv_len,
                          write_page=jnp.where(valid, page, DISCARD_PAGE), write_slot=positions % ps,
-                         valid=valid, kv_layout=self.kv_layout)
+                         valid=valid, page_order=self.page_order)
 
     def nbytes_per_token(self) -> int:
         return sum(p.size // (p.shape[0] * self.page_size) * p.dtype.itemsize for p in self.pages)
-
-
-def layout_for(platform: str) -> tuple[str, int]:
-    """(pool layout, default tokens per page) for devices of `platform`. TPU: "lanes" pages of 128
-    tokens (the pool's minor dimension a whole number of 128-lane tiles); elsewhere "rows" of 64."""
-    return ("lanes", 128) if platform == "tpu" else ("rows", 64)
 
 
 # Sequences of max_len the default pool holds per slot: the slot's own, and as much again for

@@ -88,7 +88,8 @@ def run_chat(rt, args, sampling) -> int:
         from kimi_jax.tools import builtin_tools
 
         tools = builtin_tools()
-    conv = Conversation(rt, tools=tools, system=args.system, sampling=sampling, max_steps=args.max_steps)
+    conv = Conversation(rt, tools=tools, system=args.system, sampling=sampling, max_steps=args.max_steps,
+                        strict_tools=not args.no_strict_tools)
     printer = EventPrinter(show_thinking=not args.hide_thinking, enabled=not args.json)
     if args.prompt is not None:
         result = conv.send(args.prompt, printer)

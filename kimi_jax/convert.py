@@ -45,7 +45,7 @@ def convert(checkpoint: str, out: str, *, dtype=jnp.bfloat16, progress: bool = T
 
     if os.path.exists(out) and os.listdir(out):
         raise KimiError(f"--out {out} exists and is not empty")
-    model, cfg = load_model(checkpoint, dtype=dtype, progress=progress, expert_layout="ct")
+    model, cfg = load_model(checkpoint, dtype=dtype, progress=progress, expert_packing="ct")
     os.makedirs(out, exist_ok=True)
     state = nnx.to_pure_dict(nnx.state(model))
     with ocp.StandardCheckpointer() as ckpt:
@@ -61,11 +61,12 @@ def convert(checkpoint: str, out: str, *, dtype=jnp.bfloat16, progress: bool = T
 
 def load_converted(directory: str, cfg: Config, *, dtype=jnp.bfloat16, mesh=None):
     """Restore a converted directory straight onto the devices of `mesh` (or the default device).
-    Experts are stored in the checkpoint's layout and moved into the devices' own after restoring."""
+    Experts are stored in the checkpoint's packing and repacked into the devices' own after restoring."""
     import orbax.checkpoint as ocp
 
-    from kimi_jax.checkpoint import relayout_experts
-    from kimi_jax.model import abstract_model, expert_layout_for
+    from kernels_pallas.backends import backend_for
+    from kimi_jax.checkpoint.expert_repacking import repack_experts
+    from kimi_jax.model import abstract_model, expert_packing_for
     from kimi_jax.sharding import placed_abstract, platform_of
 
     marker = os.path.join(directory, MARKER)
@@ -85,12 +86,12 @@ def load_converted(directory: str, cfg: Config, *, dtype=jnp.bfloat16, mesh=None
     except Exception as e:  # orbax raises many kinds; the user needs the directory and the cause
         raise KimiError(f"{directory}: cannot restore converted parameters ({type(e).__name__}: {e})") from None
     nnx.replace_by_pure_dict(state, restored)
-    layout = expert_layout_for(cfg, platform_of(mesh))
-    if layout != "ct":
-        target_graph, target = abstract_model(cfg, dtype, expert_layout=layout)
-        relayout, loaded = relayout_experts(target, mesh), dict(nnx.to_flat_state(state))
+    packing = expert_packing_for(cfg, backend_for(platform_of(mesh)))
+    if packing != "ct":
+        target_graph, target = abstract_model(cfg, dtype, expert_packing=packing)
+        repack, loaded = repack_experts(target, mesh), dict(nnx.to_flat_state(state))
         for path, var in nnx.to_flat_state(target):
-            var.set_value(relayout(path, loaded[path].get_value()))
+            var.set_value(repack(path, loaded[path].get_value()))
         graphdef, state = target_graph, target
     return nnx.merge(graphdef, state)
 

@@ -30,26 +30,28 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from kernels_pallas.backends import backend_for
 from kimi_jax.cache import PagedCache, default_pool_pages
-from kimi_jax.cache import layout_for as cache_layout_for
 from kimi_jax.distributed import broadcast_from_main, global_array, is_main, to_host
 from kimi_jax.errors import KimiError
-from kimi_jax.model import KimiK2, default_impl
+from kimi_jax.model import KimiK2
 from kimi_jax.pages import PagePool, pages_for
 from kimi_jax.sampling import SamplingParams
 from kimi_jax.scheduler import (
     DEFAULT_CHUNK,
-    DEFAULT_DECODE_STEPS,
+    DEFAULT_DECODE_BLOCK,
     DecodeWork,
     PrefillWork,
     QueueFull,
     Request,
     Scheduler,
+    VerifyWork,
 )
 from kimi_jax.sharding import platform_of
-from kimi_jax.steps import SlotState, decode_steps, prefill_step, resume_slots, split_model
+from kimi_jax.speculation import DEFAULT_DRAFT_TOKENS, FixedCosts, Speculator, check_settings
+from kimi_jax.steps import SlotState, decode_steps, prefill_step, resume_slots, split_model, verify_step
 
-__all__ = ["BatchEngine", "JaxDevice", "QueueFull", "Request", "DEFAULT_CHUNK", "DEFAULT_DECODE_STEPS"]
+__all__ = ["BatchEngine", "JaxDevice", "QueueFull", "Request", "DEFAULT_CHUNK", "DEFAULT_DECODE_BLOCK"]
 
 
 class JaxDevice:
@@ -58,8 +60,9 @@ class JaxDevice:
     they change: the page table and knobs when the scheduler says so, the packed rows when the set
     of active slots changes."""
 
-    def __init__(self, model: KimiK2, cache: PagedCache, *, mesh: Mesh | None, impl: str):
+    def __init__(self, model: KimiK2, cache: PagedCache, *, mesh: Mesh | None, impl: str, max_steps: int):
         self.model_def, self.weights = split_model(model)
+        self.max_steps = max_steps
         self.vocab_size = model.cfg.vocab_size
         self.cache, self.mesh, self.impl = cache, mesh, impl
         self.replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()) if mesh else \
@@ -67,6 +70,7 @@ class JaxDevice:
         self.state = SlotState.create(cache.slots, self.replicated)
         self.knobs = None
         self._rows = (None, None)  # (host rows, device rows) of the last decode dispatch
+        self._counts = {}  # step count -> the device scalar, uploaded once
 
     def _put(self, value: np.ndarray):
         return global_array(value, self.replicated)
@@ -95,11 +99,20 @@ class JaxDevice:
         if host_rows is None or not np.array_equal(host_rows, work.rows):
             rows = self._put(work.rows)
             self._rows = (work.rows, rows)
+        if work.steps not in self._counts:
+            self._counts[work.steps] = self._put(np.int32(work.steps))
         mask = None if work.mask is None else self._put(work.mask)
         with self._context():
             tokens, _, self.cache, self.state = decode_steps(
-                self.model_def, self.weights, self.cache, self.state, rows, self.knobs, mask, steps=work.steps,
-                impl=self.impl)
+                self.model_def, self.weights, self.cache, self.state, rows, self._counts[work.steps], self.knobs, mask,
+                max_steps=self.max_steps, impl=self.impl)
+        return tokens
+
+    def verify(self, work: VerifyWork):
+        with self._context():
+            tokens, self.cache, self.state = verify_step(
+                self.model_def, self.weights, self.cache, self.state, self._put(work.rows), self._put(work.drafts),
+                self._put(work.n_draft), self.knobs, impl=self.impl)
         return tokens
 
     def resume(self, slots: list[int]) -> None:
@@ -116,16 +129,21 @@ class BatchEngine:
     def __init__(self, model: KimiK2, *, max_batch: int = 8, max_len: int = 4096, chunk: int = DEFAULT_CHUNK,
                  page_size: int | None = None, n_pages: int | None = None, prefill_rows: int = 1,
                  max_queue: int = 64, mesh: Mesh | None = None, impl: str | None = None, mirror: bool = False,
-                 decode_steps: Sequence[int] = DEFAULT_DECODE_STEPS):
+                 decode_block: int = DEFAULT_DECODE_BLOCK, speculate: str = "off",
+                 draft_tokens: int = DEFAULT_DRAFT_TOKENS):
         """`impl`: the kernels (kernels_pallas.ops IMPLS); default: the best for the mesh's devices.
-        `page_size`: tokens per cache page (default: what the devices read best, cache.layout_for).
-        `n_pages`: the page pool (default: cache.default_pool_pages). `decode_steps`: the decode
-        block lengths the scheduler may dispatch. `mirror`: process 0's requests are replayed on
-        every other process (several hosts)."""
+        `page_size`: tokens per cache page (default: what the devices read best, the backend record).
+        `n_pages`: the page pool (default: cache.default_pool_pages). `decode_block`: the most
+        decode steps one dispatch runs (1: a dispatch per token). `speculate`: draft tokens from
+        each request's own tokens ("ngram") and also from recent outputs ("suffix"), up to
+        `draft_tokens` per step, and verify them when that makes more tokens per second
+        (speculation.py); "off": never. `mirror`: process 0's requests are replayed on every other
+        process (several hosts)."""
         if max_batch < 1 or chunk < 1 or prefill_rows < 1:
             raise KimiError("max_batch, chunk and prefill_rows must be >= 1")
-        if min(decode_steps, default=0) < 1:
-            raise KimiError(f"decode steps per dispatch must be >= 1, got {tuple(decode_steps)}")
+        if decode_block < 1:
+            raise KimiError(f"decode_block (steps per dispatch) must be >= 1, got {decode_block}")
+        check_settings(speculate, draft_tokens)
         data = mesh.shape["data"] if mesh is not None else 1
         if max_batch % data:
             raise KimiError(f"max_batch {max_batch} must be a multiple of the mesh's data axis ({data})")
@@ -133,19 +151,26 @@ class BatchEngine:
         self.max_batch, self.max_len, self.chunk, self.max_queue = max_batch, max_len, chunk, max_queue
         self.mesh = mesh
         platform = platform_of(mesh)
-        self.impl = impl or default_impl(platform)
-        kv_layout, default_page = cache_layout_for(platform)
-        self.page_size = page_size or default_page
+        backend = backend_for(platform)
+        self.impl = impl or backend.impl
+        self.page_size = page_size or backend.page_size
         n_pages = n_pages or default_pool_pages(max_batch, max_len, self.page_size, data)
         self.pool = PagePool(n_pages, self.page_size, shards=data)
         if self.pool.capacity < pages_for(max_len, self.page_size):
             raise KimiError(f"a cache of {n_pages} pages of {self.page_size} tokens cannot hold one request of "
                             f"max_len {max_len} tokens" + (f" per data shard ({data})" if data > 1 else ""))
         cache = PagedCache.create(self.cfg, slots=max_batch, max_len=max_len, page_size=self.page_size,
-                                  n_pages=n_pages, dtype=model.dtype, mesh=mesh, kv_layout=kv_layout)
-        self.device = JaxDevice(model, cache, mesh=mesh, impl=self.impl)
+                                  n_pages=n_pages, dtype=model.dtype, mesh=mesh, page_order=backend.page_order,
+                                  words=backend.cache_words)
+        self.device = JaxDevice(model, cache, mesh=mesh, impl=self.impl, max_steps=decode_block)
+        # Several processes must make the same choices without sharing clocks: a fixed cost then,
+        # that of two decode steps (a K2 verify step's bytes with a few drafts per row, BENCHMARKS.md),
+        # so only drafts that are mostly accepted get verified.
+        speculator = None if speculate == "off" else Speculator(
+            speculate, draft_tokens, costs=FixedCosts(2.0) if jax.process_count() > 1 else None)
+        self.speculate = speculate
         self.scheduler = Scheduler(self.device, max_batch=max_batch, max_len=max_len, chunk=chunk, pool=self.pool,
-                                   prefill_rows=prefill_rows, decode_steps=tuple(decode_steps))
+                                   prefill_rows=prefill_rows, decode_block=decode_block, speculator=speculator)
         self._inbox: list[Request] = []
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -157,7 +182,7 @@ class BatchEngine:
 
     # ---- public API -----------------------------------------------------------------------------
     def submit(self, prompt_ids: Sequence[int], sampling: SamplingParams, on_event: Callable | None = None,
-               constraint=None) -> Request:
+               constraint: object | None = None) -> Request:
         """Queue a request (thread-safe). `on_event(request, new_tokens, finished)` is called from the
         engine's thread whenever the request got tokens, and once with finished=True at its end.
         `constraint`: restricts the tokens (mask()/accept()/breaks; see scheduler.py)."""
@@ -238,6 +263,16 @@ class BatchEngine:
                 return
             self.step()
 
+    def warm_up(self, masks: bool = False) -> None:
+        """Compile every program the engine may run before the first request needs it: the
+        prefill chunk and, for each row bucket, the decode block (with `masks`, also that of
+        constrained rows) and, speculating, the verify step of the narrowest draft width (a wider
+        one compiles when the policy first finds it worth trying). Each runs once on nothing
+        (padding rows, zero steps), so no slot changes; with the compilation cache on, later
+        processes load them from disk."""
+        with self._step_lock:
+            self.scheduler.warm_up(masks)
+
     def metrics(self) -> dict:
         """A snapshot of load and throughput: slots, queue, pages, prefix-cache hits, token counts
         and the generation rate over the last 10 seconds."""
@@ -255,7 +290,19 @@ class BatchEngine:
             "prompt_tokens": prompt, "cached_tokens": s.stats["cached_tokens"],
             "generated_tokens": s.stats["generated_tokens"], "requests_finished": s.stats["finished"],
             "tokens_per_second": rate,
+            **self.speculation_metrics(),
         }
+
+    def speculation_metrics(self) -> dict:
+        """Draft tokens proposed and accepted, verify steps, and the tokens a verify step made per
+        request on average (all zero with speculation off)."""
+        spec = self.scheduler.spec
+        stats = spec.stats if spec is not None else dict.fromkeys(
+            ("drafted_tokens", "accepted_tokens", "verify_steps", "verify_rows", "verify_tokens"), 0)
+        rows = stats["verify_rows"]
+        return {"draft_tokens": stats["drafted_tokens"], "draft_tokens_accepted": stats["accepted_tokens"],
+                "verify_steps": stats["verify_steps"],
+                "tokens_per_verify_row": stats["verify_tokens"] / rows if rows else 0.0}
 
     # ---- one iteration --------------------------------------------------------------------------
     def step(self) -> bool:

@@ -1,21 +1,23 @@
-"""Write a checkpoint directory in the official Kimi-K2-Thinking layout, and post-training INT4
-quantization of a float model's routed experts into that layout (`quantize_experts`).
+"""Write a checkpoint directory in the official Kimi-K2-Thinking format: a model's parameters as the
+official tensors (`iter_hf_tensors`), the directory's files (`write_checkpoint`), and post-training
+INT4 quantization of a float model's routed experts into that format (`quantize_experts`).
 
 Used by the test fixtures, `scripts/make_fixture_checkpoint.py` and the nano model's export, so
-everything this project ships or tests is written by the same code, through the same name table
-(checkpoint.layout) that the loader reads.
+everything this project ships or tests is written by the same code, through the same tensor table
+(checkpoint/tensor_table.py) that the loader reads.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file
 
+from kimi_jax.checkpoint.tensor_table import tensor_table, weight_shape_names
 from kimi_jax.config import Config
 
 
@@ -25,6 +27,35 @@ def _stored(name: str, arr: np.ndarray, float_dtype) -> np.ndarray:
     if name.endswith("e_score_correction_bias"):
         return arr.astype(np.float32)  # float32 in the official checkpoints (docs/k2-format.md §2.2)
     return arr.astype(float_dtype)
+
+
+def iter_hf_tensors(model) -> Iterator[tuple[str, np.ndarray]]:
+    """The model's parameters as official checkpoint tensors (names, [out, in] layout), one by one."""
+    import jax
+    from flax import nnx
+
+    cfg = model.cfg
+    flat = dict(nnx.to_flat_state(nnx.state(model)))
+
+    def host(path, leaf=None):
+        value = flat[path].get_value()
+        if leaf is not None:  # INT4 experts go out in the checkpoint's packing, whatever the device's
+            value = getattr(value.to_packing("ct"), leaf)
+        return np.asarray(jax.device_get(value))
+
+    for entry in tensor_table(cfg):
+        arr = host(entry.path, entry.leaf)
+        if entry.path[-1] == "k_b_proj":  # join the two halves of kv_b_proj
+            v_half = host((*entry.path[:-1], "v_b_proj"))
+            yield entry.hf[0], np.concatenate([arr, v_half], axis=1).reshape(-1, arr.shape[-1])
+        elif entry.to_hf is None:
+            continue
+        elif entry.experts:
+            yield from ((name, entry.to_hf(arr[e])) for e, name in enumerate(entry.hf))
+        else:
+            yield entry.hf[0], entry.to_hf(arr)
+    for name, shape in weight_shape_names(cfg).items():
+        yield name, np.asarray(shape, np.int64)
 
 
 def write_checkpoint(directory, cfg: Config, tensors: Iterable[tuple[str, np.ndarray]], *,

@@ -1,7 +1,7 @@
 """Tiny random checkpoints in the exact official layout, for tests, benchmarks and demos.
 
 The weights are drawn directly in the checkpoint's own tensor names and [out, in] shapes from the
-layout table, at scales that keep activations O(1) (so routing and attention are far from uniform
+tensor table, at scales that keep activations O(1) (so routing and attention are far from uniform
 and a layout mistake shows up as a large logit difference). Routed experts are quantized with the
 compressed-tensors quantizer when the config asks for INT4.
 """
@@ -13,15 +13,30 @@ import os
 
 import numpy as np
 
-from kimi_jax import checkpoint, export
-from kimi_jax.config import Config
+from kimi_jax import export
+from kimi_jax.checkpoint.tensor_table import tensor_table, weight_shape_names
+from kimi_jax.config import K2_THINKING, TINY, Config
+
+# K2 Thinking's rotary settings exactly (64 rope dims, theta 50,000, YaRN factor 64 over 4,096 with
+# beta 1/1 and mscale 1/1, 262,144 positions) on a 2-layer, 1-head model small enough that prompts of
+# 100K+ tokens run on a CPU (attention over the whole context is what such a prompt costs). The
+# long-context parity checks and the bf16 drift benchmark write it with a `rope_gain`, so that
+# attention is peaked.
+LONG_CONTEXT = TINY.replace(
+    num_hidden_layers=2, num_attention_heads=1, qk_rope_head_dim=K2_THINKING.qk_rope_head_dim,
+    rope_theta=K2_THINKING.rope_theta, rope_scaling=K2_THINKING.rope_scaling,
+    max_position_embeddings=K2_THINKING.max_position_embeddings)
 
 
-def random_hf_tensors(cfg: Config, seed: int = 0):
-    """Yield (name, array) for every tensor of `cfg` in checkpoint order."""
+def random_hf_tensors(cfg: Config, seed: int = 0, rope_gain: float = 1.0):
+    """Yield (name, array) for every tensor of `cfg` in checkpoint order. `rope_gain` multiplies the
+    weights that make the rotated query and key parts (see `with_rope_gain`)."""
+    if rope_gain != 1.0:
+        yield from with_rope_gain(random_hf_tensors(cfg, seed), cfg, rope_gain)
+        return
     rng = np.random.default_rng(seed)
     seen = set()
-    for entry in checkpoint.layout(cfg):
+    for entry in tensor_table(cfg):
         for name in entry.hf:
             if name in seen:  # kv_b_proj backs two parameters
                 continue
@@ -39,15 +54,46 @@ def random_hf_tensors(cfg: Config, seed: int = 0):
                 out_f = shape[0]
                 in_f = cfg.moe_intermediate_size if ".down_proj." in name else cfg.hidden_size
                 w = rng.standard_normal((out_f, in_f)) / np.sqrt(in_f)
-                from kernels_pallas.int4 import quantize_int4
+                from kernels_pallas.int4_ct import quantize_int4
 
                 packed, scale = quantize_int4(w, cfg.quantization.group_size)
                 yield name, packed
                 yield name.replace("weight_packed", "weight_scale"), scale
             else:
                 yield name, _normal(rng, shape, np.sqrt(shape[-1]))
-    for name, shape in checkpoint.weight_shape_names(cfg).items():
+    for name, shape in weight_shape_names(cfg).items():
         yield name, np.asarray(shape, np.int64)
+
+
+def motif_prompt(cfg: Config, n: int, seed: int = 0, motif_len: int = 24, n_motifs: int = 16) -> list[int]:
+    """n random token ids in which a quarter of the text is copies of `n_motifs` fixed motifs: a
+    repeated motif brings keys of the same content at many distances, so which copy a query attends
+    to is decided by the rotation alone."""
+    rng = np.random.default_rng(seed)
+    motifs = rng.integers(0, cfg.vocab_size, (n_motifs, motif_len))
+    pieces, length = [], 0
+    while length < n:
+        piece = motifs[rng.integers(n_motifs)] if rng.random() < 0.25 else rng.integers(0, cfg.vocab_size, motif_len)
+        pieces.append(piece)
+        length += motif_len
+    return np.concatenate(pieces)[:n].tolist()
+
+
+def with_rope_gain(tensors, cfg: Config, gain: float):
+    """Scale the rows of q_b_proj (or q_proj) and kv_a_proj_with_mqa that produce q_pe and k_pe by
+    `gain`: the rope part of every attention logit grows by gain², so attention is peaked and
+    decided by relative position, and a rotation off by a few thousandths of a radian changes the
+    output. The long-context parity checks use it; the other weights keep their scale."""
+    n, p, r = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank
+    for name, w in tensors:
+        if name.endswith(("self_attn.q_b_proj.weight", "self_attn.q_proj.weight")):
+            w = w.reshape(cfg.num_attention_heads, n + p, -1).copy()
+            w[:, n:] *= gain
+            w = w.reshape(-1, w.shape[-1])
+        elif name.endswith("self_attn.kv_a_proj_with_mqa.weight"):
+            w = w.copy()
+            w[r:] *= gain
+        yield name, w
 
 
 def _normal(rng, shape, divisor=1.0) -> np.ndarray:
@@ -66,10 +112,10 @@ def with_fixture_token_ids(cfg: Config) -> Config:
 
 
 def make_fixture_checkpoint(directory, cfg: Config, *, seed: int = 0, max_shard_bytes: int = 1 << 20,
-                            tokenizer: bool = True) -> None:
+                            tokenizer: bool = True, rope_gain: float = 1.0) -> None:
     """Write a random checkpoint (several shards, so the index path is exercised) and, by default,
-    a byte-level tokenizer and the project's chat template."""
-    export.write_checkpoint(directory, cfg, random_hf_tensors(cfg, seed), max_shard_bytes=max_shard_bytes)
+    a byte-level tokenizer and the project's chat template. `rope_gain`: see `with_rope_gain`."""
+    export.write_checkpoint(directory, cfg, random_hf_tensors(cfg, seed, rope_gain), max_shard_bytes=max_shard_bytes)
     if tokenizer:
         write_fixture_tokenizer(directory, cfg)
 

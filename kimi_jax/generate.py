@@ -19,12 +19,10 @@ import os
 import sys
 import time
 
-from kimi_jax import compile_cache, distributed
+from kimi_jax import compile_cache, distributed, speculation
 from kimi_jax.errors import KimiError
+from kimi_jax.runtime import DEFAULT_CHECKPOINT
 from kimi_jax.scheduler import DEFAULT_CHUNK
-
-DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                  "checkpoints", "kimi-k2-nano")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'builtin': let the model call safe demo tools (no shell, network or files): "
                         + ", ".join(builtin_tools().names()))
     p.add_argument("--max-steps", type=int, default=300, help="tool-call rounds per answer (default 300)")
+    p.add_argument("--no-strict-tools", action="store_true",
+                   help="let the model write tool calls freely (by default every call names a declared tool and "
+                        "its arguments fit the tool's schema)")
     p.add_argument("--hide-thinking", action="store_true", help="do not print the model's reasoning")
     p.add_argument("--max-new-tokens", type=int, default=None, help="per model turn (default: generation "
                                                                      "config or 512)")
@@ -55,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     p.add_argument("--mesh", help="device mesh, e.g. data=1,expert=4,tensor=2 (default: all local devices)")
     p.add_argument("--chunk", type=int, default=DEFAULT_CHUNK, help="prefill chunk size in tokens")
+    speculation.add_arguments(p)
     distributed.add_arguments(p)
     compile_cache.add_arguments(p)
     p.add_argument("--json", action="store_true", help="print one JSON object and nothing else on stdout")
@@ -104,7 +106,8 @@ def run(args) -> int:
     log = sys.stderr
     t0 = time.perf_counter()
     rt = Runtime.load(checkpoint, dtype=args.dtype, max_len=args.max_len, mesh=args.mesh, chunk=args.chunk,
-                      progress=not args.json, compile_cache=compile_cache.from_args(args))
+                      progress=not args.json, compile_cache=compile_cache.from_args(args),
+                      speculate=args.speculate, draft_tokens=args.draft_tokens)
     print(f"loaded {checkpoint} in {time.perf_counter() - t0:.1f}s", file=log)
 
     if args.prompt_ids is not None or args.raw:

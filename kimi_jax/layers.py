@@ -37,6 +37,25 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return weight * y.astype(x.dtype)
 
 
+def linear(x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
+    """x [..., in] times a weight stored [out, in] -> [..., out] in `out_dtype` (default x's),
+    accumulated in float32.
+
+    Written so that XLA:CPU multiplies the stored bf16 weight in place. It converts the whole weight
+    to float32 first (a temporary as large as the weight, twice its bytes) for a dot whose result is
+    bf16, and for a matrix-vector product, which it rewrites as an elementwise multiply and a sum:
+    K2's lm_head alone made a 4.7 GB temporary in every CPU decode step. So the dot always asks for
+    a float32 result (the rounding GPUs and TPUs apply anyway), and a single row is multiplied as
+    two (the second a zero row, dropped): a memory-bound product costs the same for one or two."""
+    rows = x.reshape(-1, x.shape[-1])
+    single = rows.shape[0] == 1
+    if single:
+        rows = jnp.pad(rows, ((0, 1), (0, 0)))
+    y = jnp.einsum("td,od->to", rows, w, preferred_element_type=jnp.float32)
+    y = y[:1] if single else y
+    return y.reshape(*x.shape[:-1], w.shape[0]).astype(out_dtype or x.dtype)
+
+
 class MLP(nnx.Module):
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x)). The dense layers and the shared expert."""
 
@@ -46,6 +65,6 @@ class MLP(nnx.Module):
         self.down_proj = param(rngs, (d, f), ("embed", "mlp"), dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        g = jnp.einsum("...d,fd->...f", x, self.gate_proj[...])
-        u = jnp.einsum("...d,fd->...f", x, self.up_proj[...])
-        return jnp.einsum("...f,df->...d", jax.nn.silu(g) * u, self.down_proj[...])
+        g = linear(x, self.gate_proj[...])
+        u = linear(x, self.up_proj[...])
+        return linear(jax.nn.silu(g) * u, self.down_proj[...])

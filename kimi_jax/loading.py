@@ -88,20 +88,26 @@ def load(directory: str | os.PathLike, *, dtype: str | jnp.dtype = "bfloat16",
     `compile_cache`: keep compiled programs on disk for the next run (kimi_jax/compile_cache.py):
     True for the per-user directory, a directory, or False."""
     from kimi_jax import compile_cache as cache
-    from kimi_jax import convert
-    from kimi_jax.checkpoint import load_model
 
     cache.use(compile_cache)
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
         raise KimiError(f"checkpoint directory '{directory}' not found")
+    return load_checkpoint(directory, Config.from_hf(directory), dtype=dtype, mesh=mesh, progress=progress)
+
+
+def load_checkpoint(directory: str, cfg: Config, *, dtype: str | jnp.dtype = "bfloat16",
+                    mesh: Mesh | MeshSpec | str | None = None, progress: bool = True) -> KimiK2:
+    """`load` for a caller that has read the directory's config.json already (`cfg`), so that a
+    load parses it once."""
+    from kimi_jax import convert
+    from kimi_jax.checkpoint import load_state
+
     jdtype = model_dtype(dtype)
-    cfg = Config.from_hf(directory)
     placement = resolve_mesh(mesh, cfg)
     if convert.is_converted(directory):
         return convert.load_converted(directory, cfg, dtype=jdtype, mesh=placement)
-    model, _ = load_model(directory, dtype=jdtype, mesh=placement, progress=progress)
-    return model
+    return nnx.merge(*load_state(directory, cfg, dtype=jdtype, mesh=placement, progress=progress))
 
 
 def _shardings(state, mesh: Mesh | None):

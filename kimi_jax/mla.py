@@ -46,7 +46,7 @@ class AttnBatch:
     write_page: jax.Array  # [b, c] int32
     write_slot: jax.Array  # [b, c] int32
     valid: jax.Array | None = None  # [b, c] bool: real tokens (None: all); padding takes no expert
-    kv_layout: str = dataclasses.field(default="rows", metadata=dict(static=True))  # the pool's (cache.py)
+    page_order: str = dataclasses.field(default="rows", metadata=dict(static=True))  # the pool's (cache.py)
 
 
 class MLA(nnx.Module):
@@ -96,19 +96,34 @@ class MLA(nnx.Module):
         """x [b,c,d] normalized -> (attention output [b,c,d], this layer's page pool updated).
 
         With `pages` None the chunk attends causally to itself only (training, scoring): its own
-        cache rows serve as one page per row, through the reference (differentiable: a fixed
-        single key block). `impl` picks the attention kernel (kernels_pallas.ops)."""
+        cache rows serve as its pages, through the reference (`_attend_within`). `impl` picks the
+        attention kernel (kernels_pallas.ops)."""
         q_lat, q_pe, rows = self.project(x, batch.cos, batch.sin)
         scale = rope.softmax_scale(self.cfg)
         if pages is None:
-            b, c = x.shape[:2]
-            o_lat = paged_attention_ref(q_lat, q_pe, rows, jnp.arange(b, dtype=jnp.int32)[:, None],
-                                        jnp.zeros((b,), jnp.int32), jnp.full((b,), c, jnp.int32), scale=scale,
-                                        block_pages=1, n_blocks=1)
+            o_lat = _attend_within(q_lat, q_pe, rows, scale)
         else:
             pages = _write(pages, batch, rows, impl)
             o_lat = _paged_attention(q_lat, q_pe, pages, batch, scale, impl)
         return self.output(o_lat), pages
+
+
+# Keys per block when a chunk attends to itself: up to this length one block (the [c, c] scores at
+# once); longer sequences go block by block, so a 32K-token forward holds [c, 2048] scores, not [c, c].
+SELF_ATTENTION_BLOCK = 2048
+
+
+def _attend_within(q_lat, q_pe, rows, scale: float):
+    """Causal attention of a chunk to its own cache rows [b,c,r+p], through the reference kernel with
+    the rows cut into pages of SELF_ATTENTION_BLOCK keys. A static block count makes the loop a scan,
+    so this stays differentiable (training)."""
+    b, c = rows.shape[:2]
+    block = min(c, SELF_ATTENTION_BLOCK)
+    n = -(-c // block)
+    kv_pages = jnp.pad(rows, ((0, 0), (0, n * block - c), (0, 0))).reshape(b * n, block, rows.shape[-1])
+    table = jnp.arange(b * n, dtype=jnp.int32).reshape(b, n)
+    return paged_attention_ref(q_lat, q_pe, kv_pages, table, jnp.zeros((b,), jnp.int32), jnp.full((b,), c, jnp.int32),
+                               scale=scale, block_pages=1, n_blocks=n)
 
 
 def _write(pages, batch: AttnBatch, rows, impl: str):
@@ -118,14 +133,14 @@ def _write(pages, batch: AttnBatch, rows, impl: str):
     args = (pages, batch.write_page.reshape(-1), batch.write_slot.reshape(-1), rows.reshape(-1, rows.shape[-1]))
     mesh = jax.sharding.get_abstract_mesh()
     if impl == "xla" or mesh.empty:
-        return ops.write_pages(*args, kv_layout=batch.kv_layout, impl=impl)
+        return ops.write_pages(*args, page_order=batch.page_order, impl=impl)
     # A kernel writes on each device the tokens of its rows into its part of the pool (all of it
     # unless pages are split over `data`; tokens are row-major, so they split like the rows).
     data = "data" if rows.shape[0] % mesh.shape["data"] == 0 else None
 
     def local(pages, page, slot, rows):
         page = _local_pages(page, pages, data)  # padding -> this shard's reserved page
-        return ops.write_pages(pages, page, slot, rows, kv_layout=batch.kv_layout, impl=impl)
+        return ops.write_pages(pages, page, slot, rows, page_order=batch.page_order, impl=impl)
 
     return jax.shard_map(local, mesh=mesh, in_specs=(P(data),) * 4, out_specs=P(data), check_vma=False)(*args)
 
@@ -145,7 +160,7 @@ def _paged_attention(q_lat, q_pe, pages, batch: AttnBatch, scale: float, impl: s
 
     args = (q_lat, q_pe, pages, batch.page_table, batch.q_start, batch.kv_len)
     mesh = jax.sharding.get_abstract_mesh()
-    kw = dict(scale=scale, impl=impl, kv_layout=batch.kv_layout)
+    kw = dict(scale=scale, impl=impl, page_order=batch.page_order)
     if impl == "xla" or mesh.empty:
         return ops.paged_attention(*args, **kw)
     data = "data" if q_lat.shape[0] % mesh.shape["data"] == 0 else None

@@ -23,19 +23,28 @@ from flax import nnx
 from kimi_jax import rope
 from kimi_jax.cache import PagedCache
 from kimi_jax.config import Config
-from kimi_jax.layers import MLP, ones, param, rms_norm
+from kimi_jax.layers import MLP, linear, ones, param, rms_norm
 from kimi_jax.mla import MLA, AttnBatch
 from kimi_jax.moe import MoE
 
 
+def embed_rows(table: jax.Array, tokens: jax.Array) -> jax.Array:
+    """table[tokens]. XLA:CPU gathers bf16 through a float32 convert of the table, and inside the
+    decode loop it hoists that convert out of the loop, keeping a float32 copy of the whole
+    vocabulary matrix alive. Passing the table through one barrier with this step's tokens makes it
+    loop-variant, so the convert stays fused into the gather. Free on every backend."""
+    table, tokens = jax.lax.optimization_barrier((table, tokens))
+    return jnp.take(table, tokens, axis=0)
+
+
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: Config, moe: bool, dtype, rngs: nnx.Rngs, expert_layout: str = "ct"):
+    def __init__(self, cfg: Config, moe: bool, dtype, rngs: nnx.Rngs, expert_packing: str = "ct"):
         d = cfg.hidden_size
         self.cfg = cfg
         self.input_norm = ones((d,), ("embed",), dtype)
         self.attn = MLA(cfg, dtype, rngs)
         self.post_attention_norm = ones((d,), ("embed",), dtype)
-        self.mlp = MoE(cfg, dtype, rngs, expert_layout) if moe else MLP(d, cfg.intermediate_size, dtype, rngs)
+        self.mlp = MoE(cfg, dtype, rngs, expert_packing) if moe else MLP(d, cfg.intermediate_size, dtype, rngs)
 
     def __call__(self, x, batch: AttnBatch, pages, impl: str):
         """x [b,c,d] -> (x, this layer's page pool). `pages` None: attend within the chunk only."""
@@ -57,15 +66,16 @@ class KimiK2(nnx.Module):
     `KimiK2(cfg)` draws random weights; `kimi_jax.load(dir)` builds one from a checkpoint."""
 
     def __init__(self, cfg: Config, *, dtype: jnp.dtype = jnp.bfloat16, rngs: nnx.Rngs | None = None,
-                 expert_layout: str = "ct"):
-        """Random weights (see kimi_jax.checkpoint for real ones). `expert_layout`: where INT4
-        routed experts sit in device memory ("ct", the checkpoint's, or "tpu"; kernels_pallas/layout.py)."""
+                 expert_packing: str = "ct"):
+        """Random weights (see kimi_jax.checkpoint for real ones). `expert_packing`: how INT4 routed
+        experts are stored in device memory ("ct", the checkpoint's, or "tpu";
+        kernels_pallas/int4_packing.py)."""
         rngs = rngs if rngs is not None else nnx.Rngs(params=0)
         d, v = cfg.hidden_size, cfg.vocab_size
         self.cfg = cfg
         self.dtype = jnp.dtype(dtype)
         self.embed = param(rngs, (v, d), ("vocab", "embed"), dtype)
-        self.layers = nnx.List([DecoderLayer(cfg, i >= cfg.first_k_dense_replace, dtype, rngs, expert_layout)
+        self.layers = nnx.List([DecoderLayer(cfg, i >= cfg.first_k_dense_replace, dtype, rngs, expert_packing)
                                 for i in range(cfg.num_hidden_layers)])
         self.norm = ones((d,), ("embed",), dtype)
         self.lm_head = param(rngs, (v, d), ("vocab", "embed"), dtype)
@@ -77,7 +87,7 @@ class KimiK2(nnx.Module):
         `pages` holds each layer's page pool (written in place and returned), or None to attend
         within the chunk only; `impl` names the kernels (kernels_pallas.ops: "xla", "pallas_gpu",
         ...). Returns the final hidden states [b,c,d] before the last norm."""
-        x = jnp.take(self.embed[...], tokens, axis=0)
+        x = embed_rows(self.embed[...], tokens)
         new_pages = []
         for i, layer in enumerate(self.layers):
             with jax.named_scope(f"layer_{i}"):
@@ -108,22 +118,22 @@ class KimiK2(nnx.Module):
         """Final norm and lm_head, float32 logits."""
         with jax.named_scope("lm_head"):
             h = rms_norm(hidden, self.norm[...], self.cfg.rms_norm_eps)
-            return jnp.einsum("...d,vd->...v", h, self.lm_head[...], preferred_element_type=jnp.float32)
+            return linear(h, self.lm_head[...], jnp.float32)
 
 
-def default_impl(platform: str | None = None) -> str:
-    """The kernels for devices of `platform` (default: JAX's default backend)."""
-    from kernels_pallas import ops
+def default_impl() -> str:
+    """The kernels of JAX's default backend (kernels_pallas/backends.py), for programs that run
+    on the default device without saying which kernels."""
+    from kernels_pallas.backends import backend_for
 
-    return ops.impl_for_platform(platform or jax.default_backend())
+    return backend_for(jax.default_backend()).impl
 
 
-def expert_layout_for(cfg: Config, platform: str | None = None) -> str:
-    """The INT4 expert layout the kernels of `platform` (default: JAX's default backend) read best
-    (kernels_pallas/layout.py): the checkpoint's own ("ct") except on TPU, and for bf16 experts."""
-    from kernels_pallas.layout import layout_for
-
-    return "ct" if cfg.quantization is None else layout_for(platform or jax.default_backend())
+def expert_packing_for(cfg: Config, backend) -> str:
+    """How routed experts are stored on devices of `backend` (a kernels_pallas.backends.Backend):
+    INT4 experts in the packing its kernels read, dense (bf16) experts always as the checkpoint
+    holds them ("ct": dense experts have no packing)."""
+    return "ct" if cfg.quantization is None else backend.expert_packing
 
 
 class _OneKey:
@@ -137,6 +147,6 @@ class _OneKey:
         return jax.random.key(0)
 
 
-def abstract_model(cfg: Config, dtype=jnp.bfloat16, expert_layout: str = "ct"):
+def abstract_model(cfg: Config, dtype=jnp.bfloat16, expert_packing: str = "ct"):
     """(graphdef, state) of a `KimiK2` with shapes and dtypes only: nothing is allocated."""
-    return nnx.split(nnx.eval_shape(lambda: KimiK2(cfg, dtype=dtype, rngs=_OneKey(), expert_layout=expert_layout)))
+    return nnx.split(nnx.eval_shape(lambda: KimiK2(cfg, dtype=dtype, rngs=_OneKey(), expert_packing=expert_packing)))

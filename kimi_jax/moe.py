@@ -24,7 +24,7 @@ from jax.sharding import PartitionSpec as P
 
 from kimi_jax.config import Config
 from kimi_jax.layers import INIT_STD, MLP, param
-from kimi_jax.quant import Int4Weight
+from kimi_jax.quant import Int4Weight, packing_axes, random_int4
 from kimi_jax.sharding import spec_for
 
 ROUTING = "routing"  # name of the intermediate each MoE layer sows under nnx.capture
@@ -70,9 +70,9 @@ def expert_ffn(xs: jax.Array, gate, up, down, group_sizes: jax.Array, impl: str)
 
     if isinstance(gate, Int4Weight):
         h = ops.grouped_int4_swiglu(xs, gate.packed, gate.scale, up.packed, up.scale, group_sizes, impl=impl,
-                                    layout=gate.layout)
+                                    packing=gate.packing)
         return ops.grouped_int4_matmul(h.astype(xs.dtype), down.packed, down.scale, group_sizes, impl=impl,
-                                       layout=down.layout)
+                                       packing=down.packing)
     g = ops.grouped_matmul(xs, gate, group_sizes, impl=impl)
     u = ops.grouped_matmul(xs, up, group_sizes, impl=impl)
     return ops.grouped_matmul(jax.nn.silu(g) * u, down, group_sizes, impl=impl)
@@ -100,29 +100,8 @@ def dispatch(x: jax.Array, weights: jax.Array, idx: jax.Array, n_experts: int, f
     return jnp.einsum("tkd,tk->td", y, weights).astype(x.dtype)
 
 
-def random_int4(rngs: nnx.Rngs, shape_out_in, group: int, dtype, axes, layout: str = "ct") -> nnx.Param:
-    """Random packed INT4 weights of logical shape [..., out, in] (tests, abstract shapes), stored
-    in `layout`; `axes` name the [..., out, in] dimensions (a layout that puts `in` before `out`
-    swaps them).
-
-    Built directly in the packed domain (random nibbles, random positive scales) so it also works
-    under `nnx.eval_shape`, where no host quantizer can run."""
-    *lead, n_out, n_in = shape_out_in
-    packed = jax.random.bits(rngs.params(), (*lead, n_out, n_in // 8), jnp.uint32).view(jnp.int32)
-    # Nibbles are uniform on [-8, 7] (std ~4.6): pick scales so weights have std ~INIT_STD.
-    u = jax.random.uniform(rngs.params(), (*lead, n_out, n_in // group), jnp.float32, 0.5, 1.5)
-    scale = (u * INIT_STD / 4.6).astype(dtype)
-    weight = Int4Weight(packed, scale, n_in).to_layout(layout)
-    return nnx.Param(weight, axes=layout_axes(axes, layout))
-
-
-def layout_axes(axes_out_in: tuple, layout: str) -> tuple:
-    """Logical axes of an INT4 expert weight's arrays in `layout` (see kernels_pallas/layout.py)."""
-    return axes_out_in if layout == "ct" else (*axes_out_in[:-2], axes_out_in[-1], axes_out_in[-2])
-
-
 class MoE(nnx.Module):
-    def __init__(self, cfg: Config, dtype, rngs: nnx.Rngs, expert_layout: str = "ct"):
+    def __init__(self, cfg: Config, dtype, rngs: nnx.Rngs, expert_packing: str = "ct"):
         d, f, e = cfg.hidden_size, cfg.moe_intermediate_size, cfg.n_routed_experts
         self.cfg = cfg
         self.router = param(rngs, (e, d), ("experts_logits", "embed"), dtype)
@@ -134,10 +113,14 @@ class MoE(nnx.Module):
         else:
             # Scales are bf16 as K2 ships them, whatever the compute dtype (the loader keeps a
             # checkpoint's own scale dtype).
-            g, sdt = cfg.quantization.group_size, jnp.bfloat16
-            self.gate_proj = random_int4(rngs, (e, f, d), g, sdt, ("experts", "expert_mlp", "embed"), expert_layout)
-            self.up_proj = random_int4(rngs, (e, f, d), g, sdt, ("experts", "expert_mlp", "embed"), expert_layout)
-            self.down_proj = random_int4(rngs, (e, d, f), g, sdt, ("experts", "embed", "expert_mlp"), expert_layout)
+            def experts(shape, axes):
+                weight = random_int4(rngs.params(), shape, cfg.quantization.group_size, jnp.bfloat16, INIT_STD,
+                                     expert_packing)
+                return nnx.Param(weight, axes=packing_axes(axes, expert_packing))
+
+            self.gate_proj = experts((e, f, d), ("experts", "expert_mlp", "embed"))
+            self.up_proj = experts((e, f, d), ("experts", "expert_mlp", "embed"))
+            self.down_proj = experts((e, d, f), ("experts", "embed", "expert_mlp"))
         self.shared = MLP(d, f * cfg.n_shared_experts, dtype, rngs) if cfg.n_shared_experts else None
 
     def __call__(self, x: jax.Array, impl: str, valid: jax.Array | None = None) -> jax.Array:
@@ -176,7 +159,7 @@ class MoE(nnx.Module):
         def spec(var):
             value = var.get_value()
             s = spec_for(tuple(var.get_metadata()["axes"]), _stored_shape(value), mesh, name="experts")
-            return Int4Weight(s, s, value.in_features, value.layout) if isinstance(value, Int4Weight) else s
+            return Int4Weight(s, s, value.in_features, value.packing) if isinstance(value, Int4Weight) else s
 
         def body(x, w, idx, valid, gate, up, down):
             offset = jax.lax.axis_index("expert") * _stored_shape(gate)[0]

@@ -1,22 +1,30 @@
 """A loaded model ready to serve: config, weights on their devices, engine, tokenizer, template.
 
 `Runtime.load(dir)` accepts a Hugging Face layout directory (config.json + safetensors shards) or a
-directory written by `python -m kimi_jax.convert` (orbax), and is what the CLI, the agent loop and
-scripts start from.
+directory written by `python -m kimi_jax.convert` (orbax), and is what the CLI, the server, the
+agent loop and scripts start from; without a directory they start from `DEFAULT_CHECKPOINT`, the
+nano model bundled with the repository. Importing this module imports no JAX: the front ends read
+their defaults here before they need a device.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-
-from jax.sharding import Mesh
+from typing import TYPE_CHECKING
 
 from kimi_jax.config import Config
-from kimi_jax.engine import BatchEngine
 from kimi_jax.errors import KimiError
 from kimi_jax.scheduler import DEFAULT_CHUNK
+from kimi_jax.speculation import DEFAULT_DRAFT_TOKENS, DEFAULT_SPECULATE, check_settings
 
+if TYPE_CHECKING:
+    from jax.sharding import Mesh
+
+    from kimi_jax.engine import BatchEngine
+
+DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                  "checkpoints", "kimi-k2-nano")
 DEFAULT_MAX_LEN = 4096
 
 
@@ -37,15 +45,18 @@ class Runtime:
     def load(cls, checkpoint: str, *, dtype: str = "bfloat16", max_len: int | None = None, mesh: Mesh | str | None = None,
              chunk: int = DEFAULT_CHUNK, max_batch: int = 1, page_size: int | None = None, n_pages: int | None = None,
              max_queue: int = 64, mirror: bool = False, progress: bool = True,
-             compile_cache: str | bool = True) -> "Runtime":
+             compile_cache: str | bool = True, speculate: str = DEFAULT_SPECULATE,
+             draft_tokens: int = DEFAULT_DRAFT_TOKENS) -> "Runtime":
         """Load weights onto the devices and build the engine: `max_batch` decode slots of up to
         `max_len` tokens each, over a paged cache (`page_size` tokens a page, `n_pages` pages).
         Compiled programs are kept on disk for the next run unless `compile_cache=False`
-        (kimi_jax.load has the same switch).
+        (kimi_jax.load has the same switch). `speculate` ("suffix", "ngram" or "off") and
+        `draft_tokens`: speculative decoding (BatchEngine; docs/architecture.md).
 
         `mesh` is a `jax.sharding.Mesh`, text such as "expert=4,tensor=2", or None for every local
         device (kimi_jax.loading); on a single device the programs run unsharded."""
-        from kimi_jax.loading import load, model_dtype, resolve_mesh
+        from kimi_jax.engine import BatchEngine
+        from kimi_jax.loading import load_checkpoint, model_dtype, resolve_mesh
 
         if not os.path.isdir(checkpoint):
             raise KimiError(f"checkpoint directory '{checkpoint}' not found")
@@ -60,10 +71,14 @@ class Runtime:
                             f"{cfg.max_position_embeddings}")
         if max_batch < 1:
             raise KimiError(f"--max-batch must be >= 1, got {max_batch}")
+        check_settings(speculate, draft_tokens)
         device_mesh = resolve_mesh(mesh or "auto", cfg)
         if device_mesh.size == 1:
             device_mesh = None
-        model = load(checkpoint, dtype=jdtype, mesh=device_mesh, progress=progress, compile_cache=compile_cache)
+        from kimi_jax import compile_cache as cache
+
+        cache.use(compile_cache)
+        model = load_checkpoint(checkpoint, cfg, dtype=jdtype, mesh=device_mesh, progress=progress)
         tokenizer = template = None
         if os.path.isfile(os.path.join(checkpoint, "tiktoken.model")):
             from kimi_jax.chat import Tokenizer
@@ -74,7 +89,8 @@ class Runtime:
 
             template = ChatTemplate.from_dir(checkpoint)
         engine = BatchEngine(model, max_batch=max_batch, max_len=max_len, chunk=chunk, mesh=device_mesh,
-                             page_size=page_size, n_pages=n_pages, max_queue=max_queue, mirror=mirror)
+                             page_size=page_size, n_pages=n_pages, max_queue=max_queue, mirror=mirror,
+                             speculate=speculate, draft_tokens=draft_tokens)
         return cls(cfg, model, engine, tokenizer, template, checkpoint, device_mesh)
 
     def stop_ids(self) -> tuple[int, ...]:

@@ -12,7 +12,7 @@ One `step()`:
   3. dispatch one decode block for the generating slots: they are packed into the smallest row
      bucket that holds them (idle slots cost nothing), and the block runs several steps on the
      device when nothing waits for a prefill (rows stop on the device at their stop ids and
-     budgets, so a long block wastes nothing but the steps after every row has stopped);
+     budgets, and a block ends as soon as none is left);
   4. read the oldest outputs while the device runs this iteration's work, hand the tokens to their
      requests, finish those that stopped, and free their slots and pages at once.
 
@@ -22,6 +22,12 @@ Constrained rows (a `constraint` with mask()/accept()/breaks, e.g. chat/constrai
 mask from the host before each constrained token: they run one step per dispatch and wait until
 their previous tokens are read; while a constraint is free (mask() None) its row runs blocks like
 any other, and the device halts it at a `breaks` id so the host can ask again.
+
+Speculation (a `Speculator`, speculation.py): instead of a decode block, a dispatch may be one
+verify step in which rows carry draft tokens (drafting.py) and keep those the model agrees with.
+Drafts are made from a request's latest tokens, so a verify iteration first reads everything in
+flight; rows without drafts (constrained rows while their constraint masks, requests whose drafts
+keep failing) ride along and make one token.
 """
 
 from __future__ import annotations
@@ -31,19 +37,19 @@ import dataclasses
 import itertools
 import threading
 import time
-from typing import Callable, Protocol
+from typing import Callable
 
 import numpy as np
 
+from kimi_jax.dispatches import DecodeWork, Device, PrefillWork, VerifyWork
 from kimi_jax.errors import KimiError
 from kimi_jax.pages import DISCARD_PAGE, PagePool, pages_for
 from kimi_jax.sampling import SamplingParams, knob_arrays
 
-# Decode steps per dispatch the scheduler may choose: one while prompts wait for their prefill
-# (and for constrained rows), a block of 16 when every slot is decoding. 16 steps of K2 on 8 GPUs
-# take ~15 ms at the memory roofline, short enough for smooth streaming; on a CPU, pass (1,) or a
-# shorter block for finer-grained streaming.
-DEFAULT_DECODE_STEPS = (1, 16)
+# The most decode steps one dispatch runs (when every slot decodes; one step while a prompt is
+# being prefilled and for constrained rows). 16 steps of K2 on 8 GPUs take ~15 ms at the memory
+# roofline, short enough for smooth streaming.
+DEFAULT_DECODE_BLOCK = 16
 DEFAULT_CHUNK = 128  # prompt tokens per prefill row and dispatch
 
 
@@ -81,6 +87,7 @@ class Request:
     _inflight: int = 0  # dispatches holding it whose outputs are unread
     _halted: bool = False  # the device stopped it at a constraint boundary: re-arm before it runs
     _masked: bool = False  # its constraint restricts the next token
+    _drafter: object | None = None  # drafting.RequestDrafter while it runs with speculation
     _cancel: bool = False
 
     @property
@@ -94,43 +101,8 @@ class Request:
 
     @property
     def decoding(self) -> bool:
+        """Whether its prompt is fully dispatched and it holds a slot: it generates."""
         return self._slot is not None and self._written == len(self.prompt_ids)
-
-
-@dataclasses.dataclass
-class PrefillWork:
-    """One chunk: row i continues slot slots[i] from q_start[i] with n_valid[i] of tokens[i]."""
-
-    tokens: np.ndarray  # [R, C] int32
-    slots: np.ndarray  # [R] int32, max_batch for padding rows
-    q_start: np.ndarray  # [R] int32
-    n_valid: np.ndarray  # [R] int32
-    finish_budget: np.ndarray  # [R] int32: tokens after the sampled one, or -1 (prompt continues)
-    mask: np.ndarray | None  # [R, W] int32 bitmask words, or None when no row is constrained
-    finishing: list[tuple[int, Request]]  # rows whose prompt ends here: their sampled token is theirs
-
-
-@dataclasses.dataclass
-class DecodeWork:
-    """`steps` decode steps for the slots rows[b] (max_batch pads)."""
-
-    rows: np.ndarray  # [B] int32
-    steps: int
-    mask: np.ndarray | None  # [B, W] int32, steps 1 only
-    requests: list[tuple[int, Request]]
-
-
-class Device(Protocol):
-    """What the scheduler needs from the compiled programs (engine.JaxDevice; tests: a mock)."""
-
-    vocab_size: int
-
-    def set_table(self, table: np.ndarray) -> None: ...
-    def set_knobs(self, knobs: dict) -> None: ...
-    def prefill(self, work: PrefillWork) -> object: ...
-    def decode(self, work: DecodeWork) -> object: ...
-    def resume(self, slots: list[int]) -> None: ...
-    def read(self, handle) -> np.ndarray: ...
 
 
 def row_buckets(max_batch: int, shards: int = 1) -> list[int]:
@@ -144,18 +116,22 @@ class Scheduler:
     """The host-side policy of continuous batching over a paged cache (see the module doc)."""
 
     def __init__(self, device: Device, *, max_batch: int, max_len: int, chunk: int, pool: PagePool,
-                 prefill_rows: int = 1, decode_steps: tuple[int, ...] = (1,)):
+                 prefill_rows: int = 1, decode_block: int = 1, speculator=None):
         if max_batch % pool.shards:
             raise KimiError(f"max_batch {max_batch} must be a multiple of the data shards ({pool.shards})")
         self.device = device
         self.max_batch, self.max_len, self.chunk, self.prefill_rows = max_batch, max_len, chunk, prefill_rows
         self.pool, self.page_size = pool, pool.page_size
-        self.decode_steps = tuple(sorted(set(decode_steps) | {1}))  # constrained rows take one step at a time
+        self.decode_block = decode_block
         self.buckets = row_buckets(max_batch, pool.shards)
         self.slots: list[Request | None] = [None] * max_batch
         self.waiting: collections.deque[Request] = collections.deque()
         self.prefilling: list[Request] = []  # admitted, prompt not fully dispatched (admission order)
-        self.pending: collections.deque = collections.deque()  # (handle, work) dispatched, unread
+        self.pending: collections.deque = collections.deque()  # (handle, work, started, timed) unread
+        self.spec = speculator  # speculation.Speculator, or None: never verify
+        self._width = 0  # this iteration's verify width, 0: none (decided before reading what is in flight)
+        self._started = self._last_read = 0.0
+        self._timed = True  # this iteration's dispatch alone occupies the device (no prefill with it)
         self.table = np.full((max_batch, pages_for(max_len, self.page_size)), DISCARD_PAGE, np.int32)
         self.knobs = knob_arrays([SamplingParams()] * max_batch)
         self._table_dirty = self._knobs_dirty = True
@@ -165,15 +141,42 @@ class Scheduler:
     # ---- the iteration ---------------------------------------------------------------------------
     def step(self) -> bool:
         """One iteration (see the module doc). Returns whether any work remains."""
+        self._started = time.perf_counter()
         self._cancel_requested()
         self._admit()
-        if any(self._waits_for_reads(r) for r in self.slots if r is not None):
+        self._width = self._verify_width()
+        if self._width or any(self._waits_for_reads(r) for r in self.slots if r is not None):
             self.drain()
         dispatched = self._dispatch_prefill()
+        self._timed = not dispatched
         dispatched |= self._dispatch_decode()
         while len(self.pending) > (1 if dispatched else 0):
             self._read_oldest()
         return self.busy()
+
+    def warm_up(self, masks: bool = False) -> None:
+        """Run each program the device compiles for this scheduler on nothing (see
+        BatchEngine.warm_up): a prefill of padding rows, zero decode steps per row bucket, and with
+        a speculator a verify step of padding rows per bucket at the narrowest draft width."""
+        if self.busy():
+            raise RuntimeError("warm_up() is for an idle engine")
+        n, pad = self.prefill_rows, self.max_batch
+        zeros = np.zeros(n, np.int32)
+        self._sync()
+        handles = [self.device.prefill(PrefillWork(np.zeros((n, self.chunk), np.int32), np.full(n, pad, np.int32),
+                                                   zeros, zeros, zeros - 1, None, []))]
+        for bucket in self.buckets:
+            rows = np.full(bucket, pad, np.int32)
+            for mask in [None] + ([self._allow_all(bucket)] if masks else []):
+                handles.append(self.device.decode(DecodeWork(rows, 0, mask, [])))
+            # The narrowest verify step only: the policy tries a wider one after a narrower one paid
+            # off (speculation.Speculator.plan), and then its compilation is paid for by the drafts.
+            if self.spec is not None:
+                width = self.spec.widths[0]
+                handles.append(self.device.verify(VerifyWork(rows, np.zeros((bucket, width), np.int32),
+                                                             np.zeros(bucket, np.int32), [], {})))
+        for h in handles:
+            self.device.read(h)
 
     def busy(self) -> bool:
         return bool(self.waiting or self.pending or any(r is not None for r in self.slots))
@@ -224,6 +227,8 @@ class Scheduler:
                 self.knobs[k][slot] = v[0]
             self._knobs_dirty = True
             self.prefilling.append(r)
+            if self.spec is not None:
+                self.spec.admit(r)
 
     def _sync(self) -> None:
         if self._table_dirty:
@@ -260,7 +265,7 @@ class Scheduler:
         self._sync()
         handle = self.device.prefill(work)
         if finishing:
-            self.pending.append((handle, work))
+            self.pending.append((handle, work, self._started, False))
         return True
 
     # ---- decode ----------------------------------------------------------------------------------
@@ -268,9 +273,26 @@ class Scheduler:
         """A constrained row must have every token read before its constraint can say what comes next."""
         return r.decoding and r._inflight > 0 and (r._halted or r._masked)
 
+    def _ready(self) -> list[Request]:
+        return [r for r in self.slots if r is not None and r.decoding and r.finish_reason is None
+                and r._sampled < r._limit and not self._waits_for_reads(r)]
+
+    def _block_steps(self, ready: list[Request], masked: bool) -> int:
+        """Short blocks while a prompt is being prefilled, so its chunks keep coming (a request that
+        waits for a slot or pages gains nothing from them), and while a row is masked."""
+        if masked or self.prefilling:
+            return 1
+        return min(self.decode_block, max(r._limit - r._sampled for r in ready))
+
+    def _verify_width(self) -> int:
+        """The draft width this iteration should verify, or 0 (speculation.Speculator.plan)."""
+        ready = self._ready() if self.spec is not None else []
+        if not ready:
+            return 0
+        return self.spec.plan(ready, self._pack([r._slot for r in ready])[0].size, self._block_steps(ready, False))
+
     def _dispatch_decode(self) -> bool:
-        ready = [r for r in self.slots if r is not None and r.decoding and r.finish_reason is None
-                 and r._sampled < r._limit and not self._waits_for_reads(r)]
+        ready = self._ready()
         if not ready:
             return False
         masks, resume = {}, []
@@ -282,13 +304,13 @@ class Scheduler:
                     r._halted = False
         if resume:
             self.device.resume(resume)
-        # Short blocks while a prompt is being prefilled, so its chunks keep coming; a request that
-        # waits for a slot or pages gains nothing from them.
-        if any(m is not None for m in masks.values()) or self.prefilling:
-            steps = self.decode_steps[0]
-        else:
-            need = max(r._limit - r._sampled for r in ready)
-            steps = next((s for s in self.decode_steps if s >= need), self.decode_steps[-1])
+        # No verify step while a constraint masks a row's next token: its grammar says what that one
+        # token may be, and the verify programs then need no masked variants.
+        drafts = {} if not self._width or masks else self.spec.drafts(ready, lambda r: r._limit - r._sampled,
+                                                                        self._width)
+        if drafts:
+            return self._dispatch_verify(ready, drafts)
+        steps = self._block_steps(ready, any(m is not None for m in masks.values()))
         rows, order = self._pack([r._slot for r in ready])
         requests = []
         for r in ready:
@@ -299,10 +321,29 @@ class Scheduler:
             requests.append((order[r._slot], r))
         mask = None
         if masks:
-            mask = self._mask_rows({order[s]: m for s, m in masks.items()}, len(rows)) if steps == 1 else None
+            mask = self._mask_rows({order[s]: m for s, m in masks.items()}, len(rows))
         work = DecodeWork(rows, steps, mask, requests)
         self._sync()
-        self.pending.append((self.device.decode(work), work))
+        self.pending.append((self.device.decode(work), work, self._started, self._timed))
+        return True
+
+    def _dispatch_verify(self, ready: list[Request], drafts: dict) -> bool:
+        """One verify step: every ready row, with its draft if it has one (all were read)."""
+        rows, order = self._pack([r._slot for r in ready])
+        width = self.spec.width(max(len(d) for d in drafts.values()))
+        draft_rows = np.zeros((len(rows), width), np.int32)
+        n_draft = np.zeros(len(rows), np.int32)
+        requests = []
+        for r in ready:
+            i, d = order[r._slot], drafts.get(r, [])
+            draft_rows[i, :len(d)], n_draft[i] = d, len(d)
+            self._grow(r, len(r.prompt_ids) + r._sampled - 1 + len(d))  # the last position it feeds
+            r._sampled += 1 + len(d)
+            r._inflight += 1
+            requests.append((i, r))
+        work = VerifyWork(rows, draft_rows, n_draft, requests, drafts)
+        self._sync()
+        self.pending.append((self.device.verify(work), work, self._started, self._timed))
         return True
 
     def _pack(self, slots: list[int]) -> tuple[np.ndarray, dict[int, int]]:
@@ -335,16 +376,27 @@ class Scheduler:
         masks = {i: m for i, m in masks.items() if m is not None}
         if not masks:
             return None
-        out = np.full((n_rows, -(-self.device.vocab_size // 32)), -1, np.int32)
+        out = self._allow_all(n_rows)
         for i, m in masks.items():
             out[i] = m
         return out
 
+    def _allow_all(self, n_rows: int) -> np.ndarray:
+        return np.full((n_rows, -(-self.device.vocab_size // 32)), -1, np.int32)
+
     # ---- reading ---------------------------------------------------------------------------------
     def _read_oldest(self) -> None:
-        handle, work = self.pending.popleft()
+        handle, work, started, timed = self.pending.popleft()
         host = self.device.read(handle)
         now = time.perf_counter()
+        if timed and self.spec is not None:
+            # Between the previous read and this one the device ran this dispatch alone (or sat idle
+            # while the host prepared it): its cost in wall time, the host's bubble included.
+            kind, width = ("verify", work.drafts.shape[1]) if isinstance(work, VerifyWork) else ("decode", work.steps)
+            self.spec.costs.record(kind, len(work.rows), width, now - max(self._last_read, started))
+        self._last_read = now
+        if isinstance(work, VerifyWork):
+            self.spec.stats["verify_steps"] += 1
         count = 0
         if isinstance(work, PrefillWork):
             for i, r in work.finishing:
@@ -352,7 +404,12 @@ class Scheduler:
         else:
             for i, r in work.requests:
                 column = host[:, i]
-                count += self._take(r, [int(t) for t in column[column >= 0]], now)
+                tokens = [int(t) for t in column[column >= 0]]
+                if isinstance(work, VerifyWork) and r.finish_reason is None:
+                    drafted = work.drafted.get(r, [])
+                    self.spec.verified(r, drafted, tokens)
+                    r._sampled -= 1 + len(drafted) - len(tokens)  # it was counted as if all were accepted
+                count += self._take(r, tokens, now)
         self.stats["generated_tokens"] += count
         self.recent.append((now, count))
 
@@ -378,6 +435,8 @@ class Scheduler:
             break
         if r._halted or r._masked:
             r._sampled = len(r.tokens)  # the device made nothing past the boundary
+        if self.spec is not None and reason is None:
+            self.spec.took(r, tokens)
         if tokens:
             r.first_token_at = r.first_token_at or now
             if r.on_event is not None:
@@ -399,6 +458,8 @@ class Scheduler:
             self.pool.release(r._pages, r.prompt_ids + r.tokens, written, r._reserve, self.shard_of(slot))
             self.slots[slot] = None
             r._slot, r._pages, r._reserve = None, [], 0
+        if self.spec is not None and r._drafter is not None:
+            self.spec.finished(r)
         self.stats["finished"] += 1
         if r.on_event is not None:
             r.on_event(r, [], True)

@@ -18,9 +18,9 @@ import sys
 import threading
 import time
 
-from kimi_jax import compile_cache, distributed
+from kimi_jax import compile_cache, distributed, speculation
 from kimi_jax.errors import KimiError
-from kimi_jax.generate import DEFAULT_CHECKPOINT
+from kimi_jax.runtime import DEFAULT_CHECKPOINT
 from kimi_jax.scheduler import DEFAULT_CHUNK
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -51,8 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "much again for cached prefixes; `python -m kimi_jax.plan` sizes the same pool)")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     p.add_argument("--mesh", help="device mesh, e.g. data=1,expert=4,tensor=2 (default: all local devices)")
+    p.add_argument("--no-strict-tools", action="store_true",
+                   help="do not hold tool-call arguments to their schemas (tool_choice and response_format are "
+                        "still enforced)")
     p.add_argument("--no-warmup", action="store_true", help="skip compiling the engine before listening")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    speculation.add_arguments(p)
     distributed.add_arguments(p)
     compile_cache.add_arguments(p)
     return p
@@ -68,7 +72,7 @@ def build_service(args, *, mirror: bool = False):
     `mirror`: a multi-process run, where process 0 serves and the others follow its engine; only
     process 0 starts it."""
     from kimi_jax.runtime import Runtime
-    from kimi_jax.sampling import SamplingParams, checkpoint_defaults
+    from kimi_jax.sampling import checkpoint_defaults
     from kimi_jax.server.service import Service, Settings
 
     for flag in ("max_batch", "max_len", "max_tokens", "max_queue", "max_body_bytes", "chunk", "page_size", "n_pages"):
@@ -79,26 +83,21 @@ def build_service(args, *, mirror: bool = False):
         raise KimiError(f"checkpoint directory '{checkpoint}' not found{hint}")
     rt = Runtime.load(checkpoint, dtype=args.dtype, max_len=args.max_len, mesh=args.mesh, chunk=args.chunk,
                       max_batch=args.max_batch, max_queue=args.max_queue, page_size=args.page_size,
-                      n_pages=args.n_pages, mirror=mirror, progress=False, compile_cache=compile_cache.from_args(args))
+                      n_pages=args.n_pages, mirror=mirror, progress=False, compile_cache=compile_cache.from_args(args),
+                      speculate=args.speculate, draft_tokens=args.draft_tokens)
     rt.require_chat()
     engine, max_len = rt.engine, rt.engine.max_len
     settings = Settings(model_name=args.served_model_name or os.path.basename(os.path.abspath(checkpoint)),
                         max_tokens=min(args.max_tokens or max_len, max_len), api_key=args.api_key or None,
-                        max_body_bytes=args.max_body_bytes, defaults=checkpoint_defaults(checkpoint))
+                        max_body_bytes=args.max_body_bytes, defaults=checkpoint_defaults(checkpoint),
+                        strict_tools=not args.no_strict_tools)
     service = Service(rt, engine, settings)
+    if not args.no_warmup:  # every process: the programs run as collectives over the whole mesh
+        engine.warm_up(masks=settings.strict_tools)  # strict tool calls run the masked programs
     if not distributed.is_main():
         return service, engine
     engine.start()
-    if not args.no_warmup:
-        _warm_up(engine, SamplingParams(max_new_tokens=2))
     return service, engine
-
-
-def _warm_up(engine, sampling) -> None:
-    """One tiny request, so the first client does not wait for the compiler."""
-    done = threading.Event()
-    engine.submit([0], sampling, lambda request, tokens, finished: finished and done.set())
-    done.wait()
 
 
 class BackgroundServer:

@@ -2,7 +2,7 @@
 latent cache and the per-slot decode state.
 
     prefill_step  — R rows of C prompt tokens, each row continuing one slot of the cache
-    decode_steps  — `steps` decode steps (static) for B packed rows, each row one slot, in one dispatch
+    decode_steps  — up to `max_steps` decode steps for B packed rows, each row one slot, in one dispatch
 
 Every engine, the planner and the benchmarks call these module-level jitted functions, so engines
 with the same shapes share one compiled program. Their arguments are plain pytrees:
@@ -76,13 +76,11 @@ class ModelDef:
 
 def split_model(model) -> tuple[ModelDef, list]:
     """(structure, flat list of weight arrays) of an nnx model, as the compiled steps take it."""
-    graphdef, state = nnx.split(model)
-    leaves, treedef = jax.tree.flatten(state)
-    return ModelDef.of(graphdef, treedef), leaves
+    return split_state(*nnx.split(model))
 
 
-def split_abstract(graphdef, state) -> tuple[ModelDef, list]:
-    """`split_model` for an already split (possibly abstract) model: the planner's inputs."""
+def split_state(graphdef, state) -> tuple[ModelDef, list]:
+    """`split_model` for a model already split by nnx (the planner's abstract one)."""
     leaves, treedef = jax.tree.flatten(state)
     return ModelDef.of(graphdef, treedef), leaves
 
@@ -154,55 +152,109 @@ def prefill_step(model_def: ModelDef, weights, cache: PagedCache, state: SlotSta
     return sampled, logits, dataclasses.replace(cache, lengths=lengths), state
 
 
-@functools.partial(jax.jit, static_argnames=("model_def", "steps", "impl", "want_logits"),
+@functools.partial(jax.jit, static_argnames=("model_def", "max_steps", "impl", "want_logits"),
                    donate_argnames=("cache", "state"))
-def decode_steps(model_def: ModelDef, weights, cache: PagedCache, state: SlotState, rows, knobs, mask=None, *,
-                 steps: int, impl: str, want_logits: bool = False):
-    """Run `steps` decode steps for the slots rows[b] (`cache.slots` pads), feeding each alive row
-    its token at its length and sampling the next.
+def decode_steps(model_def: ModelDef, weights, cache: PagedCache, state: SlotState, rows, n_steps, knobs, mask=None,
+                 *, max_steps: int, impl: str, want_logits: bool = False):
+    """Run up to `n_steps` (<= max_steps) decode steps for the slots rows[b] (`cache.slots` pads),
+    feeding each alive row its token at its length and sampling the next; the block ends early
+    once no row is alive.
 
-    Returns (tokens [steps, B] int32, -1 where a row sampled nothing; the last step's logits [B, V]
-    float32 if `want_logits` (steps 1 only) else None; cache; state). `mask` (steps 1 only)
-    restricts row b's token to the ids whose bits are set in mask[b]."""
-    if (mask is not None or want_logits) and steps != 1:
-        raise ValueError("a token mask or logits need steps=1")
+    The step count is data, so one program per row count serves every block length (a `while`
+    loop; its body is the model once). Returns (tokens [max_steps, B] int32, -1 where a row sampled
+    nothing; the last step's logits [B, V] float32 if `want_logits` else None; cache; state).
+    `mask` restricts row b's tokens to the ids whose bits are set in mask[b] (constrained rows run
+    one step per dispatch, so it is one mask per row)."""
     model = model_def.merge(weights)
-    n_slots = cache.slots
+    n_slots, n_rows = cache.slots, rows.shape[0]
     slot = jnp.minimum(rows, n_slots - 1)
     row_knobs = {k: jnp.take(v, slot, axis=0) for k, v in knobs.items()}
     table = jnp.take(cache.page_table, slot, axis=0)
 
     def step(carry):
-        pages, tokens, lengths, alive, budget = carry
+        i, pages, tokens, lengths, alive, budget, out, _ = carry
         batch = cache.rows_batch(model.cfg, table, lengths, alive)
         h, pages = model(tokens[:, None], batch, pages, impl=impl)
         logits = model.logits(h[:, 0])
         lengths = lengths + alive.astype(jnp.int32)
         drawn = _replicated(_sample(logits, row_knobs, lengths, mask))
-        out = jnp.where(alive, drawn, -1)
+        out = out.at[i].set(jnp.where(alive, drawn, -1))
         budget = budget - alive.astype(jnp.int32)
         tokens = jnp.where(alive, drawn, tokens)
         alive = alive & (budget > 0) & ~_halted(drawn, row_knobs["halt"])
-        return (pages, tokens, lengths, alive, budget), out, logits
+        return i + 1, pages, tokens, lengths, alive, budget, out, (logits if want_logits else None)
 
-    carry = (cache.pages, jnp.take(state.tokens, slot), jnp.take(cache.lengths, slot),
-             jnp.take(state.alive, slot) & (rows < n_slots), jnp.take(state.budget, slot))
-    if steps == 1:  # no loop in the program: one step, and its logits when asked
-        carry, out, logits = step(carry)
-        out = out[None]
-    else:
-        def body(carry, _):
-            carry, out, _ = step(carry)
-            return carry, out
+    def more(carry):
+        i, alive = carry[0], carry[4]
+        return (i < jnp.minimum(n_steps, max_steps)) & jnp.any(alive)
 
-        carry, out = jax.lax.scan(body, carry, None, length=steps)
-        logits = None
-    pages, tokens, lengths, alive, budget = carry
+    logits0 = jnp.zeros((n_rows, model.cfg.vocab_size), jnp.float32) if want_logits else None
+    carry = (jnp.int32(0), cache.pages, jnp.take(state.tokens, slot), jnp.take(cache.lengths, slot),
+             jnp.take(state.alive, slot) & (rows < n_slots), jnp.take(state.budget, slot),
+             jnp.full((max_steps, n_rows), -1, jnp.int32), logits0)
+    _, pages, tokens, lengths, alive, budget, out, logits = jax.lax.while_loop(more, step, carry)
     state = SlotState(tokens=state.tokens.at[rows].set(tokens, mode="drop"),
                       alive=state.alive.at[rows].set(alive, mode="drop"),
                       budget=state.budget.at[rows].set(budget, mode="drop"))
     cache = dataclasses.replace(cache, pages=pages, lengths=cache.lengths.at[rows].set(lengths, mode="drop"))
-    return out, (logits if want_logits else None), cache, state
+    return out, logits, cache, state
+
+
+@functools.partial(jax.jit, static_argnames=("model_def", "impl"), donate_argnames=("cache", "state"))
+def verify_step(model_def: ModelDef, weights, cache: PagedCache, state: SlotState, rows, drafts, n_draft, knobs, *,
+                impl: str):
+    """One step that may make several tokens per row: row b (slot rows[b], `cache.slots` pads)
+    feeds its token and its first n_draft[b] draft tokens drafts[b] [B, K] at its length, draws
+    the model's token after each of them exactly as `decode_steps` would (same knobs, same keys),
+    and keeps the drawn tokens up to and including the first that differs from the draft. So a
+    row's tokens are those of plain decoding whatever the drafts were; drafts only decide how
+    many come out of one step. For a sampled row this is speculative sampling with a
+    deterministic draft: a draft token x survives with probability p(x), and when it does not, the
+    token drawn in its place is distributed as p without x, renormalized.
+
+    Halt ids and budgets cut a row's run as they stop decode_steps; the cache length advances only
+    by the tokens kept (rows written for rejected drafts lie past it and are overwritten later).
+    No grammar mask: the scheduler verifies only while no row's next token is constrained. Returns
+    (tokens [K+1, B] int32: row b's new tokens in order, -1 after them; cache; state)."""
+    model = model_def.merge(weights)
+    n_slots, width = cache.slots, drafts.shape[1] + 1
+    slot = jnp.minimum(rows, n_slots - 1)
+    row_knobs = {k: jnp.take(v, slot, axis=0) for k, v in knobs.items()}
+    table = jnp.take(cache.page_table, slot, axis=0)
+    alive = jnp.take(state.alive, slot) & (rows < n_slots)
+    lengths, budget = jnp.take(cache.lengths, slot), jnp.take(state.budget, slot)
+    # A row feeds no draft past the tokens it may still sample (nor past the context end, which
+    # its budget already respects).
+    n_draft = jnp.where(alive, jnp.clip(n_draft, 0, budget - 1), 0)
+    fed = jnp.concatenate([jnp.take(state.tokens, slot)[:, None], drafts], axis=1)
+    batch = cache.rows_batch(model.cfg, table, lengths, jnp.where(alive, 1 + n_draft, 0), width)
+    h, pages = model(fed, batch, cache.pages, impl=impl)
+    b = rows.shape[0]
+    # The logits of all B x (K+1) tokens as one [rows, V] product, the shape decode_steps uses: on
+    # XLA:CPU a 3-D product rounds differently in bf16, and a greedy row would then not always
+    # draw the token decoding draws.
+    logits = model.logits(h.reshape(b * width, -1))
+    per_token = {k: jnp.repeat(v, width, axis=0) for k, v in row_knobs.items()}
+    positions = (lengths[:, None] + 1 + jnp.arange(width, dtype=jnp.int32)[None, :]).reshape(-1)
+    drawn = _replicated(_sample(logits, per_token, positions, None).reshape(b, width))
+    # Kept: drawn[0 .. n-1] where n - 1 is the number of leading drafts the model drew itself,
+    # cut after the first halt id and at the budget.
+    j = jnp.arange(width - 1)[None, :]
+    agrees = (drawn[:, :-1] == drafts) & (j < n_draft[:, None])
+    accepted = jnp.sum(jnp.cumprod(agrees.astype(jnp.int32), axis=1), axis=1)
+    halts = jnp.any(drawn[:, :, None] == row_knobs["halt"][:, None, :], axis=2)
+    first_halt = jnp.where(jnp.any(halts, axis=1), jnp.argmax(halts, axis=1), width)
+    n_out = jnp.where(alive, jnp.minimum(jnp.minimum(accepted, first_halt) + 1, budget), 0)
+    out = jnp.where(jnp.arange(width)[None, :] < n_out[:, None], drawn, -1)
+    last = jnp.take_along_axis(drawn, jnp.maximum(n_out - 1, 0)[:, None], axis=1)[:, 0]
+    budget = budget - n_out
+    still = alive & (budget > 0) & (first_halt >= n_out)
+    state = SlotState(tokens=state.tokens.at[rows].set(jnp.where(alive, last, jnp.take(state.tokens, slot)),
+                                                       mode="drop"),
+                      alive=state.alive.at[rows].set(still, mode="drop"),
+                      budget=state.budget.at[rows].set(budget, mode="drop"))
+    cache = dataclasses.replace(cache, pages=pages, lengths=cache.lengths.at[rows].set(lengths + n_out, mode="drop"))
+    return out.T, cache, state
 
 
 @functools.partial(jax.jit, donate_argnames=("state",))
@@ -216,4 +268,5 @@ def resume_slots(state: SlotState, slots):
 def compile_counts() -> dict[str, int]:
     """Programs compiled so far by each step function (tests assert that shapes, not prompts,
     decide this)."""
-    return {"prefill": prefill_step._cache_size(), "decode": decode_steps._cache_size()}
+    return {"prefill": prefill_step._cache_size(), "decode": decode_steps._cache_size(),
+            "verify": verify_step._cache_size()}

@@ -1,5 +1,5 @@
-"""Helpers the kernel benchmarks share: timing, copy bandwidth, progress lines, random INT4 weights,
-markdown tables and a time budget. Needs only jax and numpy.
+"""Helpers the kernel benchmarks share: timing, copy bandwidth, progress lines, markdown tables and a
+time budget. Needs only jax and numpy (random INT4 weights are kimi_jax.quant.random_int4).
 
 Scripts import it as a sibling (`python scripts/x.py` puts scripts/ first on sys.path).
 """
@@ -19,10 +19,11 @@ T_START = time.perf_counter()
 def arg_parser(doc: str, reps_on_gpu: int) -> argparse.ArgumentParser:
     """The options every kernel benchmark takes: --impl, --reps, --tiny."""
     from kernels_pallas import ops
+    from kernels_pallas.backends import backend_for
 
     on_gpu = jax.default_backend() == "gpu"
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--impl", default=ops.impl_for_platform(jax.default_backend()), choices=ops.IMPLS,
+    ap.add_argument("--impl", default=backend_for(jax.default_backend()).impl, choices=ops.IMPLS,
                     help="kernel implementation (default: the one for this platform)")
     ap.add_argument("--reps", type=int, default=reps_on_gpu if on_gpu else 3, help="timed calls per measurement")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (a smoke run)")
@@ -60,16 +61,6 @@ def copy_bandwidth(nbytes: int, reps: int = 10) -> float:
     a = jax.random.bits(jax.random.key(0), (nbytes // 4,), jnp.uint32)
     per_call, _ = device_time(jax.jit(lambda a: a ^ jnp.uint32(1)), (a,), reps)
     return 2 * a.nbytes / per_call
-
-
-def random_int4(key, shape_out_in, group: int = 32, dtype=jnp.bfloat16):
-    """Random packed weights [..., N, K/8] and scales [..., N, K/group]; any nibble pattern is valid.
-    Scales are sized so that the weights have the spread of a trained layer (~0.02)."""
-    *lead, n, k = shape_out_in
-    k1, k2 = jax.random.split(key)
-    packed = jax.random.bits(k1, (*lead, n, k // 8), jnp.uint32).view(jnp.int32)
-    scale = jax.random.uniform(k2, (*lead, n, k // group), jnp.float32, 0.5, 1.5) * (0.02 / 4.6)
-    return packed, scale.astype(dtype)
 
 
 def rel_err(a, b) -> float:

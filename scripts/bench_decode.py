@@ -120,10 +120,10 @@ def profile_steps(engine, prompts, steps: int = 10):
     """Profile `steps` scheduler iterations of a running batch: each one dispatches a block of
     decode steps and reads the previous block's tokens, so host gaps show up as device idle time."""
     from kimi_jax.sampling import SamplingParams
-    from kimi_jax.scheduler import DEFAULT_DECODE_STEPS
+    from kimi_jax.scheduler import DEFAULT_DECODE_BLOCK
 
     engine.generate(prompts[:1], SamplingParams(max_new_tokens=2))  # the programs are compiled already
-    running = [engine.submit(p, SamplingParams(max_new_tokens=(steps + 8) * max(DEFAULT_DECODE_STEPS)))
+    running = [engine.submit(p, SamplingParams(max_new_tokens=(steps + 8) * DEFAULT_DECODE_BLOCK))
                for p in prompts]
     while not all(r.tokens for r in running):  # prefill everything first
         engine.step()

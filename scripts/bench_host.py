@@ -31,7 +31,7 @@ from kimi_jax.config import TINY
 from kimi_jax.engine import BatchEngine
 from kimi_jax.model import KimiK2
 from kimi_jax.sampling import SamplingParams
-from kimi_jax.scheduler import DEFAULT_DECODE_STEPS, DecodeWork
+from kimi_jax.scheduler import DEFAULT_DECODE_BLOCK, DecodeWork
 from kimi_jax.steps import SlotState
 
 
@@ -68,7 +68,7 @@ def idle_slot_ratio(model, slots: int, tokens: int) -> dict:
     out = {}
     for n in (1, slots):
         engine = BatchEngine(model, max_batch=n, max_len=2 * tokens + 64, chunk=16)
-        engine_ms_per_step(engine, 1, max(DEFAULT_DECODE_STEPS) + 2)  # compiles
+        engine_ms_per_step(engine, 1, DEFAULT_DECODE_BLOCK + 2)  # compiles
         out[n] = engine_ms_per_step(engine, 1, tokens)
     return {"slots": slots, "alone_ms": round(out[1], 2), "one_of_many_ms": round(out[slots], 2),
             "ratio": round(out[slots] / out[1], 3)}
@@ -104,17 +104,15 @@ def main(argv=None) -> int:
         return 0
     cfg = TINY.replace(num_hidden_layers=args.layers, first_k_dense_replace=1)
     model = KimiK2(cfg, dtype=jnp.float32)
-    block = max(DEFAULT_DECODE_STEPS)
     rows = []
     for batch in [int(b) for b in args.batches.split(",")]:
-        for steps in ((1,), DEFAULT_DECODE_STEPS):
+        for n in (1, DEFAULT_DECODE_BLOCK):
             engine = BatchEngine(model, max_batch=batch, max_len=2 * args.tokens + 512, chunk=16,
-                                 prefill_rows=batch, decode_steps=steps)
+                                 prefill_rows=batch, decode_block=n)
             t0 = time.perf_counter()
-            engine_ms_per_step(engine, batch, max(steps) + 2)  # compiles prefill and the block
+            engine_ms_per_step(engine, batch, n + 2)  # compiles prefill and the decode program
             compile_s = time.perf_counter() - t0
             wall = engine_ms_per_step(engine, batch, args.tokens)
-            n = max(steps)
             device = device_ms_per_step(engine, batch, n, reps=max(2, args.tokens // n))
             row = dict(layers=args.layers, batch=batch, steps_per_dispatch=n, engine_ms_per_step=round(wall, 3),
                        device_ms_per_step=round(device, 3), overhead_ms_per_step=round(wall - device, 3),
@@ -132,7 +130,7 @@ def main(argv=None) -> int:
               f"{r['device_ms_per_step']:.2f} | {r['overhead_ms_per_step']:.3f} | {r['overhead_ms_per_dispatch']:.3f} |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"rows": rows, "set_mesh_us": ctx, "block": block}, f)
+            json.dump({"rows": rows, "set_mesh_us": ctx}, f)
     return 0
 
 

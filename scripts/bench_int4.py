@@ -1,5 +1,6 @@
-"""Check and time the INT4 (W4A16) kernels: GB/s against the measured copy bandwidth, ratio against
-bf16 `ragged_dot` over pre-dequantized weights, TFLOP/s at large token counts, and one K2 MoE decode layer.
+"""Check and time the INT4 (W4A16) routed-expert kernels: GB/s against the measured copy bandwidth,
+ratio against bf16 `ragged_dot` over pre-dequantized weights, TFLOP/s at large token counts, and one
+K2 MoE layer at decode (the model's own `kimi_jax.moe.MoE`, weights as arguments).
 
     PYTHONPATH=. python scripts/bench_int4.py [--impl pallas_gpu] [--variants] [--json out.json]
     PYTHONPATH=. python scripts/bench_int4.py --check-only        # CPU: the GPU kernels interpreted
@@ -15,19 +16,22 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import json
 import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from bench_common import Budget, arg_parser, copy_bandwidth, device_time, log, markdown, random_int4, rel_err
+from bench_common import Budget, arg_parser, copy_bandwidth, device_time, log, markdown, rel_err
+from flax import nnx
 
-from kernels_pallas import int4_gpu, ops
-from kernels_pallas.dequant import dequantize_int4_gpu
-from kernels_pallas.grouped_moe import grouped_int4_matmul_ref, grouped_int4_swiglu_ref
-from kernels_pallas.int4 import dequantize_int4_ref
-from kernels_pallas.int4_matmul import int4_matmul_ref
+from kernels_pallas import experts_gpu, ops
+from kernels_pallas.experts_xla import grouped_int4_matmul_ref, grouped_int4_swiglu_ref
+from kernels_pallas.int4_ct import dequantize_int4_ref
+from kimi_jax.config import K2_THINKING, Int4Quant
+from kimi_jax.moe import MoE, route
+from kimi_jax.quant import random_int4
 
 GROUP = 32
 
@@ -41,13 +45,12 @@ class Shapes:
     active: int  # experts that get rows in the grouped timings
     tokens: tuple[int, ...]  # tokens per expert to time
     copy_bytes: int  # size of the copy-bandwidth probe
-    dense_tokens: tuple[int, ...] = (1, 4, 16, 64)  # rows of the dense int4_matmul timings
     batches: tuple[int, ...] = (1, 8, 32)  # decode batches of the MoE layer timings
 
 
 K2 = Shapes(7168, 2048, 384, 8, 64, (1, 4, 16, 64, 256), 4 << 30)
 SMALL = Shapes(512, 256, 32, 8, 8, (1, 4, 16), 64 << 20)  # CPU runs
-TINY = Shapes(128, 64, 8, 2, 4, (1, 4), 1 << 20, dense_tokens=(1,), batches=(1, 8))  # smoke tests
+TINY = Shapes(128, 64, 8, 2, 4, (1, 4), 1 << 20, batches=(1, 8))  # smoke tests
 
 # At 1 token per expert the default grid is 8 experts x N/32 programs (512 at batch 1), light ones:
 # more K splits buy more bytes in flight per SM; the rest probe tile shape, warps and pipelining.
@@ -55,6 +58,12 @@ GEMV_VARIANTS = [dict(split_k=2), dict(split_k=4), dict(x_planes=False), dict(bl
                  dict(block_groups=8), dict(block_groups=32), dict(num_warps=8), dict(num_stages=4),
                  dict(block_m=2)]
 MMA_VARIANTS = [dict(block_k=256), dict(block_n=64, block_k=256), dict(dequant="bf16"), dict(dequant="join")]
+
+
+def int4_arrays(key, shape_out_in):
+    """Random (packed, scale) of logical shape [..., out, in], the spread of a trained layer."""
+    w = random_int4(key, shape_out_in, GROUP)
+    return w.packed, w.scale
 
 
 def is_gpu_kernel(impl: str) -> bool:
@@ -67,8 +76,8 @@ def grouped_fns(impl, kernel=None, overrides=None):
         if not is_gpu_kernel(impl):
             raise ValueError(f"kernel families and overrides are GPU-kernel settings; impl is {impl!r}")
         kw = dict(kernel=kernel, interpret=impl == "interpret_gpu", **(overrides or {}))
-        return (jax.jit(lambda x, gs, w: int4_gpu.grouped_int4_swiglu_gpu(x, *w, gs, **kw)),
-                jax.jit(lambda h, gs, w: int4_gpu.grouped_int4_matmul_gpu(h, *w, gs, **kw)))
+        return (jax.jit(lambda x, gs, w: experts_gpu.grouped_int4_swiglu_gpu(x, *w, gs, **kw)),
+                jax.jit(lambda h, gs, w: experts_gpu.grouped_int4_matmul_gpu(h, *w, gs, **kw)))
     return (jax.jit(lambda x, gs, w: ops.grouped_int4_swiglu(x, *w, gs, impl=impl)),
             jax.jit(lambda h, gs, w: ops.grouped_int4_matmul(h, *w, gs, impl=impl)))
 
@@ -81,8 +90,7 @@ def check_kernels(shapes: Shapes, impl: str) -> list[dict]:
     """Relative error of each GPU kernel (GEMV, tensor core, default choice) against the reference."""
     hid, inter = shapes.hidden, shapes.inter
     decode16 = [1, 0, 2, 0, 0, 1, 1, 0, 0, 0, 2, 0, 0, 0, 0, 1]  # 8 rows over 16 experts
-    cases = [  # (op, m, k, n, group sizes or None for the dense matmul)
-        ("matmul", 1, hid, inter, None), ("matmul", 37, 320, 200, None), ("matmul", 300, hid, inter, None),
+    cases = [  # (op, m, k, n, group sizes)
         ("swiglu", 8, hid, inter, decode16), ("swiglu", 100, 320, 200, [7, 0, 40, 1, 33, 0]),
         ("swiglu", 600, hid, inter, [300, 0, 170, 120]),
         ("down", 8, inter, hid, decode16), ("down", 100, 320, 200, [7, 0, 40, 1, 33, 0]),
@@ -92,38 +100,28 @@ def check_kernels(shapes: Shapes, impl: str) -> list[dict]:
     for op, m, k, n, sizes in cases:
         key, kx, kw1, kw2 = jax.random.split(key, 4)
         x = jax.random.normal(kx, (m + 2, k), jnp.bfloat16)  # 2 padding rows past the groups
-        if sizes is None:
-            x, (p, s) = x[:m], random_int4(kw1, (n, k))
-            want = jax.jit(int4_matmul_ref)(x, p, s)
-            run = lambda kernel, x=x, p=p, s=s: int4_gpu.int4_matmul_gpu(x, p, s, kernel=kernel, interpret=interpret)
+        gs = jnp.asarray(sizes, jnp.int32)
+        w = [int4_arrays(kw1, (len(sizes), n, k))] + ([int4_arrays(kw2, (len(sizes), n, k))] if op == "swiglu" else [])
+        flat = [a for pair in w for a in pair]
+        if op == "swiglu":
+            want = jax.jit(grouped_int4_swiglu_ref)(x, *flat, gs)
+            run = lambda kernel, x=x, f=flat, gs=gs: experts_gpu.grouped_int4_swiglu_gpu(
+                x, *f, gs, kernel=kernel, interpret=interpret)
         else:
-            gs = jnp.asarray(sizes, jnp.int32)
-            w = [random_int4(kw1, (len(sizes), n, k))] + ([random_int4(kw2, (len(sizes), n, k))] if op == "swiglu" else [])
-            flat = [a for pair in w for a in pair]
-            if op == "swiglu":
-                want = jax.jit(grouped_int4_swiglu_ref)(x, *flat, gs)
-                run = lambda kernel, x=x, f=flat, gs=gs: int4_gpu.grouped_int4_swiglu_gpu(
-                    x, *f, gs, kernel=kernel, interpret=interpret)
-            else:
-                want = jax.jit(grouped_int4_matmul_ref)(x, *flat, gs)
-                run = lambda kernel, x=x, f=flat, gs=gs: int4_gpu.grouped_int4_matmul_gpu(
-                    x, *f, gs, kernel=kernel, interpret=interpret)
+            want = jax.jit(grouped_int4_matmul_ref)(x, *flat, gs)
+            run = lambda kernel, x=x, f=flat, gs=gs: experts_gpu.grouped_int4_matmul_gpu(
+                x, *f, gs, kernel=kernel, interpret=interpret)
         for kernel in (None, "gemv", "mma"):
             row = dict(check=f"{op} {kernel or 'default'}", m=m, k=k, n=n)
             try:
                 got = run(kernel)
                 row.update(rel_err=rel_err(got, want))
-                pad_ok = sizes is None or bool(jnp.all(got[sum(sizes):] == 0))
+                pad_ok = bool(jnp.all(got[sum(sizes):] == 0))
                 row.update(ok=row["rel_err"] < 1e-2 and pad_ok)
             except Exception as e:  # e.g. a config this GPU's Triton rejects: a failed check, not the end
                 row.update(ok=False, error=f"{type(e).__name__}: {e}"[:500])
             rows.append(row)
             log(row)
-    p, s = random_int4(key, (3, 200, 320))
-    got = dequantize_int4_gpu(p, s, 320, jnp.bfloat16, interpret=interpret)
-    same = bool(jnp.all(got.view(jnp.uint16) == dequantize_int4_ref(p, s, 320, jnp.bfloat16).view(jnp.uint16)))
-    rows.append(dict(check="dequant (bit-exact)", m=600, k=320, n=0, rel_err=0.0 if same else 1.0, ok=same))
-    log(rows[-1])
     return rows
 
 
@@ -131,11 +129,25 @@ def check_kernels(shapes: Shapes, impl: str) -> list[dict]:
 # Timings
 
 
-def expert_bank(shapes: Shapes, n_exp: int, key=jax.random.key(5)):
-    kg, ku, kd = jax.random.split(key, 3)
-    return dict(gate=random_int4(kg, (n_exp, shapes.inter, shapes.hidden)),
-                up=random_int4(ku, (n_exp, shapes.inter, shapes.hidden)),
-                down=random_int4(kd, (n_exp, shapes.hidden, shapes.inter)))
+def moe_layer(shapes: Shapes, seed: int = 5) -> MoE:
+    """One K2 MoE layer of these shapes as the model builds it: router, INT4 routed experts in the
+    checkpoint's packing, bf16 shared expert, random weights."""
+    cfg = K2_THINKING.replace(hidden_size=shapes.hidden, moe_intermediate_size=shapes.inter,
+                              n_routed_experts=shapes.n_exp, num_experts_per_tok=shapes.topk,
+                              quantization=Int4Quant(group_size=GROUP))
+    return MoE(cfg, jnp.bfloat16, nnx.Rngs(params=seed))
+
+
+def expert_bank(moe: MoE) -> dict:
+    """The layer's routed experts as {projection: (packed, scale)}, for the grouped-kernel timings."""
+    weights = {"gate": moe.gate_proj, "up": moe.up_proj, "down": moe.down_proj}
+    return {name: (var.get_value().packed, var.get_value().scale) for name, var in weights.items()}
+
+
+def layer_step(impl: str):
+    """step(graphdef, state, xs): the MoE layer on each batch of `xs`, jitted with the weights as
+    arguments (a jitted closure over them would embed them as constants)."""
+    return jax.jit(lambda graphdef, state, xs: [nnx.merge(graphdef, state)(x, impl) for x in xs], static_argnums=0)
 
 
 def bf16_bank(bank):
@@ -181,63 +193,22 @@ def bench_grouped(shapes, impl, bank, bank16, t, copy_bps, reps, kernel=None, ov
     return rows
 
 
-def bench_dense(shapes, impl, tokens, copy_bps, reps):
-    """int4_matmul on one [inter, hidden] weight; copies rotate so L2 cannot hold them."""
-    copies = 16 if shapes is K2 else 2
-    ws = [random_int4(k, (shapes.inter, shapes.hidden)) for k in jax.random.split(jax.random.key(7), copies)]
-    w16 = [dequantize_int4_ref(p, s, shapes.hidden, jnp.bfloat16) for p, s in ws]
-    f4 = jax.jit(lambda x, ws: [ops.int4_matmul(x, p, s, impl=impl) for p, s in ws])
-    f16 = jax.jit(lambda x, ws: [jnp.dot(x, w.T) for w in ws])
-    rows = []
-    for t in tokens:
-        x = jax.random.normal(jax.random.key(t), (t, shapes.hidden), jnp.bfloat16)
-        t4 = device_time(f4, (x, ws), reps)[0] / copies
-        t16 = device_time(f16, (x, w16), reps)[0] / copies
-        w_bytes = shapes.inter * (shapes.hidden // 2 + shapes.hidden // GROUP * 2)
-        gbps = (w_bytes + t * (shapes.hidden + shapes.inter) * 2) / t4 / 1e9
-        rows.append(dict(op="int4_matmul", tokens_per_expert=t, m=t, kernel="default", us=t4 * 1e6, gbps=gbps,
-                         pct_copy=100 * gbps * 1e9 / copy_bps, tflops=2 * t * shapes.hidden * shapes.inter / t4 / 1e12,
-                         bf16_us=t16 * 1e6, speedup_vs_bf16=t16 / t4))
-        log(rows[-1])
-    return rows
-
-
-def moe_layer(x, router, bank, shared, topk, impl):
-    """One MoE layer at decode: router, top-k, sort, grouped INT4 experts, combine, bf16 shared expert."""
-    t = x.shape[0]
-    scores = jax.nn.sigmoid(jnp.dot(x, router, preferred_element_type=jnp.float32))
-    w, idx = jax.lax.top_k(scores, topk)
-    w = w / w.sum(-1, keepdims=True)
-    flat = idx.reshape(-1)
-    order = jnp.argsort(flat, stable=True)
-    gs = jnp.bincount(flat, length=router.shape[1]).astype(jnp.int32)
-    xs = x[order // topk]
-    h = ops.grouped_int4_swiglu(xs, *bank["gate"], *bank["up"], gs, impl=impl)
-    ys = ops.grouped_int4_matmul(h, *bank["down"], gs, impl=impl)
-    y = jnp.zeros_like(ys).at[order].set(ys).reshape(t, topk, -1)
-    y = jnp.einsum("tkd,tk->td", y.astype(jnp.float32), w).astype(x.dtype)
-    sg, su, sd = shared
-    return y + jnp.dot(jax.nn.silu(jnp.dot(x, sg)) * jnp.dot(x, su), sd)
-
-
-def bench_layer(shapes, impl, bank, batches, copy_bps, reps):
-    kr, k1, k2, k3 = jax.random.split(jax.random.key(3), 4)
-    hid, inter = shapes.hidden, shapes.inter
-    router = jax.random.normal(kr, (hid, shapes.n_exp), jnp.bfloat16) * 0.02
-    shared = tuple(jax.random.normal(k, s, jnp.bfloat16) * 0.02 for k, s in
-                   ((k1, (hid, inter)), (k2, (hid, inter)), (k3, (inter, hid))))
-    per_expert = sum(p.nbytes + s.nbytes for p, s in bank.values()) / shapes.n_exp
-    fixed = sum(a.nbytes for a in shared) + router.nbytes
+def bench_layer(shapes, impl, moe: MoE, batches, copy_bps, reps):
+    """The layer at each decode batch, against its roofline: the bytes of the experts the batch
+    touches, the shared expert and the router, read once at the copy bandwidth."""
+    graphdef, state = nnx.split(moe)
+    experts = sum(p.nbytes + s.nbytes for p, s in expert_bank(moe).values())
+    per_expert = experts / shapes.n_exp
+    fixed = sum(x.nbytes for x in jax.tree.leaves(state)) - experts
     calls = 4  # different tokens per call, so different experts: L2 cannot carry weights over
-    layer = jax.jit(lambda xs, router, bank, shared: [moe_layer(x, router, bank, shared, shapes.topk, impl)
-                                                       for x in xs])
+    step = functools.partial(layer_step(impl), graphdef)
+    router, bias = moe.router[...], moe.router_bias[...]
     rows = []
     for b in batches:
-        xs = [jax.random.normal(jax.random.key(100 * b + i), (b, hid), jnp.bfloat16) for i in range(calls)]
-        dt, first = device_time(layer, (xs, router, bank, shared), reps)
+        xs = [jax.random.normal(jax.random.key(100 * b + i), (b, shapes.hidden), jnp.bfloat16) for i in range(calls)]
+        dt, first = device_time(step, (state, xs), reps)
         dt /= calls
-        touched = np.mean([len(np.unique(np.asarray(jax.lax.top_k(jnp.dot(x, router), shapes.topk)[1])))
-                           for x in xs])
+        touched = np.mean([len(np.unique(np.asarray(route(x, router, bias, moe.cfg)[1]))) for x in xs])
         ideal = (touched * per_expert + fixed) / copy_bps
         rows.append(dict(batch=b, experts_touched=float(touched), us=dt * 1e6, roofline_us=ideal * 1e6,
                          pct_roofline=100 * ideal / dt, first_call_s=first))
@@ -283,16 +254,15 @@ def main(argv=None) -> int:
     copy_bps = copy_bandwidth(shapes.copy_bytes, args.reps)
     results["copy_gbps"] = copy_bps / 1e9
     log(dict(copy_gbps=copy_bps / 1e9))
-    bank = expert_bank(shapes, shapes.n_exp)
-    results["layer"] = bench_layer(shapes, args.impl, bank, shapes.batches, copy_bps, args.reps)
+    moe = moe_layer(shapes)
+    bank = expert_bank(moe)
+    results["layer"] = bench_layer(shapes, args.impl, moe, shapes.batches, copy_bps, args.reps)
     active = {name: (p[:shapes.active], s[:shapes.active]) for name, (p, s) in bank.items()}
     active16 = bf16_bank(active)
     results["grouped"] = []
     for t in shapes.tokens:
         if budget.allows(f"grouped t={t}", 5):
             results["grouped"] += bench_grouped(shapes, args.impl, active, active16, t, copy_bps, args.reps)
-    if budget.allows("dense", 5):
-        results["dense"] = bench_dense(shapes, args.impl, shapes.dense_tokens, copy_bps, args.reps)
     if args.variants and is_gpu_kernel(args.impl):
         results["variants"] = []
         for t, kernel, variants in ((1, "gemv", GEMV_VARIANTS), (16, "mma", MMA_VARIANTS)):
@@ -301,7 +271,7 @@ def main(argv=None) -> int:
                     results["variants"] += bench_grouped(shapes, args.impl, active, active16, t, copy_bps,
                                                          args.reps, kernel, kw, baseline=False)
     print(f"\ncopy {copy_bps / 1e9:.0f} GB/s (read+write)\n")
-    print(markdown(results["grouped"] + results.get("dense", []) + results.get("variants", []), GROUPED_COLUMNS))
+    print(markdown(results["grouped"] + results.get("variants", []), GROUPED_COLUMNS))
     print("\nK2 MoE layer at decode\n" + markdown(results["layer"], LAYER_COLUMNS))
     if args.json:
         with open(args.json, "w") as f:

@@ -56,6 +56,7 @@ def parse_args(argv=None):
     p.add_argument("--mesh")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--speculate", choices=("off", "ngram", "suffix"), help="speculative decoding (default: the server's)")
     p.add_argument("--quick", action="store_true", help="CPU smoke run: 2 turns, 32 tokens, 32 static steps")
     p.add_argument("--json", help="also write the results to this file")
     args = p.parse_args(argv)
@@ -170,7 +171,7 @@ def lone_request_tpot_ms(runtime, steps: int) -> dict:
 
     params = SamplingParams(max_new_tokens=steps, temperature=0.0)
     alone = BatchEngine(runtime.model, max_batch=1, max_len=runtime.engine.max_len, chunk=runtime.engine.chunk,
-                        mesh=runtime.mesh, page_size=runtime.engine.page_size)
+                        mesh=runtime.mesh, page_size=runtime.engine.page_size, speculate=runtime.engine.speculate)
     out = {}
     for name, engine in (("one_slot_engine", alone), ("server_engine", runtime.engine)):
         engine.generate([[11, 12, 13]], dataclasses.replace(params, max_new_tokens=2))  # compile
@@ -202,7 +203,8 @@ def main(argv=None) -> int:
         [*(["--checkpoint", args.checkpoint] if args.checkpoint else []), "--dtype", args.dtype,
          "--max-batch", str(args.max_batch or max(args.levels)), "--max-queue", str(4 * max(args.levels)),
          *(["--max-len", str(args.max_len)] if args.max_len else []), *(["--mesh", args.mesh] if args.mesh else []),
-         *(["--page-size", str(args.page_size)] if args.page_size else [])])
+         *(["--page-size", str(args.page_size)] if args.page_size else []),
+         *(["--speculate", args.speculate] if args.speculate else [])])
     t0 = time.perf_counter()
     service, engine = serve.build_service(serve_args)
     print(f"server ready in {time.perf_counter() - t0:.1f}s: {service.runtime.checkpoint}", file=sys.stderr)
@@ -241,6 +243,10 @@ def main(argv=None) -> int:
     print(f"\nstatic-batch engine, batch {batch}: {static:.1f} decode tok/s; server at concurrency {top['concurrency']}: "
           f"{top['output_tok_s']:.1f} output tok/s = {100 * report['ratio_at_top']:.1f}% of it (goal >= 80%)")
     print(f"prompt tokens served from the prefix cache: {100 * report['prefix_cache_fraction']:.1f}% (goal >= 90%)")
+    if engine_metrics["verify_steps"]:
+        print(f"speculation: {engine_metrics['verify_steps']} verify steps, {engine_metrics['draft_tokens']} draft tokens, "
+              f"{engine_metrics['draft_tokens_accepted']} accepted, {engine_metrics['tokens_per_verify_row']:.2f} tokens "
+              "per verify step and request")
     print(f"one request alone: {lone['server_engine']:.1f} ms per token in the {batch}-slot engine, "
           f"{lone['one_slot_engine']:.1f} ms in a 1-slot engine: {lone['ratio']:.2f}x (goal <= 1.2x)")
     if args.json:

@@ -18,8 +18,10 @@ turn ends in an answer that contains the expected answer and
     in a tool error — an unknown name — needs that call made, not guessed); retries after an error
     are allowed, a skipped or wrong call or an answer without the tool is not
   - for a no-tool item: the model made no tool call at all.
-Also reported: tool-call validity (declared tool names, arguments a JSON object) and right tools
-(the names of the successful calls match the reference).
+Also reported: tool-call validity (a declared tool name, and arguments valid under that tool's
+schema) and right tools (the names of the successful calls match the reference). Each variant runs
+with strict tool calls (the agent loop's default: the engine holds every call to the schemas) and,
+with `--strict-tools both`, also without.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ import json
 import os
 import sys
 import time
+
+import jsonschema
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -58,13 +62,14 @@ def _is_error(result: str) -> bool:
 def score(item: dict, messages: list[dict], stop_reason: str) -> dict:
     """Verdicts on one model transcript (`messages`, the turn's `stop_reason`) against `item`."""
     made, expected = tool_steps(messages), tool_steps(item["messages"])
-    declared = {t["function"]["name"] for t in item.get("tools") or []}
+    declared = {t["function"]["name"]: t["function"].get("parameters") or {} for t in item.get("tools") or []}
 
-    def args_ok(arguments):
+    def args_ok(name, arguments):
         try:
-            return isinstance(json.loads(arguments), dict)
+            value = json.loads(arguments)
         except json.JSONDecodeError:
             return False
+        return isinstance(value, dict) and jsonschema.Draft202012Validator(declared[name]).is_valid(value)
 
     def succeeded(steps):
         return [(name, result) for name, _, result in steps if not _is_error(result)]
@@ -76,7 +81,7 @@ def score(item: dict, messages: list[dict], stop_reason: str) -> dict:
     else:
         grounded = not made
     return {"id": item["id"], "family": item["family"], "success": answered and grounded,
-            "valid": all(name in declared and args_ok(arguments) for name, arguments, _ in made),
+            "valid": all(name in declared and args_ok(name, arguments) for name, arguments, _ in made),
             "right_tools": [n for n, _ in succeeded(made)] == [n for n, _ in succeeded(expected)] and
             (bool(made) == bool(expected)), "answer": final, "calls": [list(s) for s in made]}
 
@@ -88,14 +93,15 @@ def summarize(results: list[dict]) -> dict:
 
 # ---- running the model ------------------------------------------------------------------------
 
-def run_item(rt, item: dict, max_steps: int) -> tuple[list[dict], str]:
+def run_item(rt, item: dict, max_steps: int, strict: bool = True) -> tuple[list[dict], str]:
     """The model's transcript of `item`: every user turn sent through the agent loop."""
     from make_agent_data import registry_for
 
     from kimi_jax.agent import Conversation
 
     names = [t["function"]["name"] for t in item.get("tools") or []]
-    conv = Conversation(rt, tools=registry_for(item["id"]), max_steps=max_steps, tool_names=names or None)
+    conv = Conversation(rt, tools=registry_for(item["id"]), max_steps=max_steps, tool_names=names or None,
+                        strict_tools=strict)
     stop = "answer"
     for m in item["messages"]:
         if m["role"] == "user":
@@ -157,6 +163,8 @@ def main(argv=None) -> int:
     ap.add_argument("--limit", type=int, default=None, help="evaluate only the first N items of each set")
     ap.add_argument("--max-len", type=int, default=1024)
     ap.add_argument("--max-steps", type=int, default=6, help="model steps per user turn")
+    ap.add_argument("--strict-tools", choices=("on", "off", "both"), default="on",
+                    help="strict tool calls (the agent loop's default), free ones, or each variant both ways")
     ap.add_argument("--json", help="write every transcript verdict here")
     args = ap.parse_args(argv)
     sets = [s for s in args.sets.split(",") if s]
@@ -165,10 +173,13 @@ def main(argv=None) -> int:
         ap.error(f"--sets: unknown {', '.join(sorted(unknown))}; choose from {', '.join(SETS)}")
 
     items = {s: read_set(args.data, s, args.limit) for s in sets}
+    modes = {"on": [True], "off": [False], "both": [True, False]}[args.strict_tools]
     summary, detail = {}, {}
-    for name, rt in load_variants(args).items():
+    for (weights, rt), strict in ((v, m) for v in load_variants(args).items() for m in modes):
+        name = weights if len(modes) == 1 else f"{weights}, {'strict' if strict else 'free'} calls"
         t0 = time.perf_counter()
-        detail[name] = {s: [score(item, *run_item(rt, item, args.max_steps)) for item in items[s]] for s in sets}
+        detail[name] = {s: [score(item, *run_item(rt, item, args.max_steps, strict)) for item in items[s]]
+                        for s in sets}
         summary[name] = {s: summarize(detail[name][s]) for s in sets}
         print(f"{name}: " + ", ".join(f"{s} {summary[name][s]['success']:.1%}" for s in sets) +
               f" ({time.perf_counter() - t0:.0f}s)", file=sys.stderr, flush=True)

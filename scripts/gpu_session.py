@@ -11,7 +11,7 @@ inside a 600 s call), and one that fails is recorded and skipped, not fatal:
    3. INT4 grouped SwiGLU and down projection at 1, 4, 16, 64, 256 tokens per expert: GB/s, % of
       copy, TFLOP/s, ratio to bf16 ragged_dot; plus GEMV and tensor core forced at 1, 4, 16
    4. paged decode attention at contexts 4K and 64K, batch 1, 8, 32 (4K also through the XLA reference)
-   5. one K2 MoE layer at batch 1, 8, 32 against its roofline; dense int4_matmul at M = 1..64
+   5. one K2 MoE layer (the model's own) at batch 1, 8, 32 against its roofline
    6. a profile of that layer at batch 1: the per-kernel table
    7. tiling variants: GEMV at 1 token, tensor core at 16, attention at 64K batch 1
    8. the whole-step hook: DECODE_HOOK (scripts/bench_decode.py) in a subprocess with the time left
@@ -99,12 +99,13 @@ def run(args) -> int:
         return state["copy"]
 
     def banks():
-        """All experts of a layer (INT4), the `active` ones, and those as bf16 for ragged_dot."""
+        """A K2 MoE layer, the `active` ones of its INT4 experts, and those as bf16 for ragged_dot."""
         if "bank" not in state:
-            state["bank"] = int4.expert_bank(shapes, shapes.n_exp)
+            state["moe"] = int4.moe_layer(shapes)
+            state["bank"] = int4.expert_bank(state["moe"])
             state["active"] = {n: (p[:shapes.active], q[:shapes.active]) for n, (p, q) in state["bank"].items()}
             state["active16"] = int4.bf16_bank(state["active"])
-        return state["bank"], state["active"], state["active16"]
+        return state["moe"], state["active"], state["active16"]
 
     def checks():
         rows = int4.check_kernels(shapes, impl) + attn.check_attention(ashapes, impl)
@@ -133,18 +134,17 @@ def run(args) -> int:
     def layer():
         s.results["layer"] = int4.bench_layer(shapes, impl, banks()[0], shapes.batches, copy_bps(), reps)
         s.table("one K2 MoE layer at decode", s.results["layer"], int4.LAYER_COLUMNS)
-        s.results["dense"] = int4.bench_dense(shapes, impl, shapes.dense_tokens, copy_bps(), reps)
-        s.table("dense int4_matmul", s.results["dense"], int4.GROUPED_COLUMNS)
 
     def profile():
-        import jax.numpy as jnp
+        import functools
 
-        router = jax.random.normal(jax.random.key(3), (shapes.hidden, shapes.n_exp), jnp.bfloat16) * 0.02
-        shared = tuple(jax.random.normal(jax.random.key(i), sh, jnp.bfloat16) * 0.02 for i, sh in
-                       enumerate([(shapes.hidden, shapes.inter)] * 2 + [(shapes.inter, shapes.hidden)]))
+        import jax.numpy as jnp
+        from flax import nnx
+
+        graphdef, weights = nnx.split(banks()[0])
         x = jax.random.normal(jax.random.key(9), (1, shapes.hidden), jnp.bfloat16)
-        step = jax.jit(lambda x, r, b, sh: int4.moe_layer(x, r, b, sh, shapes.topk, impl))
-        table = profile_table.profile(step, (x, router, banks()[0], shared), steps=10)
+        step = functools.partial(int4.layer_step(impl), graphdef)
+        table = profile_table.profile(step, (weights, [x]), steps=10)
         text = profile_table.format_table(table)
         (out / "profile.md").write_text(f"# one K2 MoE layer, batch 1, {s.results['device']}\n\n{text}\n")
         s.tables.append(f"## profile: one K2 MoE layer at batch 1\n\n{text}\n")
@@ -189,7 +189,7 @@ def run(args) -> int:
         ("checks", "checks", 60, checks, gpu_kernels),
         ("grouped", "grouped INT4 kernels", 40, grouped, True),
         ("attention", "paged attention", 30, attention, True),
-        ("layer", "MoE layer and dense matmul", 30, layer, True),
+        ("layer", "MoE layer", 30, layer, True),
         ("profile", "profile", 20, profile, True),
         ("variants", "variants", 40, variants, gpu_kernels),
         ("hook", "whole-step hook", 120, decode_hook, True),

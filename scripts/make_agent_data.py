@@ -41,15 +41,13 @@ import sys
 import time
 import zlib
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import nano_chains
+import nano_eval_phrasings
+import nano_no_tool
+import nano_tasks
+from nano_tasks import Reject
 
-import nano_chains  # noqa: E402 - sibling scripts
-import nano_eval_phrasings  # noqa: E402
-import nano_no_tool  # noqa: E402
-import nano_tasks  # noqa: E402
-from nano_tasks import Reject  # noqa: E402
-
-from kimi_jax.tools import KVStore, ToolRegistry, builtin_tools  # noqa: E402
+from kimi_jax.tools import KVStore, ToolRegistry, builtin_tools
 
 HOLD_PCT = {"n": 10, "date": 10, "pair": 15, "country": 20, "element": 20, "planet": 25, "fact": 15, "tz": 20,
             "kv_key": 20, "kv_value": 15, "phrase": 20, "word": 15}

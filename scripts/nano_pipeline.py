@@ -31,8 +31,6 @@ import sys
 import tarfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
 NEEDS = {"jax": "0.7", "flax": "0.12", "optax": "0.2", "tokenizers": "0.15", "tiktoken": "0.7", "jinja2": "3.1",
          "safetensors": "0.4", "numpy": "1.26"}
 PART_BYTES = 15 << 20  # a lent machine returns files of at most 16 MiB

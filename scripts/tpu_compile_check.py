@@ -3,16 +3,18 @@ compiler, no TPU needed (pip install 'jax[tpu]' for libtpu).
 
 Compiles, for a TPU topology and a mesh, one routed-expert block the way the model runs it (each
 device's experts and its slice of their hidden units, router-sorted rows in through
-kimi_jax.moe.dispatch, the Mosaic kernels inside shard_map, psum out) and the paged decode
-attention, then walks the optimized HLO for copies, transposes, bitcast-converts and loop fusions
+kimi_jax.moe.dispatch, the Mosaic kernels inside shard_map, psum out), the paged decode attention
+and the paged attention of one prefill chunk of the runtime's size (its C * heads queries run in
+query blocks: the kernel, not the XLA reference, takes them), then walks the optimized HLO for copies, transposes, bitcast-converts and loop fusions
 whose result has the shape of an expert weight, a scale or the cache pool, and reads the
 temporaries from the compiled memory analysis.
 
     python scripts/tpu_compile_check.py --target v5p:2x2x2 --mesh tensor=8 --config k2
-    python scripts/tpu_compile_check.py --target tpu7x:2x2x1 --config k2 --layout ct --kv-layout rows
+    python scripts/tpu_compile_check.py --target tpu7x:2x2x1 --config k2 --packing ct --page-order rows
 
---layout ct / --kv-layout rows compile the checkpoint layout and the row-per-token pages instead,
-the "before" of this check. --schedule DIR keeps libtpu's dumps in DIR and prints, per Mosaic
+--packing ct / --page-order rows compile the checkpoint's INT4 packing (which no TPU kernel reads:
+its experts go through the XLA reference) and the row-per-token pages instead, the "before" of
+this check. --schedule DIR keeps libtpu's dumps in DIR and prints, per Mosaic
 kernel, the static schedule of its innermost loop body (VLIW bundles and the slots they fill): the
 compiler's own count of what a step costs, the nearest thing to a timing without a TPU.
 """
@@ -33,7 +35,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile for the TPU, run nothin
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 COPYING_OPS = ("copy", "copy-start", "transpose", "bitcast-convert")
-KERNELS = ("int4_swiglu_tpu_layout", "int4_matmul_tpu_layout", "int4_swiglu_tpu", "int4_matmul_tpu",
+KERNELS = ("int4_swiglu_tpu", "int4_matmul_tpu",
            "paged_mla_attention_tpu")
 
 
@@ -51,23 +53,24 @@ class Dims:
     group: int = 32
     page: int = 128
     context: int = 1024  # cached tokens per row
+    chunk: int = 128  # prompt tokens of one prefill row (scheduler.DEFAULT_CHUNK)
 
 
 CONFIGS = {
     # K2 Thinking's shapes: one layer, batch 8 at 4K context.
     "k2": Dims(hidden=7168, expert_hidden=2048, experts=384, top_k=8, tokens=8, heads=64, context=4096),
-    # Small, yet every checkpoint-layout minor dim misses 128 under tensor=8 (scales 16, down words 32).
+    # Small, yet every checkpoint-packing minor dim misses 128 under tensor=8 (scales 16, down words 32).
     "tiny": Dims(hidden=512, expert_hidden=2048, experts=64, top_k=4, tokens=4, heads=64, context=512),
 }
 
 
-def expert_arrays(dims: Dims, layout: str):
+def expert_arrays(dims: Dims, packing: str):
     """Global abstract shapes of one layer's (packed, scale) gate, up, down and their specs."""
     import jax.numpy as jnp
     from jax.sharding import PartitionSpec as P
 
     e, d, f, g = dims.experts, dims.hidden, dims.expert_hidden, dims.group
-    if layout == "tpu":  # [E, K/8, N], [E, K/g, N]
+    if packing == "tpu":  # [E, K/8, N], [E, K/g, N]
         gate = ((e, d // 8, f), (e, d // g, f), P("expert", None, "tensor"))
         down = ((e, f // 8, d), (e, f // g, d), P("expert", "tensor", None))
     else:  # checkpoint [E, N, K/8], [E, N, K/g]
@@ -76,7 +79,7 @@ def expert_arrays(dims: Dims, layout: str):
     return [(jnp.int32, p, jnp.bfloat16, s, spec) for p, s, spec in (gate, gate, down)]
 
 
-def moe_block(dims: Dims, mesh, layout: str):
+def moe_block(dims: Dims, mesh, packing: str):
     """(function, abstract args) of one routed-expert block, sharded as the model shards it."""
     import jax
     import jax.numpy as jnp
@@ -86,12 +89,12 @@ def moe_block(dims: Dims, mesh, layout: str):
     from kernels_pallas import ops
     from kimi_jax.moe import dispatch
 
-    arrays = expert_arrays(dims, layout)
+    arrays = expert_arrays(dims, packing)
     n_local = dims.experts // mesh.shape["expert"]
 
     def ffn(xs, sizes, gp, gs, up, us, dp, ds):
-        h = ops.grouped_int4_swiglu(xs, gp, gs, up, us, sizes, layout=layout, impl="pallas_tpu")
-        return ops.grouped_int4_matmul(h, dp, ds, sizes, layout=layout, impl="pallas_tpu")
+        h = ops.grouped_int4_swiglu(xs, gp, gs, up, us, sizes, packing=packing, impl="pallas_tpu")
+        return ops.grouped_int4_matmul(h, dp, ds, sizes, packing=packing, impl="pallas_tpu")
 
     def body(x, w, idx, *weights):
         offset = jax.lax.axis_index("expert") * n_local
@@ -111,8 +114,9 @@ def moe_block(dims: Dims, mesh, layout: str):
     return block, args
 
 
-def attention_block(dims: Dims, mesh, kv_layout: str):
-    """(function, abstract args) of the paged decode attention: heads over `tensor`, cache shared."""
+def attention_block(dims: Dims, mesh, page_order: str, prefill: bool = False):
+    """(function, abstract args) of the paged attention of a decode step (`dims.tokens` rows of one
+    query), or of one prefill row of `dims.chunk` queries: heads over `tensor`, cache shared."""
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding
@@ -120,22 +124,23 @@ def attention_block(dims: Dims, mesh, kv_layout: str):
 
     from kernels_pallas import ops
 
-    rows, width = dims.tokens, dims.lora + dims.rope
+    rows, queries = (1, dims.chunk) if prefill else (dims.tokens, 1)
+    width = dims.lora + dims.rope
     table_pages = dims.context // dims.page
-    pool = (rows * table_pages + 1, dims.page, width) if kv_layout == "rows" else \
+    pool = (rows * table_pages + 1, dims.page, width) if page_order == "rows" else \
         (rows * table_pages + 1, width, dims.page)
     heads = P(None, None, "tensor", None)
 
     def body(q_lat, q_pe, kv_pages, table, q_start, kv_len):
-        return ops.paged_attention(q_lat, q_pe, kv_pages, table, q_start, kv_len, scale=0.1, kv_layout=kv_layout,
+        return ops.paged_attention(q_lat, q_pe, kv_pages, table, q_start, kv_len, scale=0.1, page_order=page_order,
                                    impl="pallas_tpu")
 
     block = jax.shard_map(body, mesh=mesh, in_specs=(heads, heads, P(), P(), P(), P()), out_specs=heads,
                           check_vma=False)
     sds = jax.ShapeDtypeStruct
     rep = NamedSharding(mesh, P())
-    args = [sds((rows, 1, dims.heads, dims.lora), jnp.bfloat16, sharding=NamedSharding(mesh, heads)),
-            sds((rows, 1, dims.heads, dims.rope), jnp.bfloat16, sharding=NamedSharding(mesh, heads)),
+    args = [sds((rows, queries, dims.heads, dims.lora), jnp.bfloat16, sharding=NamedSharding(mesh, heads)),
+            sds((rows, queries, dims.heads, dims.rope), jnp.bfloat16, sharding=NamedSharding(mesh, heads)),
             sds(pool, jnp.bfloat16, sharding=rep), sds((rows, table_pages), jnp.int32, sharding=rep),
             sds((rows,), jnp.int32, sharding=rep), sds((rows,), jnp.int32, sharding=rep)]
     return block, args
@@ -170,6 +175,11 @@ def local_shape(shape, spec, mesh) -> tuple[int, ...]:
     return tuple(out)
 
 
+def kernels_in(hlo_text: str) -> list[str]:
+    """The Mosaic kernels of KERNELS that the optimized HLO calls."""
+    return [k for k in KERNELS if re.search(rf"\b{k}\b", hlo_text)]
+
+
 def compile_report(fn, args, watched) -> dict:
     """Compile `fn` for the args' devices; copies of `watched` shapes and the temporaries."""
     import jax
@@ -177,32 +187,36 @@ def compile_report(fn, args, watched) -> dict:
     t0 = time.perf_counter()
     compiled = jax.jit(fn).lower(*args).compile()
     mem = compiled.memory_analysis()
-    return {"copies": copies_of(compiled.as_text(), watched), "temp_bytes": int(mem.temp_size_in_bytes),
+    text = compiled.as_text()
+    return {"copies": copies_of(text, watched), "temp_bytes": int(mem.temp_size_in_bytes),
+            "kernels": kernels_in(text),
             "compile_seconds": round(time.perf_counter() - t0, 1)}
 
 
-def check(target: str, mesh_text: str, dims: Dims, layout: str = "tpu", kv_layout: str = "lanes") -> dict:
+def check(target: str, mesh_text: str, dims: Dims, packing: str = "tpu", page_order: str = "lanes") -> dict:
     """Compile both blocks for `target`; see the module docstring."""
     import jax
 
-    from kimi_jax.plan import target_devices
+    from kimi_jax.planner.targets import tpu_topology
     from kimi_jax.sharding import MeshSpec, make_mesh
 
     spec = MeshSpec.parse(mesh_text)
-    devices = target_devices(target, spec.size)
+    devices = tpu_topology(target)
     mesh = make_mesh(spec, devices[:spec.size])
-    out = {"target": target, "device_kind": devices[0].device_kind, "mesh": str(spec), "layout": layout,
-           "kv_layout": kv_layout, "dims": dataclasses.asdict(dims)}
+    out = {"target": target, "device_kind": devices[0].device_kind, "mesh": str(spec), "packing": packing,
+           "page_order": page_order, "dims": dataclasses.asdict(dims)}
     with jax.set_mesh(mesh):
-        fn, args = moe_block(dims, mesh, layout)
+        fn, args = moe_block(dims, mesh, packing)
         weights = args[3:]
         watched = {local_shape(a.shape, a.sharding.spec, mesh) for a in weights} | {a.shape for a in weights}
         out["moe"] = compile_report(fn, args, watched)
         out["moe"]["expert_slab_bytes"] = sum(
             math.prod(local_shape(a.shape, a.sharding.spec, mesh)) * a.dtype.itemsize for a in weights)
-        fn, args = attention_block(dims, mesh, kv_layout)
+        fn, args = attention_block(dims, mesh, page_order)
         out["attention"] = compile_report(fn, args, {args[2].shape})
         out["attention"]["pool_bytes"] = args[2].size * args[2].dtype.itemsize
+        fn, args = attention_block(dims, mesh, page_order, prefill=True)
+        out["prefill_attention"] = compile_report(fn, args, {args[2].shape})
     return out
 
 
@@ -235,22 +249,22 @@ def main(argv=None) -> int:
     ap.add_argument("--target", default="v5p:2x2x2", help="a TPU topology, e.g. v5p:2x2x2 or tpu7x:2x2x1")
     ap.add_argument("--mesh", default="tensor=8", help="data=..,expert=..,tensor=.. over the topology's devices")
     ap.add_argument("--config", choices=sorted(CONFIGS), default="k2")
-    ap.add_argument("--layout", choices=("tpu", "ct"), default="tpu", help="expert layout")
-    ap.add_argument("--kv-layout", choices=("lanes", "rows"), default="lanes", help="cache page layout")
+    ap.add_argument("--packing", choices=("tpu", "ct"), default="tpu", help="INT4 expert packing")
+    ap.add_argument("--page-order", choices=("lanes", "rows"), default="lanes", help="cache page order")
     ap.add_argument("--schedule", metavar="DIR", help="keep libtpu's dumps here; print the kernels' schedules")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     if args.schedule:  # read when libtpu starts, so before anything compiles
         os.environ["LIBTPU_INIT_ARGS"] = (os.environ.get("LIBTPU_INIT_ARGS", "") +
                                           f" --xla_jf_dump_to={args.schedule} --xla_jf_dump_llo_text=true")
-    r = check(args.target, args.mesh, CONFIGS[args.config], args.layout, args.kv_layout)
+    r = check(args.target, args.mesh, CONFIGS[args.config], args.packing, args.page_order)
     if args.schedule:
         r["schedule"] = {k: schedule_summary(args.schedule, k) for k in KERNELS}
     if args.json:
         print(json.dumps(r))
         return 0
-    print(f"{args.config} on {r['target']} ({r['device_kind']}), mesh {r['mesh']}, experts {r['layout']}, "
-          f"pages {r['kv_layout']}")
+    print(f"{args.config} on {r['target']} ({r['device_kind']}), mesh {r['mesh']}, experts {r['packing']}, "
+          f"pages {r['page_order']}")
     moe, att = r["moe"], r["attention"]
     print(f"expert block: temporaries {moe['temp_bytes'] / 1e6:,.1f} MB per device (local expert slab "
           f"{moe['expert_slab_bytes'] / 1e6:,.1f} MB), {len(moe['copies'])} weight-shaped copies, "
@@ -261,6 +275,10 @@ def main(argv=None) -> int:
           f" MB), {len(att['copies'])} pool-shaped copies, compile {att['compile_seconds']} s")
     for c in att["copies"]:
         print(f"  {c}")
+    pre = r["prefill_attention"]
+    runs = "the Mosaic kernel" if "paged_mla_attention_tpu" in pre["kernels"] else "the XLA reference (no kernel)"
+    print(f"prefill attention ({CONFIGS[args.config].chunk} tokens): {runs}, temporaries {pre['temp_bytes'] / 1e6:,.1f} "
+          f"MB per device, {len(pre['copies'])} pool-shaped copies, compile {pre['compile_seconds']} s")
     for name, sched in r.get("schedule", {}).items():
         if sched:
             print(f"{name}: bundles by loop depth {sched['bundles_by_loop_depth']}; slot use {sched['slot_use']}")

@@ -92,20 +92,20 @@ def fake_quantize(w_out_in, group_size: int):
     gradient.
 
     Groups run along the input dim, as in the checkpoint. Scale (absmax / 7.5, rounded to bf16),
-    rounding and clamping match `kernels_pallas.int4.quantize_int4`, and the product is rounded to
+    rounding and clamping match `kernels_pallas.int4_ct.quantize_int4`, and the product is rounded to
     bf16 like the reference dequant, so a QAT-trained model sees in training exactly the weights it
     will be served with. The backward pass treats the rounding as identity (STE)."""
     import jax
     import jax.numpy as jnp
 
-    from kernels_pallas import int4 as int4_layout
+    from kernels_pallas import int4_ct
 
     *lead, n, k = w_out_in.shape
     g = w_out_in.reshape(*lead, n, k // group_size, group_size).astype(jnp.float32)
     absmax = jnp.max(jnp.abs(g), axis=-1, keepdims=True)
-    scale = (absmax / ((int4_layout.QMAX - int4_layout.QMIN) / 2)).astype(jnp.bfloat16).astype(jnp.float32)
+    scale = (absmax / ((int4_ct.QMAX - int4_ct.QMIN) / 2)).astype(jnp.bfloat16).astype(jnp.float32)
     scale = jnp.where(scale == 0, jnp.finfo(jnp.bfloat16).eps.astype(jnp.float32), scale)
-    q = jnp.clip(jnp.round(g / scale), int4_layout.QMIN, int4_layout.QMAX)
+    q = jnp.clip(jnp.round(g / scale), int4_ct.QMIN, int4_ct.QMAX)
     deq = (q * scale).astype(jnp.bfloat16).astype(jnp.float32).reshape(w_out_in.shape)
     return w_out_in + jax.lax.stop_gradient(deq.astype(w_out_in.dtype) - w_out_in)
 
@@ -449,12 +449,11 @@ def generation_config(cfg, tokenizer) -> dict:
 def write_model_dir(out, model, tokenizer_dir, gen):
     from kimi_jax import export
     from kimi_jax.chat import ChatTemplate
-    from kimi_jax.checkpoint import iter_hf_tensors
 
     if os.path.isdir(out):
         shutil.rmtree(out)
     # Shards of at most 15 MiB: small enough to come back from a lent GPU machine file by file.
-    export.write_checkpoint(out, model.cfg, iter_hf_tensors(model), generation_config=gen,
+    export.write_checkpoint(out, model.cfg, export.iter_hf_tensors(model), generation_config=gen,
                             max_shard_bytes=15 << 20)
     for name in ("tiktoken.model", "tokenizer_config.json"):
         shutil.copy2(os.path.join(tokenizer_dir, name), os.path.join(out, name))

@@ -5,6 +5,7 @@ Checkpoint fixtures are written once per session and shared: every jit compile c
 """
 
 import os
+import pathlib
 import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
@@ -40,3 +41,17 @@ def byte_tokenizer(tmp_path_factory):
     path = tmp_path_factory.mktemp("byte_tokenizer")
     write_tokenizer_files(path, byte_level_ranks())
     return Tokenizer.from_dir(path)
+
+
+@pytest.fixture(scope="session")
+def nano_tokenizer():
+    """The bundled nano model's tokenizer."""
+    from kimi_jax.chat import Tokenizer
+
+    return Tokenizer.from_dir(pathlib.Path(__file__).resolve().parents[1] / "checkpoints" / "kimi-k2-nano")
+
+
+@pytest.fixture(params=["nano", "bytes"])
+def tokenizer(request, nano_tokenizer, byte_tokenizer):
+    """Each test twice: on the nano model's tokenizer and on the byte-level one."""
+    return nano_tokenizer if request.param == "nano" else byte_tokenizer

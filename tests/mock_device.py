@@ -1,11 +1,13 @@
 """A device for the scheduler made of numpy: the contract of steps.py without a model.
 
 It keeps a token-id "cache" in pages, reads each row's whole context back through its page table
-and picks the next token as a hash of that context. So a wrong page in the table, a page shared
-from the prefix cache with the wrong tokens, or a position written twice changes the tokens, and
-`expected(prompt, n)` (the same hash over the true sequence) tells what they should be. Masks,
-halt ids, budgets, packed rows and blocks of steps follow the compiled steps' rules; every
-dispatch is recorded for tests to inspect.
+and picks the next token as a function of that context: where the last COPY tokens occurred before,
+the token that followed them (so text that repeats keeps repeating, and drafts get accepted),
+otherwise a hash of the whole context. So a wrong page in the table, a page shared from the prefix
+cache with the wrong tokens, a position written twice or a rejected draft left in a row's context
+changes the tokens, and `expected(prompt, n)` (the same rule over the true sequence) tells what they
+should be. Masks, halt ids, budgets, packed rows, blocks of steps and verify steps follow the
+compiled steps' rules; every dispatch is recorded for tests to inspect.
 """
 
 from __future__ import annotations
@@ -19,8 +21,19 @@ from kimi_jax.pages import DISCARD_PAGE
 VOCAB = 100
 
 
+COPY = 3  # the 'model' continues an earlier occurrence of its last COPY tokens
+
+
 def next_token(context, allowed=None) -> int:
-    """The 'model': a hash of the whole context, mapped into the allowed ids."""
+    """The 'model': what followed the latest earlier occurrence of the context's last COPY tokens,
+    if allowed; else a hash of the whole context, mapped into the allowed ids."""
+    context = [int(t) for t in context]
+    tail = context[-COPY:]
+    for end in range(len(context) - 1, COPY - 1, -1):
+        if context[end - COPY:end] == tail and len(tail) == COPY:
+            if allowed is None or allowed[context[end]]:
+                return context[end]
+            break
     h = int.from_bytes(hashlib.blake2b(np.asarray(context, np.int64).tobytes(), digest_size=8).digest(), "little")
     ids = np.arange(VOCAB) if allowed is None else np.flatnonzero(allowed)
     return int(ids[h % len(ids)])
@@ -109,6 +122,31 @@ class MockDevice:
                 self.alive[slot] = self.budget[slot] > 0 and not self._halts(slot, t)
         return out
 
+    def verify(self, work):
+        self.log.append(("verify", work))
+        width = work.drafts.shape[1] + 1
+        out = np.full((width, len(work.rows)), -1, np.int64)
+        for b, slot in enumerate(work.rows):
+            if slot >= self.slots or not self.alive[slot]:
+                continue
+            n_draft = min(int(work.n_draft[b]), self.budget[slot] - 1)
+            fed = [self.tokens[slot], *work.drafts[b, :n_draft]]
+            start = self.lengths[slot]
+            for j, t in enumerate(fed):  # every fed token is written, accepted or not
+                self._write(slot, start + j, t)
+            n_out = 0
+            for j in range(len(fed)):
+                self.lengths[slot] = start + j + 1
+                t = self._draw(slot, None)
+                out[n_out, b] = t
+                n_out += 1
+                self.budget[slot] -= 1
+                if self._halts(slot, t) or not self.budget[slot] or j == n_draft or t != work.drafts[b, j]:
+                    break
+            self.tokens[slot] = t
+            self.alive[slot] = self.budget[slot] > 0 and not self._halts(slot, t)
+        return out
+
     def resume(self, slots):
         self.log.append(("resume", list(slots)))
         for s in slots:
@@ -119,3 +157,6 @@ class MockDevice:
 
     def decodes(self):
         return [w for kind, w in self.log if kind == "decode"]
+
+    def verifies(self):
+        return [w for kind, w in self.log if kind == "verify"]

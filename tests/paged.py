@@ -67,7 +67,7 @@ class Rows:
             self.state.tokens = jax.device_put(np.asarray(tokens, np.int32), self.state.tokens.sharding)  # the caller's tokens
             _, logits, self.cache, self.state = decode_steps(
                 self.model_def, self.weights, self.cache, self.state, np.arange(self.n_rows, dtype=np.int32),
-                self.knobs, steps=1, impl=self.impl, want_logits=True)
+                np.int32(1), self.knobs, max_steps=1, impl=self.impl, want_logits=True)
         self.lengths += 1
         return np.asarray(logits)
 

@@ -2,9 +2,13 @@
 model, limits end the turn with a clear reason, nothing special leaks, bad bytes do not crash."""
 
 import dataclasses
+import json
 import time
+import types
+from typing import Literal
 
 import pytest
+from scripts_loader import load_script
 
 from kimi_jax.agent import Conversation, ToolResultEvent
 from kimi_jax.chat import (
@@ -19,12 +23,16 @@ from kimi_jax.chat import (
 from kimi_jax.errors import KimiError
 from kimi_jax.tools import ToolRegistry, builtin_tools
 
+stand_in = load_script("constrained_sampling")  # in scripts/: the benchmark drives it too
+Gate, RandomModel, Refused = stand_in.Gate, stand_in.RandomModel, stand_in.Refused
+
 
 @dataclasses.dataclass
 class ScriptedRequest:
-    ids: list
+    ids: list | RandomModel  # the scripted output, or a model that makes one under the mask
     limit: int
     on_event: object
+    gate: Gate
     tokens: list = dataclasses.field(default_factory=list)
     finish_reason: str | None = None
     cached_tokens: int = 0
@@ -35,24 +43,30 @@ class ScriptedRequest:
 
 
 class ScriptedEngine:
-    """Answers each submitted prompt with the next scripted output, token by token through the
-    request's callback like the real engine; records the prompts it was given."""
+    """Answers each submitted prompt with the next scripted output (text, ids, or a RandomModel that
+    writes under the request's mask), token by token through the request's callback like the real
+    engine, and through the request's constraint: a scripted token its mask refuses raises Refused.
+    Records the prompts and constraints it was given."""
 
     def __init__(self, tok, outputs, max_len=4096, interrupt_after=None):
-        self.tok, self.outputs, self.max_len, self.prompts = tok, list(outputs), max_len, []
+        self.tok, self.outputs, self.max_len, self.prompts, self.constraints = tok, list(outputs), max_len, [], []
         self.interrupt_after = interrupt_after  # tokens into the first request, Ctrl-C arrives
 
-    def submit(self, prompt, sampling, on_event=None):
+    def submit(self, prompt, sampling, on_event=None, constraint=None):
         if len(prompt) >= self.max_len:  # the real engine's rule and message
             raise KimiError(f"prompt of {len(prompt)} tokens does not fit the context of {self.max_len} tokens")
         self.prompts.append(prompt)
+        self.constraints.append(constraint)
         out = self.outputs.pop(0)
-        ids = out if isinstance(out, list) else self.tok.encode(out, allow_special=True)
-        return ScriptedRequest(ids, min(sampling.max_new_tokens, self.max_len - len(prompt)), on_event)
+        ids = out if isinstance(out, (list, RandomModel)) else self.tok.encode(out, allow_special=True)
+        return ScriptedRequest(ids, min(sampling.max_new_tokens, self.max_len - len(prompt)), on_event,
+                               Gate(constraint, self.tok.n_vocab))
 
     def wait(self, requests):
         for r in requests:
-            for tok in r.ids[len(r.tokens):]:
+            script = (iter(r.ids[len(r.tokens):]) if isinstance(r.ids, list)
+                      else iter(lambda r=r: r.ids.next_token(r.gate.mask), None))
+            for tok in script:
                 if r.finish_reason:
                     break
                 if r.cancelled:
@@ -61,10 +75,13 @@ class ScriptedEngine:
                 if len(r.tokens) == self.interrupt_after:
                     self.interrupt_after = None
                     raise KeyboardInterrupt
+                r.gate.take(tok)
                 r.tokens.append(tok)
                 if len(r.tokens) >= r.limit:
                     r.finish_reason = "length"
                 r.on_event(r, [tok], False)
+                if tok in self.tok.stop_ids:
+                    break
             r.finish_reason = r.finish_reason or "stop"
 
 
@@ -73,6 +90,10 @@ class FakeRuntime:
     tokenizer: Tokenizer
     template: ChatTemplate
     engine: ScriptedEngine
+
+    @property
+    def cfg(self):
+        return types.SimpleNamespace(vocab_size=self.tokenizer.n_vocab)
 
     def require_chat(self):
         pass
@@ -136,7 +157,7 @@ def test_reasoning_of_a_later_turn_is_reasoning_despite_think_tags_in_the_prompt
 ])
 def test_tool_errors_go_back_to_the_model_and_the_loop_continues(tokenizer, name, args, message):
     rt = runtime(tokenizer, [call(name, args), answer("Sorry.")])
-    result = Conversation(rt, tools=builtin_tools()).send("go")
+    result = Conversation(rt, tools=builtin_tools(), strict_tools=False).send("go")
     tool_result = result.steps[0]["tool_results"][0]
     assert tool_result["is_error"] and message in tool_result["content"]
     assert result.stop_reason == "answer" and result.content == "Sorry."
@@ -185,7 +206,9 @@ def test_tool_results_that_fill_the_context_end_the_turn_with_a_reason(tokenizer
     prompt.messages.append({"role": "user", "content": "add"})
     room = len(prompt._prompt_ids()) + len(tokenizer.encode(first, allow_special=True)) + 5
     rt = runtime(tokenizer, [first], max_len=room)  # the call fits; the call and its result do not
-    conv = Conversation(rt, tools=builtin_tools())
+    # Not strict: with so small a budget the grammar steers toward the shortest way to close the
+    # call (chat/closing.py), which a scripted output does not follow.
+    conv = Conversation(rt, tools=builtin_tools(), strict_tools=False)
     result = conv.send("add")
     assert result.stop_reason == "context" and result.steps[0]["tool_results"][0]["content"] == '{"result":2}'
     assert [m["role"] for m in conv.messages] == ["user", "assistant", "tool"]
@@ -234,3 +257,54 @@ def test_user_text_cannot_inject_control_tokens(tokenizer):
 def test_empty_prompt_is_refused(tokenizer):
     with pytest.raises(KimiError, match="empty prompt"):
         Conversation(runtime(tokenizer, [])).send("   ")
+
+
+@pytest.mark.parametrize("name, args", [("no_such_tool", "{}"), ("calculator", "{not json"),
+                                        ("calculator", '{"expression": 5}'), ("calculator", '{"expr": "1"}')])
+def test_strict_tool_calls_cannot_be_malformed(tokenizer, name, args):
+    rt = runtime(tokenizer, [call(name, args)])
+    with pytest.raises(Refused):
+        Conversation(rt, tools=builtin_tools()).send("go")
+
+
+def test_strict_calls_of_registered_tools_fit_the_signature_and_count_on(tokenizer):
+    tools = ToolRegistry()
+
+    @tools.register
+    def book(city: str, nights: int, breakfast: bool = False, notes: list[str] | None = None) -> str:
+        """Book a hotel."""
+        return f"booked {nights} in {city}"
+
+    schema = tools.specs()[0]["function"]["parameters"]
+    models = [RandomModel(tokenizer, tokenizer.n_vocab, seed, free_text=tokenizer.encode("go") + [
+        tokenizer.think_end_id]) for seed in range(4)]
+    rt = runtime(tokenizer, [*models, answer("Done.")])
+    result = Conversation(rt, tools=tools, max_steps=5).send("Book something")
+    calls = [c for step in result.steps for c in step["tool_calls"]]
+    assert calls and not result.warnings
+    for index, c in enumerate(calls):
+        assert (c["id"], c["function"]["name"]) == (f"functions.book:{index}", "book")
+        arguments = json.loads(c["function"]["arguments"])
+        assert set(arguments) <= set(schema["properties"]) and {"city", "nights"} <= set(arguments)  # closed
+        assert isinstance(arguments["nights"], int) and not isinstance(arguments["nights"], bool)
+    assert all(not r["is_error"] for step in result.steps for r in step["tool_results"])
+
+
+def test_without_tools_or_strict_calls_nothing_is_constrained(tokenizer):
+    rt = runtime(tokenizer, [answer("hi"), answer("hi")])
+    Conversation(rt).send("hi")
+    Conversation(rt, tools=builtin_tools(), strict_tools=False).send("hi")
+    assert rt.engine.constraints == [None, None]
+
+
+def test_a_tool_whose_schema_cannot_be_enforced_is_refused_up_front(tokenizer):
+    tools = ToolRegistry()
+
+    @tools.register
+    def pick(mode: Literal["fast", "stop [EOS]"]) -> str:
+        """Pick a mode."""
+        return mode
+
+    with pytest.raises(KimiError, match="function 'pick'.*control token"):
+        Conversation(runtime(tokenizer, []), tools=tools)
+    Conversation(runtime(tokenizer, []), tools=tools, strict_tools=False)

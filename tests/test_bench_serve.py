@@ -5,8 +5,7 @@ import random
 
 from scripts_loader import load_script
 
-from kimi_jax.generate import DEFAULT_CHECKPOINT
-from kimi_jax.runtime import Runtime
+from kimi_jax.runtime import DEFAULT_CHECKPOINT, Runtime
 from kimi_jax.tools import builtin_tools
 
 

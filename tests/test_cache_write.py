@@ -21,7 +21,7 @@ def _case(rng, layout, n_pages=6, width=24, size=128, n=7):
 @pytest.mark.parametrize("layout", ["rows", "lanes"])
 def test_the_reference_puts_each_token_at_its_page_and_slot(layout):
     pool, page, slot, rows = _case(np.random.default_rng(0), layout)
-    out = np.asarray(write_pages_ref(pool, page, slot, rows, kv_layout=layout))
+    out = np.asarray(write_pages_ref(pool, page, slot, rows, page_order=layout))
     for i in range(len(page)):
         got = out[page[i], slot[i]] if layout == "rows" else out[page[i], :, slot[i]]
         np.testing.assert_array_equal(got, np.asarray(rows[i]))
@@ -36,6 +36,36 @@ def test_the_reference_puts_each_token_at_its_page_and_slot(layout):
 
 def test_the_tpu_kernel_writes_lanes_pages_like_the_reference():
     pool, page, slot, rows = _case(np.random.default_rng(1), "lanes")
-    want = write_pages_ref(pool, page, slot, rows, kv_layout="lanes")
-    got = ops.write_pages(pool, page, slot, rows, kv_layout="lanes", impl="interpret_tpu")
+    want = write_pages_ref(pool, page, slot, rows, page_order="lanes")
+    got = ops.write_pages(pool, page, slot, rows, page_order="lanes", impl="interpret_tpu")
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+@pytest.mark.parametrize("layout", ["rows", "lanes"])
+def test_a_pool_of_bf16_words_holds_and_returns_the_same_values(layout):
+    from jax import lax
+
+    from kernels_pallas.paged_attention import gather_pages, paged_attention_ref
+
+    pool, page, slot, rows = _case(np.random.default_rng(2), layout)
+    values = pool.astype(jnp.bfloat16)
+    words = lax.bitcast_convert_type(values, jnp.uint16)
+    out_values = write_pages_ref(values, page, slot, rows, page_order=layout)
+    out_words = write_pages_ref(words, page, slot, rows, page_order=layout)
+    assert out_words.dtype == jnp.uint16
+    np.testing.assert_array_equal(np.asarray(lax.bitcast_convert_type(out_words, jnp.bfloat16), np.float32),
+                                  np.asarray(out_values, np.float32))
+    table = jnp.asarray([[3, 1, 2], [5, 4, 0]], jnp.int32)
+    got = gather_pages(out_words, table, 0, 3, layout)
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(got, np.float32),
+                                  np.asarray(gather_pages(out_values, table, 0, 3, layout), np.float32))
+    # Attention over either pool, and the kernels leave a pool of words to the reference.
+    width = pool.shape[2] if layout == "rows" else pool.shape[1]
+    q = jnp.asarray(np.random.default_rng(3).standard_normal((2, 1, 2, width)), jnp.bfloat16)
+    args = (q[..., :16], q[..., 16:], None, table, jnp.asarray([200, 5]), jnp.asarray([201, 6]))
+    attend = lambda p: paged_attention_ref(*args[:2], p, *args[3:], scale=0.1, page_order=layout)  # noqa: E731
+    np.testing.assert_array_equal(np.asarray(attend(out_words)), np.asarray(attend(out_values)))
+    assert ops.paged_attention.choose("pallas_tpu", *args[:2], out_words, *args[3:], scale=0.1,
+                                      page_order=layout)[0] == "xla"
+    assert ops.write_pages.choose("pallas_tpu", out_words, page, slot, rows, page_order=layout)[0] == "xla"

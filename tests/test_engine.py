@@ -31,7 +31,7 @@ def model():
 def engines(model):
     """One step per dispatch, and blocks of up to 16: everything else the same."""
     kw = dict(max_batch=4, max_len=96, chunk=8, page_size=4)
-    return BatchEngine(model, decode_steps=(1,), **kw), BatchEngine(model, decode_steps=(1, 4, 16), **kw)
+    return BatchEngine(model, decode_block=1, **kw), BatchEngine(model, decode_block=16, **kw)
 
 
 def _prompts(seed, *lengths):
@@ -87,14 +87,15 @@ def test_prompts_of_any_length_reuse_the_same_compiled_programs(model):
             engine.generate(prompts, SamplingParams(max_new_tokens=6, temperature=0.7, top_p=0.9))
 
     before = steps.compile_counts()
-    first = BatchEngine(model, max_batch=2, max_len=72, chunk=8, page_size=4, decode_steps=(1, 4))
+    first = BatchEngine(model, max_batch=2, max_len=72, chunk=8, page_size=4, decode_block=4)
     run(first)
     after_first = steps.compile_counts()
     added = {k: after_first[k] - before[k] for k in before}
-    # One prefill; at most one decode program per (row bucket, block length): 2 x 2 here.
-    assert added["prefill"] == 1 and 1 <= added["decode"] <= len(first.scheduler.buckets) * 2
+    # One prefill; one decode program per row bucket (the block length is data): 1 and 2 rows.
+    assert added == {"prefill": 1, "decode": len(first.scheduler.buckets), "verify": 0}
+    assert first.scheduler.buckets == [1, 2]
     # A second engine of the same shapes, and new prompt lengths, run the same programs.
-    run(BatchEngine(model, max_batch=2, max_len=72, chunk=8, page_size=4, decode_steps=(1, 4)))
+    run(BatchEngine(model, max_batch=2, max_len=72, chunk=8, page_size=4, decode_block=4))
     assert steps.compile_counts() == after_first
 
 
@@ -107,8 +108,8 @@ def test_bad_prompts_raise_readable_errors(engines):
     with pytest.raises(KimiError, match="outside the vocabulary"):
         engine.submit([CFG.vocab_size], SamplingParams())
     tiny = KimiK2(CFG.replace(num_hidden_layers=1), dtype=jnp.float32)
-    with pytest.raises(KimiError, match="decode steps per dispatch must be >= 1"):
-        BatchEngine(tiny, max_len=16, decode_steps=(0,))
+    with pytest.raises(KimiError, match="decode_block .steps per dispatch. must be >= 1"):
+        BatchEngine(tiny, max_len=16, decode_block=0)
     with pytest.raises(KimiError, match="cannot hold one request of max_len 64 tokens"):
         BatchEngine(tiny, max_len=64, page_size=4, n_pages=8)
 
@@ -134,7 +135,7 @@ def test_idle_rows_and_prefill_padding_take_no_expert(model, monkeypatch):
     monkeypatch.setattr(moe, "expert_ffn", counting)
     # A 32-slot engine (shapes no other test compiles, so these programs carry the counter) with
     # two requests: one stops after 2 tokens, inside the first block of the other's 12.
-    engine = BatchEngine(model, max_batch=32, max_len=40, chunk=8, page_size=4, prefill_rows=2, decode_steps=(1, 4))
+    engine = BatchEngine(model, max_batch=32, max_len=40, chunk=8, page_size=4, prefill_rows=2, decode_block=4)
     both = [engine.submit(p, SamplingParams(max_new_tokens=n)) for p, n in (([1, 2, 3, 4, 5], 2), ([4, 3, 2, 1, 0], 12))]
     engine.wait(both)
     assert [len(r.tokens) for r in both] == [2, 12]
@@ -175,3 +176,17 @@ def test_a_constraint_masks_tokens_and_the_row_runs_free_until_its_boundary(mode
     assert constraint.seen == req.tokens
     (alone,) = engine.generate([other.prompt_ids], SamplingParams(max_new_tokens=16))
     assert other.tokens == alone.tokens
+
+
+def test_warm_up_compiles_every_program_and_changes_no_slot(model, engines):
+    _, blocks = engines
+    engine = BatchEngine(model, max_batch=4, max_len=56, chunk=8, page_size=4, decode_block=16)  # shapes of its own
+    before = steps.compile_counts()
+    engine.warm_up(masks=True)
+    warm = steps.compile_counts()
+    # The prefill chunk, and a decode block per row bucket (1, 2, 4 rows) with and without a mask.
+    assert {k: warm[k] - before[k] for k in warm} == {"prefill": 1, "decode": 2 * 3, "verify": 0}
+    prompts = _prompts(6, 3, 9, 4, 7, 5)
+    done = engine.generate(prompts, SamplingParams(max_new_tokens=8))
+    assert steps.compile_counts() == warm
+    assert [r.tokens for r in done] == [r.tokens for r in blocks.generate(prompts, SamplingParams(max_new_tokens=8))]

@@ -111,9 +111,10 @@ def test_an_honest_not_found_needs_the_failing_lookup_made(items):
     assert not ev.score(item, guessed, "answer")["success"]
 
 
-def test_undeclared_tools_and_non_object_arguments_are_invalid_calls(items):
+def test_undeclared_tools_and_arguments_outside_the_schema_are_invalid_calls(items):
     item = items["calculator"]
-    for name, arguments in (("shell", '{"cmd":"ls"}'), ("calculator", '"2+2"'), ("calculator", "{not json")):
+    for name, arguments in (("shell", '{"cmd":"ls"}'), ("calculator", '"2+2"'), ("calculator", "{not json"),
+                            ("calculator", '{"expression": 5}'), ("calculator", "{}")):
         messages = [item["messages"][0], *tool_call(name, arguments, "error: bad call"), item["messages"][-1]]
         assert not ev.score(item, messages, "answer")["valid"], (name, arguments)
 

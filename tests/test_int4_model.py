@@ -16,12 +16,15 @@ from kimi_jax.checkpoint import load_model
 from kimi_jax.config import TINY, Int4Quant
 from kimi_jax.engine import BatchEngine
 from kimi_jax.errors import CheckpointError
+from kimi_jax.model import abstract_model
 from kimi_jax.quant import Int4Weight, is_routed_expert
 from kimi_jax.reference import load_reference, reference_greedy, reference_logits
 from kimi_jax.sampling import SamplingParams, knob_arrays
-from kimi_jax.steps import SlotState, decode_steps, split_model
+from kimi_jax.steps import SlotState, decode_steps, split_state
 
 CFG = fixtures.with_fixture_token_ids(TINY.replace(quantization=Int4Quant(group_size=16)))
+# Expert widths the TPU kernels take (packing "tpu": N a multiple of 128, K a whole number of 8-group tiles).
+TPU_CFG = CFG.replace(hidden_size=256, moe_intermediate_size=256, quantization=Int4Quant(group_size=32))
 
 
 @pytest.fixture(scope="module")
@@ -71,16 +74,25 @@ def test_interpreted_pallas_kernels_give_the_reference_logits(int4, impl):
     assert (logits[impl].argmax(-1) == logits["xla"].argmax(-1)).all()
 
 
-_CALLS = ("jit", "pjit", "shard_map", "closed_call", "custom_jvp_call", "custom_vjp_call", "scan")
+_CALLS = ("jit", "pjit", "shard_map", "closed_call", "custom_jvp_call", "custom_vjp_call")
 
 
 def _weight_uses(jaxpr, weights) -> set[str]:
     """Primitives that take a weight as an operand, looking through calls and shard_map bodies
-    (each maps its operands to its body's inputs by position)."""
+    (each maps its operands to its body's inputs by position) and optimization barriers (which
+    move nothing: model.embed_rows passes the table through one)."""
     used = set()
     for eqn in jaxpr.eqns:
         hits = [i for i, v in enumerate(eqn.invars) if isinstance(v, Var) and v in weights]
         if not hits:
+            continue
+        if eqn.primitive.name == "while":  # operands: cond consts, body consts, carry; the body takes the last two
+            skip = eqn.params["cond_nconsts"]
+            inner = eqn.params["body_jaxpr"].jaxpr
+            used |= _weight_uses(inner, {inner.invars[i - skip] for i in hits if i >= skip})
+            continue
+        if eqn.primitive.name == "optimization_barrier":
+            used |= _weight_uses(jaxpr, {eqn.outvars[i] for i in hits})
             continue
         body = eqn.params.get("jaxpr") or eqn.params.get("call_jaxpr")
         if eqn.primitive.name in _CALLS and body is not None:
@@ -99,18 +111,23 @@ def test_decode_step_reads_every_weight_where_it_lies(int4, impl):
     # array moves nothing), vectors (norms, router bias) into elementwise ops; only the embedding
     # is gathered (one row per token).
 
-    _, model, cfg = int4
-    model_def, weights = split_model(model)
+    if impl == "interpret_tpu":  # the TPU kernels read experts in their own packing, as the loader gives it
+        cfg = TPU_CFG
+        graphdef, state = abstract_model(cfg, jnp.float32, expert_packing="tpu")
+    else:
+        _, model, cfg = int4
+        graphdef, state = nnx.split(model)
+    model_def, weights = split_state(graphdef, state)
     cache = PagedCache.create(cfg, slots=2, max_len=32, page_size=4, n_pages=17, dtype=jnp.float32)
     knobs = knob_arrays([SamplingParams()] * 2)
     slots = SlotState.create(2, cache.lengths.sharding)
 
     def step(weights, cache):  # a block of several steps, as the engine runs when every slot decodes
-        return decode_steps(model_def, weights, cache, slots, jnp.arange(2, dtype=jnp.int32), knobs, steps=4,
+        return decode_steps(model_def, weights, cache, slots, jnp.arange(2, dtype=jnp.int32), 4, knobs, max_steps=16,
                             impl=impl)
 
     closed = jax.make_jaxpr(step)(weights, cache)
-    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(nnx.state(model))]
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(state)]
     weights = set(closed.jaxpr.invars[:len(paths)])
     embed = closed.jaxpr.invars[next(i for i, p in enumerate(paths) if p.startswith("['embed']"))]
     matrices = {v for v in weights if v.aval.ndim > 1} - {embed}

@@ -1,9 +1,10 @@
-"""Every INT4 kernel, in interpret mode on CPU, against its pure-jnp reference; and the `ops` dispatch.
+"""The GPU INT4 expert kernels (packing "ct"), in interpret mode on CPU, against their pure-jnp
+references; the references' own invariants; and the `ops` dispatch.
 
-"gpu" kernels run under Pallas' generic interpreter; "tpu" kernels under TPU interpret mode
-(simulated VMEM/DMA, uninitialized memory poisoned with NaN). Grids stay at a handful of points;
-shapes are deliberately not multiples of the block sizes and some groups are empty. Data is random
-and never zero. test_triton_lowering.py lowers the GPU kernels at K2's shapes.
+GPU kernels run under Pallas' generic interpreter. Grids stay at a handful of points; shapes are
+deliberately not multiples of the block sizes and some groups are empty. Data is random and never
+zero. test_kernels_tpu.py runs the TPU kernels (packing "tpu") under TPU interpret mode, and
+test_triton_lowering.py lowers the GPU kernels at K2's shapes.
 """
 
 import logging
@@ -12,27 +13,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.experimental.pallas import tpu as pltpu
 
-from kernels_pallas import int4_gpu, ops
-from kernels_pallas.dequant import dequant_tile_gpu, dequantize_int4_gpu, dequantize_int4_tpu
-from kernels_pallas.grouped_moe import (
+from kernels_pallas import experts_gpu, ops
+from kernels_pallas.experts_gpu import dequant_tile_gpu
+from kernels_pallas.experts_tpu import tpu_visits
+from kernels_pallas.experts_xla import (
     expert_row_tiles,
     grouped_int4_matmul_ref,
     grouped_int4_swiglu_ref,
     grouped_matmul_ref,
     rows_per_expert,
 )
-from kernels_pallas.int4 import dequantize_int4_ref, quantize_int4
-from kernels_pallas.int4_matmul import (
-    grouped_int4_matmul_tpu,
-    grouped_int4_swiglu_tpu,
-    int4_matmul_ref,
-    int4_matmul_tpu,
-    tpu_visits,
-)
-
-TPU_INTERPRET = pltpu.InterpretParams()
+from kernels_pallas.int4_ct import dequantize_int4_ref, quantize_int4
 
 
 def int4_weights(rng, shape, group=32):
@@ -88,17 +80,6 @@ def pallas_call_names(fn, *args):
 # Dequantization
 
 
-@pytest.mark.parametrize("kernel", [dequantize_int4_gpu, dequantize_int4_tpu])
-@pytest.mark.parametrize("shape,group", [((3, 20, 96), 32), ((40, 64), 8)])
-def test_dequant_kernel_is_bit_exact(kernel, shape, group):
-    rng = np.random.default_rng(len(shape) + group)
-    packed, scale = int4_weights(rng, shape, group)
-    interpret = TPU_INTERPRET if kernel is dequantize_int4_tpu else True
-    got = kernel(packed, scale, shape[-1], jnp.bfloat16, interpret=interpret)
-    want = dequantize_int4_ref(packed, scale, shape[-1], jnp.bfloat16)
-    np.testing.assert_array_equal(np.asarray(got).view(np.uint16), np.asarray(want).view(np.uint16))
-
-
 @pytest.mark.parametrize("mode", ["bf16", "join"])
 def test_gpu_dequant_variants_give_the_same_weights(mode):
     rng = np.random.default_rng(7)
@@ -115,15 +96,21 @@ def test_gemv_nibble_floats_are_128_plus_the_nibble_without_a_conversion():
     words = np.array([sum(((u + j) % 16) << (4 * j) for j in range(8)) for u in range(16)], np.uint32)
     p = jnp.asarray(words.view(np.int32))
     for j in range(8):
-        f = np.asarray(int4_gpu._plane_floats(p, j), np.float64)
+        f = np.asarray(experts_gpu._plane_floats(p, j), np.float64)
         u = (np.arange(16) + j) % 16
         want = 128 + (u / 16 if j % 2 == 0 else u)
         np.testing.assert_array_equal(f, want)
-        np.testing.assert_array_equal(f * int4_gpu._X_SCALE[j] - 128 * int4_gpu._X_SCALE[j], u)
+        np.testing.assert_array_equal(f * experts_gpu._X_SCALE[j] - 128 * experts_gpu._X_SCALE[j], u)
 
 
 # ---------------------------------------------------------------------------------------------
 # Matmuls
+
+
+def one_expert(x, packed, scale, **kw):
+    """x @ W^T through the grouped GPU kernel with a single expert holding every row."""
+    sizes = jnp.full((1,), x.shape[0], jnp.int32)
+    return experts_gpu.grouped_int4_matmul_gpu(x, packed[None], scale[None], sizes, interpret=True, **kw)
 
 
 @pytest.mark.parametrize("kernel,kwargs", [
@@ -131,20 +118,18 @@ def test_gemv_nibble_floats_are_128_plus_the_nibble_without_a_conversion():
     ("gemv", dict(block_m=1, block_n=16, block_groups=2, split_k=3, x_planes=False)),  # K split 2+2+0 steps
     ("mma", dict(block_m=16, block_n=16, block_k=64, split_k=1)),  # several K steps and column blocks
     ("mma", dict(block_k=64, split_k=3)),
-    ("tpu", {}),
 ])
-def test_int4_matmul(kernel, kwargs):
+def test_one_expert_holding_every_row(kernel, kwargs):
     rng = np.random.default_rng(11)
-    m, n, k = (21 if kernel in ("mma", "tpu") else 3), 40, 256
+    m, n, k = (21 if kernel == "mma" else 3), 40, 256
     packed, scale = int4_weights(rng, (n, k))
     x = activations(rng, (m, k))
-    if kernel == "tpu":
-        got = int4_matmul_tpu(x, packed, scale, interpret=TPU_INTERPRET)
-    else:
-        got = int4_gpu.int4_matmul_gpu(x, packed, scale, kernel=kernel, interpret=True, **kwargs)
+    got = one_expert(x, packed, scale, kernel=kernel, **kwargs)
     assert got.shape == (m, n) and got.dtype == x.dtype
-    assert_close(got, int4_matmul_ref(x, packed, scale))
-    assert_close(int4_matmul_ref(x, packed, scale), dense_oracle(x, [(packed[None], scale[None])], [m], False))
+    sizes = jnp.full((1,), m, jnp.int32)
+    want = grouped_int4_matmul_ref(x, packed[None], scale[None], sizes)
+    assert_close(got, want)
+    assert_close(want, dense_oracle(x, [(packed[None], scale[None])], [m], False))
 
 
 @pytest.mark.parametrize("group", [8, 16])
@@ -152,8 +137,8 @@ def test_gemv_takes_groups_of_one_or_two_packed_words(group):
     rng = np.random.default_rng(group)
     packed, scale = int4_weights(rng, (24, 128), group)
     x = activations(rng, (2, 128))
-    got = int4_gpu.int4_matmul_gpu(x, packed, scale, kernel="gemv", interpret=True)
-    assert_close(got, int4_matmul_ref(x, packed, scale))
+    got = one_expert(x, packed, scale, kernel="gemv")
+    assert_close(got, dense_oracle(x, [(packed[None], scale[None])], [2], False))
 
 
 SIZES = [3, 0, 17, 1, 0]  # empty experts, a group straddling a 16-row block, 3 padding rows (M = 24)
@@ -182,28 +167,21 @@ def check_grouped(got, want, oracle, sizes):
     ("gemv", dict(block_m=4, block_groups=2, split_k=2), SIZES, 24),  # masked rows in a tile, K split
     ("mma", {}, SIZES, 24),
     ("mma", dict(block_n=16, block_k=32), SIZES, 24),
-    ("tpu", {}, SIZES, 24),
 ])
 def test_grouped_swiglu(kernel, kwargs, sizes, m):
     rng = np.random.default_rng(5)
     x, [(gp, gs), (up, us)], sizes_arr = grouped_case(rng, 40, 96, sizes, m)
-    if kernel == "tpu":
-        got = grouped_int4_swiglu_tpu(x, gp, gs, up, us, sizes_arr, interpret=TPU_INTERPRET)
-    else:
-        got = int4_gpu.grouped_int4_swiglu_gpu(x, gp, gs, up, us, sizes_arr, kernel=kernel, interpret=True, **kwargs)
+    got = experts_gpu.grouped_int4_swiglu_gpu(x, gp, gs, up, us, sizes_arr, kernel=kernel, interpret=True, **kwargs)
     want = grouped_int4_swiglu_ref(x, gp, gs, up, us, sizes_arr)
     check_grouped(got, want, dense_oracle(x, [(gp, gs), (up, us)], sizes, True), sizes)
 
 
-@pytest.mark.parametrize("kernel", ["gemv", "mma", "tpu"])
+@pytest.mark.parametrize("kernel", ["gemv", "mma"])
 def test_grouped_down_projection(kernel):
     rng = np.random.default_rng(6)
     sizes, m = (DECODE_SIZES, 7) if kernel == "gemv" else (SIZES, 24)
     h, [(dp, ds), _], sizes_arr = grouped_case(rng, 72, 64, sizes, m)
-    if kernel == "tpu":
-        got = grouped_int4_matmul_tpu(h, dp, ds, sizes_arr, interpret=TPU_INTERPRET)
-    else:
-        got = int4_gpu.grouped_int4_matmul_gpu(h, dp, ds, sizes_arr, kernel=kernel, interpret=True)
+    got = experts_gpu.grouped_int4_matmul_gpu(h, dp, ds, sizes_arr, kernel=kernel, interpret=True)
     want = grouped_int4_matmul_ref(h, dp, ds, sizes_arr)
     check_grouped(got, want, dense_oracle(h, [(dp, ds)], sizes, False), sizes)
 
@@ -214,7 +192,7 @@ def test_all_rows_in_one_expert_and_no_rows_at_all(kernel):
     e, n, k = 3, 24, 64
     dp, ds = int4_weights(rng, (e, n, k))
     h = activations(rng, (4, k))
-    run = jax.jit(lambda h, sizes: int4_gpu.grouped_int4_matmul_gpu(h, dp, ds, sizes, kernel=kernel, interpret=True))
+    run = jax.jit(lambda h, sizes: experts_gpu.grouped_int4_matmul_gpu(h, dp, ds, sizes, kernel=kernel, interpret=True))
     for sizes in ([0, 4, 0], [0, 0, 0]):
         sizes = jnp.asarray(sizes, jnp.int32)
         want = grouped_int4_matmul_ref(h, dp, ds, sizes)
@@ -230,14 +208,14 @@ def test_gpu_kernel_is_chosen_by_the_static_rows_per_expert():
     def names(m):
         x = jnp.zeros((m, k), jnp.bfloat16)
         sizes = jnp.full((e,), m // e, jnp.int32)
-        return pallas_call_names(lambda x, s: int4_gpu.grouped_int4_swiglu_gpu(x, gp, gs, gp, gs, s, interpret=True),
+        return pallas_call_names(lambda x, s: experts_gpu.grouped_int4_swiglu_gpu(x, gp, gs, gp, gs, s, interpret=True),
                                  x, sizes)
 
     assert rows_per_expert(8, 384) < 1.1 and 1.3 < rows_per_expert(256, 384) < 1.5
     assert names(8) == ["int4_swiglu_gemv"]  # decode: a row per expert
     assert names(64 * 64) == ["int4_swiglu_mma"]  # prefill: 64 rows per expert
     with pytest.raises(ValueError, match="no setting"):
-        int4_gpu.grouped_int4_matmul_gpu(jnp.zeros((8, k), jnp.bfloat16), gp, gs, jnp.ones((e,), jnp.int32),
+        experts_gpu.grouped_int4_matmul_gpu(jnp.zeros((8, k), jnp.bfloat16), gp, gs, jnp.ones((e,), jnp.int32),
                                          kernel="gemv", block_k=64)
 
 
@@ -307,22 +285,18 @@ def test_dense_grouped_matmul_reference_matches_ragged_dot():
 # The dispatch
 
 
-def test_implementation_comes_from_the_platform_or_the_caller():
-    assert [ops.impl_for_platform(p) for p in ("cpu", "gpu", "cuda", "tpu")] == \
-        ["xla", "pallas_gpu", "pallas_gpu", "pallas_tpu"]
-    with pytest.raises(ValueError, match="platform 'metal'"):
-        ops.impl_for_platform("metal")
-    x = jnp.zeros((2, 64), jnp.bfloat16)
-    packed, scale = int4_weights(np.random.default_rng(0), (8, 64))
+def test_the_caller_says_which_implementation_runs():
+    rng = np.random.default_rng(0)
+    x, [(gp, gs), _], sizes = grouped_case(rng, 16, 64, poison_empty=False)
     with pytest.raises(TypeError, match="impl"):
-        ops.int4_matmul(x, packed, scale)  # no hidden default: the caller says what runs
+        ops.grouped_int4_matmul(x, gp, gs, sizes)  # no hidden default: the caller says what runs
     with pytest.raises(ValueError, match="unknown impl 'cuda'.*pallas_gpu"):
-        ops.int4_matmul(x, packed, scale, impl="cuda")
-    assert ops.int4_matmul.choose("interpret_gpu", x, packed, scale)[0] == "interpret_gpu"
-    assert ops.int4_matmul.choose("xla", x, packed, scale)[0] == "xla"
+        ops.grouped_int4_matmul(x, gp, gs, sizes, impl="cuda")
+    assert ops.grouped_int4_matmul.choose("interpret_gpu", x, gp, gs, sizes)[0] == "interpret_gpu"
+    assert ops.grouped_int4_matmul.choose("xla", x, gp, gs, sizes)[0] == "xla"
 
 
-@pytest.mark.parametrize("impl", ["xla", "interpret_gpu", "interpret_tpu"])
+@pytest.mark.parametrize("impl", ["xla", "interpret_gpu"])
 def test_ops_agree_under_jit(impl):
     rng = np.random.default_rng(12)
     x, [(gp, gs), (up, us)], sizes = grouped_case(rng, 32, 64, poison_empty=False)
@@ -336,28 +310,26 @@ def test_ops_agree_under_jit(impl):
     rows = sum(SIZES)
     want = grouped_int4_matmul_ref(grouped_int4_swiglu_ref(x, gp, gs, up, us, sizes), dp, ds, sizes)
     assert_close(moe(x, sizes)[:rows], want[:rows], tol=2e-2)
-    assert_close(ops.int4_matmul(x, gp[0], gs[0], impl=impl), int4_matmul_ref(x, gp[0], gs[0]))
-    got = ops.dequantize_int4(gp, gs, 64, jnp.bfloat16, impl=impl)
-    np.testing.assert_array_equal(np.asarray(got, np.float32),
-                                  np.asarray(dequantize_int4_ref(gp, gs, 64, jnp.bfloat16), np.float32))
 
 
 def test_unsupported_shape_falls_back_to_the_reference_and_says_so_once(caplog, monkeypatch):
     monkeypatch.setattr(ops, "_logged", set())  # an earlier test may have logged this fallback
     rng = np.random.default_rng(13)
-    packed, scale = int4_weights(rng, (16, 48), group=24)  # not a power of two: no GPU kernel
+    packed, scale = int4_weights(rng, (1, 16, 48), group=24)  # not a power of two: no GPU kernel
     x = activations(rng, (3, 48))
+    sizes = jnp.full((1,), 3, jnp.int32)
+    op = ops.grouped_int4_matmul
     with caplog.at_level(logging.WARNING, logger="kernels_pallas.ops"):
-        assert ops.int4_matmul.choose("interpret_gpu", x, packed, scale)[0] == "xla"
-        got = ops.int4_matmul(x, packed, scale, impl="interpret_gpu")
+        assert op.choose("interpret_gpu", x, packed, scale, sizes)[0] == "xla"
+        got = op(x, packed, scale, sizes, impl="interpret_gpu")
     np.testing.assert_array_equal(np.asarray(got, np.float32),
-                                  np.asarray(int4_matmul_ref(x, packed, scale), np.float32))
-    fallbacks = [r for r in caplog.records if "int4_matmul: interpret_gpu falls back" in r.getMessage()]
+                                  np.asarray(grouped_int4_matmul_ref(x, packed, scale, sizes), np.float32))
+    fallbacks = [r for r in caplog.records if "grouped_int4_matmul: interpret_gpu falls back" in r.getMessage()]
     assert len(fallbacks) == 1 and "power-of-two group size" in fallbacks[0].getMessage()
-    # The TPU kernels take a group of 24 (whole packed words), so they run.
-    assert ops.int4_matmul.choose("interpret_tpu", x, packed, scale)[0] == "interpret_tpu"
+    # The TPU kernels read packing "tpu" only: the checkpoint's goes to the reference, reason named.
+    assert "read packing 'tpu', not 'ct'" in op.fallback_reason("interpret_tpu", x, packed, scale, sizes)
     # Called directly, the kernels refuse with the requirement named.
     with pytest.raises(ValueError, match="power-of-two group size"):
-        int4_gpu.int4_matmul_gpu(x, packed, scale, interpret=True)
+        experts_gpu.grouped_int4_matmul_gpu(x, packed, scale, sizes, interpret=True)
     with pytest.raises(ValueError, match="unknown GPU kernel 'wmma'"):
-        int4_gpu.int4_matmul_gpu(x[:, :32], packed[:, :4], scale[:, :1], kernel="wmma")
+        experts_gpu.grouped_int4_matmul_gpu(x[:, :32], packed[..., :4], scale[..., :1], sizes, kernel="wmma")

@@ -1,4 +1,4 @@
-"""The Mosaic INT4 kernels over the "tpu" expert layout (int4_tpu.py), in TPU interpret mode on CPU.
+"""The Mosaic INT4 expert kernels over packing "tpu" (experts_tpu.py), in TPU interpret mode on CPU.
 
 Interpret mode simulates VMEM and DMA and poisons uninitialized memory; it costs ~15 ms per grid
 point, so grids stay at a handful of points: one or two 128-column blocks, row blocks of 8.
@@ -10,12 +10,11 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels_pallas import int4_tpu, ops
-from kernels_pallas.grouped_moe import grouped_int4_matmul_ref, grouped_int4_swiglu_ref
-from kernels_pallas.int4 import quantize_int4
-from kernels_pallas.int4_matmul import int4_matmul_ref
-from kernels_pallas.int4_tpu import grouped_int4_matmul_tpu, grouped_int4_swiglu_tpu, int4_matmul_tpu
-from kernels_pallas.layout import dequantize, to_layout
+from kernels_pallas import experts_tpu, ops
+from kernels_pallas.experts_tpu import grouped_int4_matmul_tpu, grouped_int4_swiglu_tpu
+from kernels_pallas.experts_xla import grouped_int4_matmul_ref, grouped_int4_swiglu_ref
+from kernels_pallas.int4_ct import quantize_int4
+from kernels_pallas.int4_packing import dequantize, to_packing
 
 INTERPRET = pltpu.InterpretParams()
 SIZES = [3, 0, 17, 1, 0]  # empty experts, a run straddling 8-row blocks, 3 padding rows (M = 24)
@@ -28,7 +27,7 @@ def tpu_weights(rng, shape, group=32, poison=()):
     for e in poison:
         scale[e] = np.nan
     ct = (jnp.asarray(packed), jnp.asarray(scale))
-    return ct, to_layout(*ct, "tpu")
+    return ct, to_packing(*ct, "tpu")
 
 
 def activations(rng, shape):
@@ -62,14 +61,14 @@ def moe_case():
 
 
 @pytest.mark.parametrize("scale_after,depth", [(True, 128), (True, 256), (False, 128)])
-def test_grouped_swiglu_reads_the_tpu_layout_like_the_reference(moe_case, monkeypatch, scale_after, depth):
+def test_grouped_swiglu_reads_the_tpu_packing_like_the_reference(moe_case, monkeypatch, scale_after, depth):
     # depth: the MXU depth decides how a tile splits into sub-tiles for the block-diagonal x.
-    monkeypatch.setattr(int4_tpu, "mxu_depth", lambda: depth)
+    monkeypatch.setattr(experts_tpu, "mxu_depth", lambda: depth)
     x, (gate_ct, gate), (up_ct, up), _, sizes = moe_case
     got = grouped_int4_swiglu_tpu(x, *gate, *up, sizes, scale_after=scale_after, interpret=INTERPRET)
     assert got.shape == (24, 128) and got.dtype == x.dtype
     rows = sum(SIZES)
-    want = grouped_int4_swiglu_ref(x, *gate, *up, sizes, layout="tpu")
+    want = grouped_int4_swiglu_ref(x, *gate, *up, sizes, packing="tpu")
     np.testing.assert_array_equal(np.asarray(want), np.asarray(grouped_int4_swiglu_ref(x, *gate_ct, *up_ct, sizes)))
     assert_close(got[:rows], want[:rows])
     assert_close(got[:rows], exact_oracle(x, [gate_ct, up_ct], SIZES, True))
@@ -82,7 +81,7 @@ def test_down_projection_over_several_tiles_and_column_slabs(moe_case, scale_aft
     h = jnp.concatenate([x, x[::-1]], axis=1)  # K = 512
     got = grouped_int4_matmul_tpu(h, *down, sizes, block_n=256, scale_after=scale_after, interpret=INTERPRET)
     rows = sum(SIZES)
-    assert_close(got[:rows], grouped_int4_matmul_ref(h, *down, sizes, layout="tpu")[:rows])
+    assert_close(got[:rows], grouped_int4_matmul_ref(h, *down, sizes, packing="tpu")[:rows])
     assert_close(got[:rows], exact_oracle(h, [down_ct], SIZES, False))
     np.testing.assert_array_equal(np.asarray(got[rows:], np.float32), 0.0)
 
@@ -94,19 +93,9 @@ def test_rows_of_no_expert_come_back_as_zeros(moe_case):
     np.testing.assert_array_equal(np.asarray(got, np.float32), 0.0)
 
 
-def test_dense_int4_matmul_over_the_tpu_layout():
-    rng = np.random.default_rng(11)
-    ct, held = tpu_weights(rng, (128, 512), group=64)  # one tile of 8 groups, 4 sub-tiles of 2 groups
-    x = activations(rng, (21, 512))
-    got = int4_matmul_tpu(x, *held, interpret=INTERPRET)
-    assert got.shape == (21, 128)
-    assert_close(got, int4_matmul_ref(x, *held, layout="tpu"))
-    assert_close(got, exact_oracle(x, [(ct[0][None], ct[1][None])], [21], False))
-
-
-def test_kernels_refuse_arrays_that_are_not_in_the_tpu_layout(moe_case):
+def test_kernels_refuse_arrays_that_are_not_in_the_tpu_packing(moe_case):
     x, (gate_ct, gate), _, _, sizes = moe_case
-    with pytest.raises(ValueError, match="'tpu' layout"):
+    with pytest.raises(ValueError, match="packing 'tpu'"):
         grouped_int4_matmul_tpu(x, *gate_ct, sizes, interpret=INTERPRET)  # checkpoint orientation
     narrow = tpu_weights(np.random.default_rng(0), (5, 40, 256))[1]
     with pytest.raises(ValueError, match="multiple of 128"):
@@ -116,31 +105,32 @@ def test_kernels_refuse_arrays_that_are_not_in_the_tpu_layout(moe_case):
 
 
 def test_block_sizes_follow_rows_per_expert_and_weight_bytes():
-    assert int4_tpu.layout_block_m(1) == 8 and int4_tpu.layout_block_m(20) == 32
-    assert int4_tpu.layout_block_m(5000) == 256
+    assert experts_tpu.block_m_for(1) == 8 and experts_tpu.block_m_for(20) == 32
+    assert experts_tpu.block_m_for(5000) == 256
     # K2 gate/up (K/8 = 896 words): ~2 MiB blocks, split for the two TensorCores of a v5p chip
     # only while each half keeps 1 MiB; down_proj under tensor=8 (K/8 = 32) keeps all 7168 columns.
-    assert int4_tpu.layout_block_n(2048, 896) == 512
-    assert int4_tpu.layout_block_n(256, 896) == 256
-    assert int4_tpu.layout_block_n(7168, 32) == 7168
-    assert int4_tpu.layout_block_n(7168, 256) == 1792  # down_proj unsharded: 4 blocks of 14 column slabs
+    assert experts_tpu.block_n_for(2048, 896) == 512
+    assert experts_tpu.block_n_for(256, 896) == 256
+    assert experts_tpu.block_n_for(7168, 32) == 7168
+    assert experts_tpu.block_n_for(7168, 256) == 1792  # down_proj unsharded: 4 blocks of 14 column slabs
 
 
-def test_ops_pick_the_kernel_by_layout_and_fall_back_where_none_reads_it(moe_case):
+def test_ops_pick_the_kernel_by_packing_and_fall_back_where_none_reads_it(moe_case):
     x, (gate_ct, gate), (up_ct, up), _, sizes = moe_case
     swiglu = ops.grouped_int4_swiglu
-    assert swiglu.choose("pallas_tpu", x, *gate, *up, sizes, layout="tpu")[1] is not swiglu.reference
-    assert swiglu.choose("pallas_tpu", x, *gate_ct, *up_ct, sizes)[0] == "pallas_tpu"  # "ct": the older kernel
-    assert swiglu.choose("pallas_gpu", x, *gate, *up, sizes, layout="tpu")[0] == "xla"
+    assert swiglu.choose("pallas_tpu", x, *gate, *up, sizes, packing="tpu")[1] is not swiglu.reference
+    # No TPU kernel reads the checkpoint's packing, no GPU kernel the TPU's: the reference runs.
+    assert swiglu.choose("pallas_tpu", x, *gate_ct, *up_ct, sizes)[0] == "xla"
+    assert swiglu.choose("pallas_gpu", x, *gate, *up, sizes, packing="tpu")[0] == "xla"
     narrow = tpu_weights(np.random.default_rng(0), (5, 40, 256))[1]
-    assert swiglu.choose("pallas_tpu", x, *narrow, *narrow, sizes, layout="tpu")[0] == "xla"
+    assert swiglu.choose("pallas_tpu", x, *narrow, *narrow, sizes, packing="tpu")[0] == "xla"
 
     @jax.jit
     def moe(x):
-        return swiglu(x, *gate, *up, sizes, layout="tpu", impl="interpret_tpu")
+        return swiglu(x, *gate, *up, sizes, packing="tpu", impl="interpret_tpu")
 
     rows = sum(SIZES)
     direct = grouped_int4_swiglu_tpu(x, *gate, *up, sizes, interpret=INTERPRET)
     np.testing.assert_array_equal(np.asarray(moe(x)[:rows], np.float32), np.asarray(direct[:rows], np.float32))
-    fallback = swiglu(x, *gate, *up, sizes, layout="tpu", impl="interpret_gpu")
+    fallback = swiglu(x, *gate, *up, sizes, packing="tpu", impl="interpret_gpu")
     np.testing.assert_array_equal(np.asarray(fallback), np.asarray(grouped_int4_swiglu_ref(x, *gate_ct, *up_ct, sizes)))

@@ -102,3 +102,32 @@ def test_a_mesh_or_dtype_that_cannot_work_is_refused_before_reading(hf_dir, kwar
 def test_a_missing_directory_is_named(tmp_path):
     with pytest.raises(kimi_jax.KimiError, match=f"checkpoint directory '{tmp_path / 'nope'}' not found"):
         kimi_jax.load(tmp_path / "nope")
+
+
+def test_a_load_reads_config_json_once(hf_dir, fixture_dir, monkeypatch):
+    from kimi_jax.config import Config
+    from kimi_jax.runtime import Runtime
+
+    reads = []
+    parse = Config.from_hf.__func__
+
+    def counting(cls, source):
+        reads.append(source)
+        return parse(cls, source)
+
+    monkeypatch.setattr(Config, "from_hf", classmethod(counting))
+    kimi_jax.load(hf_dir, dtype="float32", progress=False)
+    assert len(reads) == 1
+    reads.clear()
+    Runtime.load(str(fixture_dir("loading_int4_chat", CFG)), max_len=32, progress=False)
+    assert len(reads) == 1
+
+
+def test_the_default_checkpoint_belongs_to_the_runtime_whose_import_needs_no_jax():
+    import subprocess
+    import sys
+
+    code = "import sys, kimi_jax.runtime as r; print(r.DEFAULT_CHECKPOINT); print('jax' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == [kimi_jax.DEFAULT_CHECKPOINT, "False"]
+    assert out[0].endswith("checkpoints/kimi-k2-nano")

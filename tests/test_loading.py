@@ -1,6 +1,8 @@
 """The loader's read path: every device holds exactly its block of the stored tensors; safetensors
-headers that do not fit their file are named; the per-parameter transform hook; memory bounds."""
+headers that do not fit their file are named; the per-parameter transform hook; memory bounds; the
+fresh host memory a CPU load writes into (aligned, adopted by XLA without a copy, on huge pages)."""
 
+import contextlib
 import json
 import os
 import struct
@@ -16,11 +18,14 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from kimi_jax import export, fixtures
-from kimi_jax.checkpoint import _ByteBudget, convert_on_host, iter_hf_tensors, load_model
+from kimi_jax.checkpoint import load_model
+from kimi_jax.checkpoint.host_memory import HUGE_PAGE, XLA_CPU_ALIGNMENT, PageSizeChooser, new_host_array
+from kimi_jax.checkpoint.loader import _ByteBudget, convert_on_host
+from kimi_jax.checkpoint.safetensors_file import SafetensorsFile
 from kimi_jax.config import TINY, Int4Quant
 from kimi_jax.errors import CheckpointError, KimiError
+from kimi_jax.export import iter_hf_tensors
 from kimi_jax.quant import Int4Weight
-from kimi_jax.safetensors_file import SafetensorsFile
 from kimi_jax.sharding import MeshSpec, make_mesh
 
 CFG = fixtures.with_fixture_token_ids(TINY.replace(quantization=Int4Quant(group_size=16)))  # as test_int4_model
@@ -163,6 +168,87 @@ def test_a_slice_is_copied_out_and_converted_in_one_step(tmp_path):
     f.copy_into("w", out, lambda t: t[2:4, 1:5])
     assert np.array_equal(out, w[2:4, 1:5].astype(np.float32))
     f.close()
+
+
+@pytest.mark.parametrize("select, shape", [
+    (None, (6, 8)),  # the whole tensor
+    (lambda t: t[2:5], (3, 8)),  # leading rows: one contiguous run of bytes, read with pread
+    (lambda t: t.reshape(3, 2, 8)[:, 1], (3, 8)),  # every other row: strided, copied from the mapping
+    (lambda t: t.reshape(2, 3, 8)[1:], (1, 3, 8)),  # a reshape, then rows
+])
+def test_contiguous_and_strided_views_read_the_same_bytes(tmp_path, select, shape):
+    w = np.random.default_rng(0).normal(size=(6, 8)).astype(ml_dtypes.bfloat16)
+    save_file({"pad": np.zeros(5, np.int8), "w": w}, str(tmp_path / "x.safetensors"))  # w at an odd offset
+    with contextlib.closing(SafetensorsFile(str(tmp_path / "x.safetensors"))) as f:
+        out = np.zeros(shape, ml_dtypes.bfloat16)
+        f.copy_into("w", out, select)
+    want = w if select is None else select(w)
+    assert np.array_equal(out.view(np.uint16), want.view(np.uint16))
+
+
+def test_a_file_cut_short_while_read_is_named(tmp_path):
+    path = tmp_path / "x.safetensors"
+    save_file({"w": np.ones((64, 64), np.float32)}, str(path))
+    with contextlib.closing(SafetensorsFile(str(path))) as f:
+        os.truncate(path, os.path.getsize(path) - 100)
+        with pytest.raises(CheckpointError, match="the file ends before tensor 'w' does"):
+            f.copy_into("w", np.zeros((64, 64), np.float32))
+
+
+def _smaps_entry(address: int) -> dict:
+    """The /proc/self/smaps fields of the mapping holding `address`."""
+    lines = open("/proc/self/smaps").read().splitlines()
+    for i, line in enumerate(lines):
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            if lo <= address < hi:
+                fields = {}
+                for field in lines[i + 1:]:
+                    if "-" in field.split()[0] and ":" not in field.split()[0]:
+                        break
+                    key, _, value = field.partition(":")
+                    fields[key] = value.strip()
+                return fields
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+def test_the_page_size_chooser_measures_each_kind_once_then_keeps_the_cheaper():
+    mib = 1 << 20
+    chooser = PageSizeChooser(trial_bytes=4 * mib)
+    # Trials are handed out in whole huge pages, alternating, even to ranges still in flight.
+    assert chooser.next_range(3 * mib) == ("huge", 3 * mib)
+    assert chooser.next_range(64 * mib) == ("small", 4 * mib)
+    assert chooser.next_range(64 * mib) == ("huge", 2 * mib)  # what the first range left of huge's trial
+    chooser.record("small", 4 * mib, 0.004)
+    assert chooser.next_range(64 * mib) == ("small", 64 * mib)  # huge not measured yet: the measured kind
+    chooser.record("huge", 5 * mib, 0.050)
+    assert chooser.next_range(64 * mib) == ("small", 64 * mib)  # 1 ns/B against 10 ns/B
+    chooser.record("small", 64 * mib, 1.0)  # the machine changed: small now costs ~15 ns/B overall
+    assert chooser.next_range(8 * mib) == ("huge", 8 * mib)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="Linux /proc/self/smaps needed")
+def test_large_host_blocks_are_faulted_in_on_both_page_sizes_and_become_cpu_arrays_without_a_copy():
+    mib = 1 << 20
+    chooser = PageSizeChooser(trial_bytes=4 * mib)
+    big = new_host_array((6 * mib + 12345, 2), np.uint8, chooser)  # not a whole number of huge pages
+    small = new_host_array((1000,), np.float32, chooser)
+    assert big.ctypes.data % HUGE_PAGE == 0 and small.ctypes.data % XLA_CPU_ALIGNMENT == 0
+    # The first 4 MiB were advised for huge pages, the next 4 MiB not, and all of it is resident.
+    head, middle = _smaps_entry(big.ctypes.data), _smaps_entry(big.ctypes.data + 5 * mib)
+    assert "hg" in head["VmFlags"].split() and "nh" in middle["VmFlags"].split()
+    # ... and the remaining 6 MiB (whole huge pages) went to whichever measured cheaper.
+    assert sorted(chooser.bytes.values()) == [4 * mib, 10 * mib]
+    assert int(head["Rss"].split()[0]) * 1024 >= 4 * mib
+    assert "hg" not in _smaps_entry(small.ctypes.data)["VmFlags"].split()  # small blocks: ordinary pages
+    big.fill(7)
+    cpu = jax.devices("cpu")[0]
+    for block in (big, small):
+        array = jax.device_put(block, cpu)
+        assert array.unsafe_buffer_pointer() == block.ctypes.data  # XLA adopted the buffer: one copy in all
+    assert int(jax.device_put(big, cpu)[-1, -1]) == 7
+    assert new_host_array((0, 4), np.float32).shape == (0, 4)
 
 
 def test_written_shards_are_numbered_with_their_count_and_nothing_partial_remains(tmp_path):

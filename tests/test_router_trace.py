@@ -111,7 +111,7 @@ def test_the_router_record_is_not_in_the_serving_or_training_programs(routed):
     knobs = knob_arrays([SamplingParams()] * 2)
     rows = jnp.arange(2, dtype=jnp.int32)
     closed = jax.make_jaxpr(lambda weights, cache, state: decode_steps(
-        device.model_def, weights, cache, state, rows, knobs, steps=1, impl="xla"))(device.weights, device.cache,
+        device.model_def, weights, cache, state, rows, 1, knobs, max_steps=4, impl="xla"))(device.weights, device.cache,
                                                                                      device.state)
     # Outputs: the sampled tokens, the cache and the slot state, nothing else (no logits asked
     # for, no routing).

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kimi_jax.draw import row_keys, sample
+from kimi_jax.draw import allowed_by_mask, row_keys, sample
 from kimi_jax.errors import KimiError
 from kimi_jax.sampling import SamplingParams, knob_arrays
 
@@ -77,3 +77,19 @@ def test_a_rows_draw_depends_only_on_its_seed_and_position():
     draws = np.stack(draws)  # [positions, rows]
     assert (draws[:, 0] == draws[:, 1]).all()  # same seed, same positions: same tokens
     assert (draws[:, 0] != draws[:, 2]).any()  # another seed: another sequence
+
+
+def test_a_bitmask_allows_exactly_the_tokens_whose_bits_are_set():
+    # Bit i % 32 of word i // 32, the sign bit included, over a vocabulary that is not a multiple of 32.
+    vocab, allowed = 70, [0, 5, 31, 32, 63, 69]
+    words = np.zeros((2, 3), np.uint32)
+    for i in allowed:
+        words[0, i // 32] |= np.uint32(1 << (i % 32))
+    words[1] = 0xFFFFFFFF
+    got = np.asarray(allowed_by_mask(jnp.asarray(words.view(np.int32)), vocab))
+    assert np.flatnonzero(got[0]).tolist() == allowed and got[1].all()
+
+
+def test_too_many_stop_ids_are_refused():
+    with pytest.raises(KimiError, match="at most 12 stop token ids"):
+        SamplingParams(stop_ids=tuple(range(13)))

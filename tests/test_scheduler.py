@@ -15,13 +15,13 @@ from kimi_jax.sampling import SamplingParams
 from kimi_jax.scheduler import Request, Scheduler, row_buckets
 
 
-def make(*, max_batch=4, max_len=64, chunk=8, page_size=4, n_pages=None, decode_steps=(1, 4, 16), shards=1,
+def make(*, max_batch=4, max_len=64, chunk=8, page_size=4, n_pages=None, decode_block=16, shards=1,
          prefill_rows=1):
     n_pages = n_pages or shards * (1 + 2 * max_batch * (-(-max_len // page_size)) // shards)
     device = MockDevice(max_batch, n_pages, page_size)
     pool = PagePool(n_pages, page_size, shards=shards)
     return Scheduler(device, max_batch=max_batch, max_len=max_len, chunk=chunk, pool=pool,
-                     prefill_rows=prefill_rows, decode_steps=decode_steps), device
+                     prefill_rows=prefill_rows, decode_block=decode_block), device
 
 
 def run(sched, requests):
@@ -45,10 +45,10 @@ def test_the_scheduler_runs_without_jax():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-@pytest.mark.parametrize("decode_steps", [(1,), (1, 4, 16)])
+@pytest.mark.parametrize("decode_block", [1, 16])
 @pytest.mark.parametrize("prefill_rows", [1, 3])
-def test_every_request_gets_exactly_its_tokens(decode_steps, prefill_rows):
-    sched, _ = make(decode_steps=decode_steps, prefill_rows=prefill_rows)
+def test_every_request_gets_exactly_its_tokens(decode_block, prefill_rows):
+    sched, _ = make(decode_block=decode_block, prefill_rows=prefill_rows)
     todo = [req(p, n) for p, n in zip(prompts(0, 11), [1, 5, 12, 30, 2, 7, 16, 17, 3, 25, 9])]
     run(sched, todo)
     for r in todo:
@@ -66,7 +66,9 @@ def test_stop_ids_context_end_and_budgets_cut_inside_a_block():
     assert todo[0].tokens == free[:free.index(stop) + 1] and todo[0].finish_reason == "stop"
     assert todo[1].tokens == expected(p[1], 3) and todo[1].finish_reason == "length"
     assert todo[2].tokens == expected([7] * 35, 5) and todo[2].finish_reason == "length"  # 35 + 5 = 40
-    assert max(w.steps for w in device.decodes()) == 16
+    # Single steps while the prompts are prefilled (the last takes 5 chunks), then one block sized
+    # to what is left (20 - 1 - 6 tokens); the first request stopped inside it.
+    assert [w.steps for w in device.decodes()] == [1] * 6 + [13]
 
 
 def test_blocks_are_short_while_prompts_wait_and_long_when_all_decode():
@@ -184,3 +186,14 @@ def test_a_mask_from_the_start_applies_to_the_first_token_of_prefill():
     r = Request([1, 2, 3], SamplingParams(max_new_tokens=10, stop_ids=(7,)), constraint=grammar)
     run(sched, [r])
     assert r.tokens == [42, 42, 42, 7]
+
+
+def test_warm_up_runs_every_program_on_nothing():
+    sched, device = make(max_batch=8)
+    sched.warm_up(masks=True)
+    kinds = [(kind, len(w.rows) if kind == "decode" else None, w.mask is not None if kind == "decode" else None)
+             for kind, w in device.log]
+    assert kinds == [("prefill", None, None)] + [("decode", b, m) for b in (1, 2, 4, 8) for m in (False, True)]
+    assert all(w.steps == 0 for w in device.decodes()) and not device.alive.any() and not device.lengths.any()
+    (r,) = run(sched, [req([2, 7, 1, 8], 9)])
+    assert r.tokens == expected(r.prompt_ids, 9)

@@ -13,6 +13,7 @@ import urllib.request
 
 import openai
 import pytest
+from served import MODEL, client_for, metrics, nano_server
 
 from kimi_jax import serve
 from kimi_jax.sampling import SamplingParams
@@ -21,7 +22,6 @@ from kimi_jax.server.requests import parse_chat
 from kimi_jax.server.service import Service, Settings
 from kimi_jax.tools import builtin_tools
 
-MODEL = "kimi-k2-nano"
 TOOLS = builtin_tools().specs()
 ASK_CALC = [{"role": "user", "content": "What is 17*23?"}]
 HELLO = [{"role": "user", "content": "Hello, how are you?"}]
@@ -30,22 +30,13 @@ MARKERS = ("<|", "|>", "<think>", "</think>", "[EOS]")
 
 @pytest.fixture(scope="module")
 def server():
-    args = serve.build_parser().parse_args(["--mesh", "data=1", "--max-len", "1024", "--max-batch", "8"])
-    service, engine = serve.build_service(args)
-    with serve.BackgroundServer(create_app(service)) as srv:
-        srv.service, srv.engine = service, engine
+    with nano_server() as srv:
         yield srv
-    engine.stop()
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
-
-
-def metrics(server) -> dict:
-    with urllib.request.urlopen(server.url + "/metrics?format=json", timeout=10) as r:
-        return json.loads(r.read())
+    return client_for(server, timeout=120)
 
 
 def post(server, path, body: bytes, headers=None):

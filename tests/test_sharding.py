@@ -96,25 +96,29 @@ def test_slots_not_divisible_by_the_data_axis_are_refused(single):
 @pytest.mark.slow
 def test_memory_plan_of_a_mid_size_config(tmp_path, capsys):
     cfg = TINY.replace(hidden_size=512, num_hidden_layers=2, n_routed_experts=16, moe_intermediate_size=256,
-                       intermediate_size=1024, vocab_size=4096, quantization=Int4Quant())
+                       intermediate_size=1024, vocab_size=4096, max_position_embeddings=4096,
+                       quantization=Int4Quant())
     (tmp_path / "config.json").write_text(json.dumps(cfg.to_hf()))
-    assert plan.main(["--config", str(tmp_path / "config.json"), "--devices", "8", "--max-len", "4096",
-                      "--hbm-gb", "1", "--json"]) == 0
+    assert plan.main(["--config", str(tmp_path / "config.json"), "--target", "cpu", "--devices", "8",
+                      "--max-len", "4096", "--hbm-gb", "0.03", "--json"]) == 0
     p = json.loads(capsys.readouterr().out)
-    # Without --mesh every split of the 8 devices is planned and the one leaving the longest
-    # context wins: this config's 4 heads allow tensor <= 4.
-    meshes = [c["mesh"] for c in p["candidates"]]
-    assert "data=1,expert=8,tensor=1" in meshes and "data=1,expert=2,tensor=4" in meshes
-    assert all("tensor=8" not in m for m in meshes)
-    assert p["context"] == max(c["context"] for c in p["candidates"])
+    # Without --mesh every split of the 8 devices is a candidate (this config's 4 heads allow
+    # tensor <= 4); the one leaving the longest context wins, and every other says why it lost.
+    meshes = {m["mesh"]: m for m in p["meshes"]}
+    assert set(meshes) == {"data=1,expert=2,tensor=4", "data=1,expert=4,tensor=2", "data=1,expert=8,tensor=1"}
+    best = p["best"]
+    assert best["verdict"] == "best" and best["fits"]["1"] == max(m["fits"]["1"] or 0 for m in p["meshes"]
+                                                                  if m["fits"])
+    assert all(m["verdict"] for m in p["meshes"])
     # The engine's own pool: the slot's 4096-token sequence and as much again for cached prefixes,
     # in 64-token pages, plus the discard page; (kv_lora + rope) bf16 per token and layer, plus the
     # page table and lengths
-    assert (p["pages"], p["page_size"]) == (129, 64)
-    assert p["cache_bytes"] == cfg.num_hidden_layers * 129 * 64 * (32 + 8) * 2 + 64 * 4 + 4
-    assert 0 < p["expert_weight_bytes"] < p["weight_bytes"]
-    assert p["prefill_temp_bytes"] > 0 and p["decode_temp_bytes"] > 0
-    assert p["fits"]["1 GB"]["1"] > p["fits"]["1 GB"]["8"] > 0
+    assert (best["pages"], best["page_size"]) == (129, 64)
+    assert best["cache_bytes"] == cfg.num_hidden_layers * 129 * 64 * (32 + 8) * 2 + 64 * 4 + 4
+    assert 0 < best["expert_weight_bytes"] < best["weight_bytes"]
+    assert best["prefill_temp_bytes"] > 0 and best["decode_temp_bytes"] > 0
+    assert best["temporaries_from"] == "compiled for XLA:CPU, all 2 layers"
+    assert best["fits"]["1"] > best["fits"]["8"] > 0
 
 
 def _free_port():

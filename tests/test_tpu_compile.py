@@ -2,8 +2,9 @@
 TPU topologies with a tensor=8 mesh, copy neither expert weights, their scales nor the cache.
 
 scripts/tpu_compile_check.py does the compiling and the HLO walk; here at a small config whose
-checkpoint-layout minor dimensions (16 scale columns, 32 down words per device) are not multiples
-of 128, so the checkpoint layout would be copied (the last test shows the walk sees that).
+checkpoint-packing minor dimensions (16 scale columns, 32 down words per device) are not multiples
+of 128, which is why no TPU kernel reads that packing; a test shows the walk sees the copy that
+row-per-token cache pages cause.
 """
 
 import functools
@@ -15,16 +16,18 @@ import pytest
 from flax import nnx
 from scripts_loader import load_script
 
-from kimi_jax import plan
 from kimi_jax.config import TINY as TINY_CONFIG
 from kimi_jax.config import Int4Quant
+from kimi_jax.planner import activations, compiled, targets
 from kimi_jax.quant import is_routed_expert
+from kimi_jax.scheduler import DEFAULT_CHUNK
+from kimi_jax.sharding import MeshSpec
 
 pytestmark = pytest.mark.slow  # the whole module; `pytest -m "not slow"` skips it
 
 check = load_script("tpu_compile_check")
 TINY = check.CONFIGS["tiny"]
-# The smallest K2-shaped model whose every sharded dimension suits the TPU layouts at tensor=8.
+# The smallest K2-shaped model whose every sharded dimension suits the TPU formats at tensor=8.
 STEP_CONFIG = TINY_CONFIG.replace(
     hidden_size=256, intermediate_size=512, moe_intermediate_size=2048, num_hidden_layers=2, n_routed_experts=8,
     num_experts_per_tok=2, num_attention_heads=8, vocab_size=1024, q_lora_rank=64, kv_lora_rank=64,
@@ -49,17 +52,17 @@ def persistent_cache(tmp_path_factory):
 
 @functools.cache  # the tests below share compiles
 def _decode_step(target, cfg):
-    devices = plan.target_devices(target, 8)
-    info, compiled, state, cache = plan.compile_steps(cfg, devices=devices, mesh_text="tensor=8", max_len=1024,
-                                                      batch=8, chunk=128, steps=("decode",))
-    assert (info["expert_layout"], info["kv_layout"], info["kernels"]) == ("tpu", "lanes", "pallas_tpu")
+    devices = targets.tpu_topology(target)
+    info, programs, state, cache = compiled.compile_steps(cfg, devices=devices, mesh_text="tensor=8", max_len=1024,
+                                                          batch=8, chunk=128, steps=("decode",))
+    assert (info["expert_packing"], info["page_order"], info["kernels"]) == ("tpu", "lanes", "pallas_tpu")
     experts = [x for p, v in nnx.to_flat_state(state) if is_routed_expert(p, v) for x in jax.tree.leaves(v.get_value())]
-    return compiled["decode"], experts, list(cache.pages)
+    return programs["decode"], experts, list(cache.pages)
 
 
 @pytest.mark.parametrize("target", ["v5p:2x2x2", "tpu7x:2x2x1"])
 def test_the_whole_decode_step_compiles_for_tpu_without_copying_experts_or_the_cache(target):
-    # The runtime's own compiled decode step (engine.decode_step, every layer) with the layouts and
+    # The runtime's own compiled decode step (engine.decode_step, every layer) with the formats and
     # Mosaic kernels it uses on TPU: no expert weight, scale or cache pool is copied or relaid out.
     step, experts, pools = _decode_step(target, STEP_CONFIG)
     watched = {x.sharding.shard_shape(x.shape) for x in experts + pools}
@@ -78,24 +81,28 @@ def test_decode_temporaries_do_not_grow_with_the_experts():
 
 
 @pytest.mark.parametrize("target", ["v5p:2x2x2", "tpu7x:2x2x1"])
-def test_decode_blocks_compile_for_tpu_without_copying_weights_or_the_cache(target):
+def test_decode_and_prefill_blocks_compile_for_tpu_without_copying_weights_or_the_cache(target):
     report = check.check(target, "tensor=8", TINY)
-    moe, attention = report["moe"], report["attention"]
-    assert moe["copies"] == [] and attention["copies"] == []
+    moe, attention, prefill = report["moe"], report["attention"], report["prefill_attention"]
+    assert moe["copies"] == [] and attention["copies"] == [] and prefill["copies"] == []
+    # A prefill row of the runtime's chunk with K2's 8 heads per device (1024 queries, more than
+    # one grid step holds) runs the Mosaic kernel in query blocks, not the XLA reference.
+    assert (TINY.chunk, TINY.heads // 8) == (DEFAULT_CHUNK, 8)
+    assert attention["kernels"] == prefill["kernels"] == ["paged_mla_attention_tpu"]
     # Temporaries are activations and metadata, far below what one layer's experts weigh.
     assert moe["temp_bytes"] < moe["expert_slab_bytes"] / 8
     assert attention["temp_bytes"] < attention["pool_bytes"] / 8
 
 
-def test_the_check_sees_the_checkpoint_layout_and_row_pages_copied():
-    report = check.check("v5p:2x2x2", "tensor=8", TINY, layout="ct", kv_layout="rows")
-    copied = " ".join(report["moe"]["copies"])
-    e = TINY.experts
-    # Gate/up scales [E, f/8, d/32] and down's words and scales [E, d, f/8/8], [E, d, f/8/32].
-    for shape in (f"bf16[{e},256,16]", f"s32[{e},512,32]", f"bf16[{e},512,8]"):
-        assert shape in copied
-    assert report["moe"]["temp_bytes"] > report["moe"]["expert_slab_bytes"] / 2
-    assert report["attention"]["copies"]
+def test_the_check_sees_row_pages_copied_and_no_kernel_reads_the_checkpoint_packing():
+    report = check.check("v5p:2x2x2", "tensor=8", TINY, packing="ct", page_order="rows")
+    # Pages of 576-wide rows: XLA:TPU copies the whole pool into its own tiling, and the walk sees it.
+    pool = f"bf16[{TINY.tokens * TINY.context // TINY.page + 1},{TINY.page},{TINY.lora + TINY.rope}]"
+    assert [c.split()[-1] for c in report["attention"]["copies"]] == [pool]
+    assert report["attention"]["temp_bytes"] > report["attention"]["pool_bytes"]
+    # No TPU kernel reads the checkpoint's packing: the block runs the XLA reference, which
+    # dequantizes one expert at a time (no slab-shaped copy; see test_kernels.py for the bound).
+    assert report["moe"]["copies"] == []
 
 
 def test_copies_are_found_by_result_shape_in_hlo_text():
@@ -114,3 +121,30 @@ def test_topology_compiles_leave_nothing_in_the_persistent_cache(persistent_cach
     _decode_step("v5p:2x2x2", STEP_CONFIG)  # compiled, by this test or an earlier one, with the cache on
     # Host-side helpers compiled for the CPU may be stored; the TPU programs must not be.
     assert [name for name in os.listdir(persistent_cache) if "decode_step" in name] == []
+
+
+@functools.cache
+def _temporaries(layers):
+    cfg = STEP_CONFIG.replace(num_hidden_layers=5)
+    return compiled.temporaries(cfg, devices=targets.tpu_topology("v5p:2x2x2"), mesh_text="tensor=8", max_len=2048,
+                                batch=8, chunk=128, dtype="bfloat16", layers=layers)
+
+
+def test_temporaries_from_a_few_layers_extrapolate_to_the_whole_models():
+    # 1 dense + 4 MoE layers compiled whole, against 2 and 3 layers extrapolated by one MoE layer's share.
+    # The compiler reuses buffers across layers, so a layer's share measured on a cut model may
+    # overstate what it adds to the whole one: the estimate may err high (a plan on the safe side),
+    # by little, and must not err low.
+    full, scaled = _temporaries("all"), _temporaries("scaled")
+    assert full["how"] == "compiled for TPU v5, all 5 layers"
+    assert "with 2 and 3 of 5 layers" in scaled["how"]
+    for name in ("prefill", "decode"):
+        assert full[name] > 0, name
+        assert 0.95 * full[name] - 2**16 <= scaled[name] <= 1.15 * full[name] + 2**16, (name, scaled, full)
+
+
+def test_the_gpu_activation_model_is_above_what_libtpu_assigns_for_the_same_programs():
+    cfg = STEP_CONFIG.replace(num_hidden_layers=5)
+    model = activations.modelled(cfg, MeshSpec.parse("tensor=8"), batch=8, chunk=128, max_len=2048)
+    full = _temporaries("all")
+    assert model["prefill"] >= full["prefill"] and model["decode"] >= full["decode"]

@@ -12,8 +12,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from kernels_pallas import int4_gpu
-from kernels_pallas.dequant import dequantize_int4_gpu
+from kernels_pallas import experts_gpu
 from kernels_pallas.paged_attention_gpu import paged_attention_gpu
 
 HIDDEN, INTER, LATENT, ROPE, HEADS = 7168, 2048, 512, 64, 64
@@ -42,9 +41,9 @@ def int4_spec(e, n, k):
 ])
 def test_grouped_int4_kernels(m, inter, kernel):
     e, sizes = 384, spec((384,), jnp.int32)  # shapes only: nothing is allocated
-    swiglu = triton_kernels(lambda x, g, u, s: int4_gpu.grouped_int4_swiglu_gpu(x, *g, *u, s), spec((m, HIDDEN)),
+    swiglu = triton_kernels(lambda x, g, u, s: experts_gpu.grouped_int4_swiglu_gpu(x, *g, *u, s), spec((m, HIDDEN)),
                             int4_spec(e, inter, HIDDEN), int4_spec(e, inter, HIDDEN), sizes)
-    down = triton_kernels(lambda h, d, s: int4_gpu.grouped_int4_matmul_gpu(h, *d, s), spec((m, inter)),
+    down = triton_kernels(lambda h, d, s: experts_gpu.grouped_int4_matmul_gpu(h, *d, s), spec((m, inter)),
                           int4_spec(e, HIDDEN, inter), sizes)
     assert (swiglu, down) == ([f"int4_swiglu_{kernel}"], [f"int4_matmul_{kernel}"])
 
@@ -53,18 +52,10 @@ def test_grouped_int4_kernels(m, inter, kernel):
                                        dict(x_planes=False)])
 def test_gemv_variants_the_gpu_session_times(overrides):
     e = 64
-    got = triton_kernels(lambda x, g, u, s: int4_gpu.grouped_int4_swiglu_gpu(x, *g, *u, s, kernel="gemv", **overrides),
+    got = triton_kernels(lambda x, g, u, s: experts_gpu.grouped_int4_swiglu_gpu(x, *g, *u, s, kernel="gemv", **overrides),
                          spec((4 * e, HIDDEN)), int4_spec(e, INTER, HIDDEN), int4_spec(e, INTER, HIDDEN),
                          spec((e,), jnp.int32))
     assert got == ["int4_swiglu_gemv"]
-
-
-def test_dequant_and_dense_matmul():
-    p, s = int4_spec(4, INTER, HIDDEN)
-    assert triton_kernels(lambda p, s: dequantize_int4_gpu(p, s, HIDDEN), p, s) == ["int4_dequant_gpu"]
-    p1, s1 = (spec(a.shape[1:], a.dtype) for a in (p, s))
-    assert triton_kernels(int4_gpu.int4_matmul_gpu, spec((1, HIDDEN)), p1, s1) == ["int4_matmul_gemv"]
-    assert triton_kernels(int4_gpu.int4_matmul_gpu, spec((512, HIDDEN)), p1, s1) == ["int4_matmul_mma"]
 
 
 @pytest.mark.parametrize("rows,heads,queries,context,split", [
@@ -86,5 +77,7 @@ def test_paged_decode_attention(rows, heads, queries, context, split):
 
 @pytest.mark.parametrize("group", [8, 16, 128])
 def test_gemv_with_other_group_sizes(group):
-    p, s = spec((INTER, HIDDEN // 8), jnp.int32), spec((INTER, HIDDEN // group))
-    assert triton_kernels(int4_gpu.int4_matmul_gpu, spec((1, HIDDEN)), p, s) == ["int4_matmul_gemv"]
+    p, s = spec((8, INTER, HIDDEN // 8), jnp.int32), spec((8, INTER, HIDDEN // group))
+    got = triton_kernels(lambda x, p, s, n: experts_gpu.grouped_int4_matmul_gpu(x, p, s, n), spec((8, HIDDEN)), p, s,
+                         spec((8,), jnp.int32))
+    assert got == ["int4_matmul_gemv"]

@@ -126,8 +126,14 @@ _MARKERS = {
 for _token in K2_SPECIAL_TOKENS:
     _MARKERS.setdefault(_token.name, _DROP)
 
+# What ends reasoning: `</think>`, or a tool-call section (or a bare call) opened inside unfinished
+# thinking (docs/k2-format.md §7.4.4). The grammar layer (kimi_jax.chat.constraint) ends its free
+# phase at the same markers, so the two never disagree about where the reasoning stops.
+_ENDS_REASONING = (_CLOSE, _SECTION_BEGIN, _CALL_BEGIN)
+REASONING_END_MARKERS = tuple(m for m, kind in _MARKERS.items() if kind in _ENDS_REASONING)
+
 _RESERVED = r"<\|reserved_token_\d{1,6}\|>"
-_MARKER_RE = re.compile("|".join([re.escape(m) for m in _MARKERS] + [_RESERVED]))
+MARKER_RE = re.compile("|".join([re.escape(m) for m in _MARKERS] + [_RESERVED]))
 _RESERVED_PREFIX_RE = re.compile(r"<\|reserved_token_\d{1,6}\|?")
 _PREFIXES = (*_MARKERS, "<|reserved_token_")
 _MAX_MARKER = max(len("<|reserved_token_999999|>"), *map(len, _MARKERS))
@@ -139,7 +145,7 @@ _MAX_ID_CHARS = 256
 _START, _UNOPENED, _REASONING, _CONTENT, _SECTION, _STRAY, _CALL_ID, _CALL_ARGS = range(8)
 
 
-def _marker_prefix_start(buf: str, pos: int) -> int:
+def marker_prefix_start(buf: str, pos: int = 0) -> int:
     """Index of the earliest suffix of buf[pos:] that may still grow into a marker, else len(buf)."""
     for i in range(max(pos, len(buf) - _MAX_MARKER + 1), len(buf)):
         if buf[i] in "<[":
@@ -187,17 +193,23 @@ class StreamParser:
             self._finished = True
         return self._take()
 
+    @property
+    def in_reasoning(self) -> bool:
+        """Whether the text fed so far leaves the output inside reasoning that `<think>` opened
+        (a marker prefix held back at the end is not yet counted)."""
+        return self._state == _REASONING
+
     def _take(self) -> list:
         events, self._events = self._events, []
         return events
 
     def _scan(self, final: bool):
         buf, pos = self._buf, 0
-        for m in _MARKER_RE.finditer(buf):
+        for m in MARKER_RE.finditer(buf):
             self._text(buf[pos : m.start()])
             self._marker(_MARKERS.get(m.group(), _DROP), m.group())
             pos = m.end()
-        keep = len(buf) if final else _marker_prefix_start(buf, pos)
+        keep = len(buf) if final else marker_prefix_start(buf, pos)
         self._text(buf[pos:keep])
         self._buf = buf[keep:]
 

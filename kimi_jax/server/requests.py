@@ -1,9 +1,10 @@
 """Request bodies of the OpenAI API, checked field by field into plain dataclasses.
 
 Every refusal is a 400 naming the field (`messages[2].role`, `tool_choice`), as OpenAI answers
-(its 422s included). Fields this server cannot honour (logprobs, penalties, n > 1, JSON modes,
-images) are refused rather than silently ignored; fields that change nothing here (`user`,
-`metadata`, `store`, ...) are accepted and ignored, as clients send them routinely.
+(its 422s included). Fields this server cannot honour (logprobs, penalties, n > 1, images) are
+refused rather than silently ignored; fields that change nothing here (`user`, `metadata`,
+`store`, ...) are accepted and ignored, as clients send them routinely. Whether a schema can be
+enforced is decided when the request's grammar is built (service.py), also as a 400.
 """
 
 from __future__ import annotations
@@ -12,12 +13,14 @@ import dataclasses
 import math
 import re
 
+from kimi_jax.chat.grammar import ToolChoice
 from kimi_jax.server.errors import bad_request
 
 MAX_STOP_STRINGS = 4
 _ROLES = ("system", "developer", "user", "assistant", "tool")
 # OpenAI allows [a-zA-Z0-9_-]{1,64}; dots are added because K2's tool ecosystem uses them (mcp.x.y).
 _FUNCTION_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+_SCHEMA_NAME = re.compile(r"[A-Za-z0-9_\-]{1,64}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,9 +38,11 @@ class Sampling:
 
 
 @dataclasses.dataclass(frozen=True)
-class ToolChoice:
-    mode: str  # 'auto' | 'none' | 'required' | 'function'
-    name: str | None = None  # the function, for mode 'function'
+class ResponseFormat:
+    """What the content after the reasoning must be: a JSON schema (None: free text)."""
+
+    schema: dict | None = None
+    param: str = "response_format"  # the field the schema came from, for errors
 
 
 @dataclasses.dataclass
@@ -47,6 +52,7 @@ class ChatRequest:
     tools: list[dict] | None
     tool_choice: ToolChoice
     parallel_tool_calls: bool
+    response_format: ResponseFormat
     sampling: Sampling
 
 
@@ -215,6 +221,7 @@ def _tools(body: dict) -> list[dict] | None:
         seen.add(name)
         _get(tool["function"], "description", str, param=f"{param}.function.description")
         _get(tool["function"], "parameters", dict, param=f"{param}.function.parameters")
+        _get(tool["function"], "strict", bool, param=f"{param}.function.strict")
     return tools
 
 
@@ -238,14 +245,37 @@ def _tool_choice(body: dict, tools: list[dict] | None) -> ToolChoice:
     return ToolChoice("function", name)
 
 
+def _response_format(body: dict) -> ResponseFormat:
+    """`text`, `json_object` (any JSON object) or `json_schema` (JSON valid under the schema)."""
+    value = _get(body, "response_format", dict, {})
+    kind = value.get("type", "text")
+    if kind == "text":
+        return ResponseFormat()
+    if kind == "json_object":
+        return ResponseFormat({"type": "object"})
+    if kind != "json_schema":
+        raise bad_request(f"'response_format.type' must be 'text', 'json_object' or 'json_schema'; got {kind!r}",
+                          "response_format.type")
+    spec = _get(value, "json_schema", dict, param="response_format.json_schema")
+    if spec is None:
+        raise bad_request("'response_format.json_schema' is required for type 'json_schema'",
+                          "response_format.json_schema")
+    name = _get(spec, "name", str, param="response_format.json_schema.name")
+    if name is None or not _SCHEMA_NAME.fullmatch(name):
+        raise bad_request(f"'response_format.json_schema.name' must be 1-64 letters, digits, '_' or '-'; got {name!r}",
+                          "response_format.json_schema.name")
+    _get(spec, "description", str, param="response_format.json_schema.description")
+    _get(spec, "strict", bool, param="response_format.json_schema.strict")  # enforced either way
+    schema = _get(spec, "schema", dict, {}, param="response_format.json_schema.schema")
+    return ResponseFormat(schema, "response_format.json_schema.schema")
+
+
 def parse_chat(body) -> ChatRequest:
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
     messages = _get(body, "messages", list)
     if not messages:
         raise bad_request("'messages' must be a non-empty array", "messages")
-    response_format = _get(body, "response_format", dict, {})
-    _unsupported(response_format, "type", ("text",), "of 'response_format' must be 'text'")
     tools = _tools(body)
     return ChatRequest(
         model=_get(body, "model", str),
@@ -253,6 +283,7 @@ def parse_chat(body) -> ChatRequest:
         tools=tools,
         tool_choice=_tool_choice(body, tools),
         parallel_tool_calls=_get(body, "parallel_tool_calls", bool, True),
+        response_format=_response_format(body),
         sampling=parse_sampling(body),
     )
 

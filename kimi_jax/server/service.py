@@ -1,19 +1,16 @@
-"""What the server does with a checked request: a prompt, engine requests, and the output events.
+"""What the server does with a checked request: a prompt, an engine request, and the output events.
 
 The HTTP layer (app.py) knows nothing of tokens; this module knows nothing of HTTP beyond raising
 `APIError`s. One `ChatRun` / `TextRun` is one client request; its tokens arrive from the engine's
 thread through an asyncio queue, and `cancel()` frees its engine slot (client gone, stop string).
 
-tool_choice, on a model that cannot be constrained token by token:
-  auto      tools declared; the model decides.
-  none      tools still declared (the prompt, and so its cached prefix, is the one `auto` uses), but
-            generation ends where a tool call would begin: the answer is the text before it.
-  function  the model reasons and writes as it likes until it would end its turn or start a tool
-            call; there the server writes the call header `functions.NAME:IDX` itself and the model
-            continues with the arguments of exactly that one call.
-  required  the model runs as with auto; if its turn ends without a call to a declared function,
-            the server opens a call section and the model continues, choosing the function. If it
-            still names no declared function, its text comes back as content (finish_reason stop).
+tools, tool_choice and response_format become the grammar of what the model writes after its
+reasoning (kimi_jax.chat.grammar), which the engine enforces token by token through an
+`OutputConstraint`: every call names a declared function and, unless strict tool calls are off
+(`Settings.strict_tools`, or `"strict": false` on a function), its arguments fit the function's
+`parameters`. auto: the model decides whether to call; none: it cannot; required: it calls at
+least once; a named function: it calls exactly that one, once. The reasoning itself stays free.
+A schema that cannot be enforced is a 400 naming the function and the reason.
 """
 
 from __future__ import annotations
@@ -24,9 +21,10 @@ import logging
 import secrets
 from typing import AsyncIterator
 
-from kimi_jax.chat.parser import name_from_id
+from kimi_jax.chat.constraint import output_constraint, vocabulary
+from kimi_jax.chat.grammar import GrammarError
 from kimi_jax.chat.prompt import encode_chat
-from kimi_jax.chat.tool_calls import k2_call_id, normalize_history
+from kimi_jax.chat.tool_calls import normalize_history
 from kimi_jax.engine import QueueFull
 from kimi_jax.errors import KimiError
 from kimi_jax.sampling import SamplingParams
@@ -36,11 +34,6 @@ from kimi_jax.server.requests import ChatRequest, CompletionRequest, Sampling
 
 log = logging.getLogger("kimi_jax.serve")
 
-SECTION_BEGIN, SECTION_END = "<|tool_calls_section_begin|>", "<|tool_calls_section_end|>"
-CALL_BEGIN, ARGS_BEGIN, CALL_END = "<|tool_call_begin|>", "<|tool_call_argument_begin|>", "<|tool_call_end|>"
-# A function name the model picks for tool_choice 'required' ends within this many tokens, or never.
-_MAX_NAME_TOKENS = 64
-
 
 @dataclasses.dataclass
 class Settings:
@@ -49,24 +42,13 @@ class Settings:
     api_key: str | None = None
     max_body_bytes: int = 8 << 20
     defaults: dict = dataclasses.field(default_factory=dict)  # sampling defaults of the checkpoint
-
-
-@dataclasses.dataclass(frozen=True)
-class _Phase:
-    """One engine request of a chat completion: the tokens that end it, and what comes next."""
-
-    stops: frozenset[int]  # besides the model's end-of-turn tokens
-    header: str | None = None  # text the server writes before the next phase; None: no next phase
-    only_without_calls: bool = False  # the next phase runs only if no call was made yet
-    picks_name: bool = False  # generates a function name only, shown to the client only if declared
-    max_new: int | None = None
-    next: _Phase | None = None
+    strict_tools: bool = True  # tool-call arguments must fit their schemas (the grammar enforces it)
 
 
 class EngineCall:
     """One engine request whose token batches arrive in the event loop."""
 
-    def __init__(self, engine, prompt_ids: list[int], sampling: SamplingParams):
+    def __init__(self, engine, prompt_ids: list[int], sampling: SamplingParams, constraint=None):
         loop = asyncio.get_running_loop()
         self._inbox: asyncio.Queue = asyncio.Queue()
 
@@ -74,7 +56,7 @@ class EngineCall:
             loop.call_soon_threadsafe(self._inbox.put_nowait, (list(new_tokens), finished))
 
         try:
-            self.request = engine.submit(prompt_ids, sampling, on_event)
+            self.request = engine.submit(prompt_ids, sampling, on_event, constraint=constraint)
         except QueueFull as e:
             raise APIError(429, f"the server is busy: {e}", code="rate_limit_exceeded") from None
         except KimiError as e:
@@ -98,6 +80,7 @@ class _Run:
         self.finish_reason: str | None = None
         self.cached_tokens = 0
         self.completion_tokens = 0
+        self.constraint = None  # what the engine must hold the output to (kimi_jax.chat.constraint)
         self._call: EngineCall | None = None
         room = service.max_len - len(prompt_ids)
         if room < 1:
@@ -120,17 +103,8 @@ class _Run:
         )
 
     def start(self) -> None:
-        """Submit the first engine request now, so that a full queue is a 429, not a broken stream."""
-        self._call = self.submit(self.prompt_ids, self._first_stops())
-
-    def _first_stops(self) -> frozenset:
-        return frozenset()
-
-    def submit(self, prompt_ids: list[int], stops=frozenset(), max_new: int | None = None) -> EngineCall:
-        sampling = dataclasses.replace(self.sampling, max_new_tokens=max_new or self.max_tokens,
-                                       stop_ids=tuple(sorted(set(self.service.stop_ids) | stops)))
-        self._call = EngineCall(self.service.engine, prompt_ids, sampling)
-        return self._call
+        """Submit the engine request now, so that a full queue is a 429, not a broken stream."""
+        self._call = EngineCall(self.service.engine, self.prompt_ids, self.sampling, self.constraint)
 
     def cancel(self) -> None:
         """Free the engine slot; a finished run ignores it. Safe to call more than once."""
@@ -164,7 +138,9 @@ class TextRun(_Run):
 
     async def texts(self) -> AsyncIterator[str]:
         """Pieces of the completion text; afterwards finish_reason and usage are set."""
-        call = self._call or self.submit(self.prompt_ids)
+        if self._call is None:
+            self.start()
+        call = self._call
         yield self.echo
         async for tokens in call.batches():
             self.cached_tokens = call.request.cached_tokens
@@ -192,93 +168,43 @@ class ChatRun(_Run):
         self.output = ChatOutput(tok, tools=None if choice.mode == "none" else req.tools,
                                  first_index=n_history_calls, stops=req.sampling.stop)
         self.warnings: list[str] = []
-        self._phase = self._plan(choice, req.parallel_tool_calls)
-
-    def _first_stops(self) -> frozenset:
-        return self._phase.stops
-
-    def _plan(self, choice, parallel: bool) -> _Phase:
-        tid = self.service.tokenizer.token_id
-        one_call = frozenset() if parallel else frozenset({tid(CALL_END)})
-        call_starts = frozenset({tid(SECTION_BEGIN), tid(CALL_BEGIN)})
-        if choice.mode == "none":
-            return _Phase(call_starts)
-        if choice.mode == "function":
-            call_id = k2_call_id(choice.name, self.output.resolver.first_index)
-            return _Phase(call_starts, f"{SECTION_BEGIN}{CALL_BEGIN}{call_id}{ARGS_BEGIN}",
-                          next=_Phase(frozenset({tid(CALL_END)})))
-        if choice.mode == "required":
-            pick = _Phase(frozenset({tid(ARGS_BEGIN)}), ARGS_BEGIN, picks_name=True, max_new=_MAX_NAME_TOKENS,
-                          next=_Phase(one_call))
-            return _Phase(one_call, f"{SECTION_BEGIN}{CALL_BEGIN}functions.", only_without_calls=True, next=pick)
-        return _Phase(one_call)
+        try:  # built now: a schema that cannot be enforced is a 400 before anything runs
+            self.constraint = output_constraint(
+                tok, vocab_size=service.vocab_size, stop_ids=service.stop_ids, max_tokens=self.max_tokens,
+                tools=req.tools, tool_choice=choice,
+                first_index=n_history_calls, parallel=req.parallel_tool_calls, strict=service.settings.strict_tools,
+                content_schema=req.response_format.schema, content_param=req.response_format.param)
+        except GrammarError as e:
+            raise bad_request(str(e), e.param, code="invalid_schema") from None
 
     async def events(self) -> AsyncIterator[list]:
         """Lists of parser events (kimi_jax.chat) as they come; afterwards finish_reason and usage are set."""
-        tok = self.service.tokenizer
-        call_end = tok.token_id(CALL_END)
-        prompt, phase, unshown = self.prompt_ids, self._phase, ""
-        call = self._call or self.submit(prompt, phase.stops)
-        while True:
-            generated, stop_token, fed_before = [], None, self.output.n_tokens
-            async for tokens in call.batches():
-                if prompt is self.prompt_ids:
-                    self.cached_tokens = call.request.cached_tokens
-                for i, t in enumerate(tokens):
-                    if t in call.request.sampling.stop_ids:
-                        stop_token, tokens = t, tokens[:i]
-                        break
-                generated += tokens
-                if phase.picks_name:
-                    continue
-                events = self.output.feed(tokens)
-                if self.output.stopped:
-                    self.cancel()
-                if events:
-                    yield events
-            reason = call.request.finish_reason
-            if self.output.stopped:  # count up to the token that completed the stop string
-                self.completion_tokens += self.output.n_tokens - fed_before
-                reason = "stop"
-            elif reason == "cancelled":
-                return  # the client left
-            else:
-                self.completion_tokens += len(generated) + (stop_token is not None)
-            ended_by_model = reason == "stop" and not self.output.stopped
-            if phase.picks_name:
-                name = name_from_id("functions." + "".join(tok.decode(generated).split()))[0]
-                ended_by_model = stop_token == tok.token_id(ARGS_BEGIN) and name in self.output.resolver.declared
-                unshown += tok.decode(generated)
-                if not ended_by_model:
-                    self.warnings.append("tool_choice 'required': the model named no declared function")
-                    reason = "length" if self.completion_tokens >= self.max_tokens else "stop"
-            elif ended_by_model and stop_token == call_end:
-                # One call was asked for: close it and its section as the model would have.
-                yield self.output.feed([call_end]) + self.output.feed_text(SECTION_END)
-                ended_by_model = False
-            if ended_by_model and self._continues(phase, prompt, generated):
-                prompt = prompt + generated + tok.encode(phase.header, allow_special=True)
-                unshown += phase.header
-                if not phase.next.picks_name:
-                    yield self.output.feed_text(unshown)
-                    unshown = ""
-                phase = phase.next
-                call = self.submit(prompt, phase.stops, min(self.max_tokens - self.completion_tokens,
-                                                             phase.max_new or self.max_tokens))
-                continue
-            events = self.output.finish()
+        if self._call is None:
+            self.start()
+        call, stopped_by_token = self._call, False
+        async for tokens in call.batches():
+            self.cached_tokens = call.request.cached_tokens
+            stop = next((i for i, t in enumerate(tokens) if t in self.sampling.stop_ids), None)
+            if stop is not None:
+                tokens, stopped_by_token = tokens[:stop], True
+            events = self.output.feed(tokens)
+            if self.output.stopped:
+                self.cancel()
             if events:
                 yield events
-            self.finish_reason = "tool_calls" if self.output.n_calls and reason == "stop" else reason
-            self.warnings += self.output.message().warnings
-            return
-
-    def _continues(self, phase: _Phase, prompt: list[int], generated: list[int]) -> bool:
-        if phase.header is None or (phase.only_without_calls and self.output.n_calls):
-            return False
-        header_len = len(self.service.tokenizer.encode(phase.header, allow_special=True))
-        return (self.completion_tokens < self.max_tokens
-                and len(prompt) + len(generated) + header_len < self.service.max_len)
+        reason = call.request.finish_reason
+        if reason == "cancelled" and not self.output.stopped:
+            return  # the client left
+        events = self.output.finish()
+        if events:
+            yield events
+        # The stop token is generated too; a stop string counts up to the token that completed it.
+        self.completion_tokens = self.output.n_tokens + (stopped_by_token and not self.output.stopped)
+        reason = "stop" if self.output.stopped else reason
+        self.finish_reason = "tool_calls" if self.output.n_calls and reason == "stop" else reason
+        self.warnings += self.output.message().warnings
+        if self.constraint is not None and self.constraint.failure:
+            self.warnings.append(f"the output left its grammar: {self.constraint.failure}")
 
 
 class Service:
@@ -294,6 +220,7 @@ class Service:
         self.stop_ids = tuple(runtime.stop_ids())
         self.max_len = engine.max_len
         self.vocab_size = runtime.cfg.vocab_size
+        vocabulary(self.tokenizer)  # llguidance's view of it, built now rather than on the first request
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.settings.model_name:

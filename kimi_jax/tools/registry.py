@@ -121,12 +121,14 @@ class _Tool:
     description: str
     params: tuple[_Param, ...]
 
-    def spec(self) -> dict:
+    def spec(self, closed: bool = False) -> dict:
         properties = {p.name: p.schema for p in self.params}
         parameters = {"type": "object", "properties": properties}
         required = [p.name for p in self.params if p.required]
         if required:
             parameters["required"] = required
+        if closed:
+            parameters["additionalProperties"] = False
         return {"type": "function",
                 "function": {"name": self.name, "description": self.description, "parameters": parameters}}
 
@@ -257,12 +259,15 @@ class ToolRegistry:
     def __len__(self) -> int:
         return len(self._tools)
 
-    def specs(self, names: list[str] | None = None) -> list[dict]:
-        """The OpenAI `tools` list, of every tool or of `names` in that order."""
+    def specs(self, names: list[str] | None = None, *, closed: bool = False) -> list[dict]:
+        """The OpenAI `tools` list, of every tool or of `names` in that order. `closed`: each
+        parameters object also says `"additionalProperties": false`, as `call` refuses parameters
+        the function does not take (what strict decoding holds calls to; prompts declare the
+        schemas as they are)."""
         for n in names or ():
             if n not in self._tools:
                 raise KeyError(f"unknown tool {n!r}")
-        return [self._tools[n].spec() for n in (self._tools if names is None else names)]
+        return [self._tools[n].spec(closed) for n in (self._tools if names is None else names)]
 
     def call(self, name: str, arguments: str | dict, *, timeout: float = 10.0) -> ToolResult:
         """Run tool `name` with `arguments` (a JSON object string, or an already-parsed dict)."""

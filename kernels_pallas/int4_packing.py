@@ -1,14 +1,15 @@
-"""Where routed-expert INT4 words and scales sit in device memory: one layout per backend.
+"""How routed-expert INT4 words and scales are packed in device memory: one packing per backend.
 
-The checkpoint is read in layout "ct" and repacked once, at load or convert time, into the layout the
-backend's kernels read. Every layout holds the same nibbles and the same scales, only in another
-order, so it costs no bits (4.5 per weight for group 32 with bf16 scales) and dequantizes bit for bit
-to the same weights. For W of logical shape [N, K] (out, in) and group size g (G = K/g groups):
+The checkpoint is read in packing "ct" and repacked once, at load or convert time, into the packing
+the backend's kernels read (kernels_pallas/backends.py says which). Every packing holds the same
+nibbles and the same scales, only in another order, so it costs no bits (4.5 per weight for group
+32 with bf16 scales) and dequantizes bit for bit to the same weights. For W of logical shape [N, K]
+(out, in) and group size g (G = K/g groups):
 
-  "ct"   compressed-tensors pack-quantized, as on disk and as the GPU/CPU kernels read it:
+  "ct"   compressed-tensors pack-quantized (int4_ct.py), as on disk and as the GPU/CPU kernels read it:
            packed [..., N, K/8]  nibble j of word kk of row n holds u = q + 8 of W[n, 8kk + j]
            scale  [..., N, G]
-  "tpu"  lane-dense for XLA:TPU and the Mosaic kernels (int4_tpu.py):
+  "tpu"  lane-dense for XLA:TPU and the Mosaic kernels (experts_tpu.py):
            packed [..., K/8, N]  N minor; see "tiles" below
            scale  [..., G, N]    row gi = the scales of group gi
 
@@ -36,35 +37,26 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from kernels_pallas.int4 import NIBBLES_PER_WORD, dequantize_int4_ref
+from kernels_pallas.int4_ct import NIBBLES_PER_WORD, dequantize_int4_ref
 
-__all__ = ["LAYOUTS", "BACKEND_LAYOUTS", "layout_for", "check_layout", "to_layout", "from_layout",
-           "features", "scale_groups", "dequantize", "TILE_GROUPS"]
+__all__ = ["PACKINGS", "check_packing", "to_packing", "from_packing", "features", "scale_groups", "dequantize",
+           "TILE_GROUPS"]
 
-LAYOUTS = ("ct", "tpu")
-# The layout each platform's kernels read. The GPU kernels stream "ct" rows along K as they are.
-BACKEND_LAYOUTS = {"cpu": "ct", "gpu": "ct", "cuda": "ct", "rocm": "ct", "tpu": "tpu"}
+PACKINGS = ("ct", "tpu")
 TILE_GROUPS = 8  # groups per "tpu" tile: one float32 vreg of scales (8 sublanes)
 _CHAINS, _HALVES = 4, 2  # nibble position c + 4h
 
 
-def layout_for(platform: str) -> str:
-    """The expert layout the kernels of `platform` ("cpu", "gpu", "tpu", ...) read."""
-    if platform not in BACKEND_LAYOUTS:
-        raise ValueError(f"no expert layout for platform {platform!r}; known: {sorted(BACKEND_LAYOUTS)}")
-    return BACKEND_LAYOUTS[platform]
-
-
-def check_layout(layout: str):
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown expert layout {layout!r}; expected one of {LAYOUTS}")
+def check_packing(packing: str):
+    if packing not in PACKINGS:
+        raise ValueError(f"unknown INT4 packing {packing!r}; expected one of {PACKINGS}")
 
 
 def _tpu_geometry(k: int, n_groups: int) -> int:
-    """Group size g of a "tpu" layout of K = k inputs in n_groups groups, or ValueError."""
+    """Group size g of a "tpu" packing of K = k inputs in n_groups groups, or ValueError."""
     group = k // n_groups if n_groups else 0
     if not group or k % n_groups or group % NIBBLES_PER_WORD or n_groups % TILE_GROUPS:
-        raise ValueError(f"layout 'tpu' needs a group size that is a multiple of 8 and a number of groups "
+        raise ValueError(f"packing 'tpu' needs a group size that is a multiple of 8 and a number of groups "
                          f"that is a multiple of {TILE_GROUPS} (K a multiple of {TILE_GROUPS} groups); got "
                          f"K={k} in {n_groups} groups")
     return group
@@ -82,11 +74,11 @@ def _words(nibbles):
     return jnp.bitwise_or.reduce(nibbles.astype(jnp.uint32) << shifts, axis=-1).view(jnp.int32)
 
 
-def to_layout(packed, scale, layout: str):
-    """ct (packed [..., N, K/8], scale [..., N, G]) -> the same nibbles and scales in `layout`."""
-    check_layout(layout)
+def to_packing(packed, scale, packing: str):
+    """ct (packed [..., N, K/8], scale [..., N, G]) -> the same nibbles and scales in `packing`."""
+    check_packing(packing)
     packed, scale = jnp.asarray(packed), jnp.asarray(scale)
-    if layout == "ct":
+    if packing == "ct":
         return packed, scale
     if packed.shape[:-1] != scale.shape[:-1]:
         raise ValueError(f"packed {tuple(packed.shape)} and scale {tuple(scale.shape)} disagree on their "
@@ -102,16 +94,16 @@ def to_layout(packed, scale, layout: str):
     return words, jnp.swapaxes(scale, -1, -2)
 
 
-def from_layout(packed, scale, layout: str):
-    """The inverse of `to_layout`: arrays in `layout` -> ct (for export and tests)."""
-    check_layout(layout)
+def from_packing(packed, scale, packing: str):
+    """The inverse of `to_packing`: arrays in `packing` -> ct (for export and tests)."""
+    check_packing(packing)
     packed, scale = jnp.asarray(packed), jnp.asarray(scale)
-    if layout == "ct":
+    if packing == "ct":
         return packed, scale
     *lead, k8, n = packed.shape
     n_groups = scale.shape[-2]
     if scale.shape[-1] != n or tuple(scale.shape[:-2]) != tuple(lead):
-        raise ValueError(f"not a 'tpu' layout pair: packed {tuple(packed.shape)}, scale {tuple(scale.shape)}")
+        raise ValueError(f"not a 'tpu' packing pair: packed {tuple(packed.shape)}, scale {tuple(scale.shape)}")
     group = _tpu_geometry(k8 * NIBBLES_PER_WORD, n_groups)
     nib = _nibbles(packed).reshape(*lead, n_groups // TILE_GROUPS, group, n, _HALVES, _CHAINS)
     # [..., T, rho, n, h, c] -> [..., n, T, c, rho, h]: column 8g*T + 2g*c + 2*rho + h.
@@ -121,23 +113,23 @@ def from_layout(packed, scale, layout: str):
     return words, jnp.swapaxes(scale, -1, -2)
 
 
-def features(packed, scale, layout: str) -> tuple[int, int]:
-    """(out N, in K) of the weight matrices held in `layout`. K counts packed columns, so for ct
+def features(packed, scale, packing: str) -> tuple[int, int]:
+    """(out N, in K) of the weight matrices held in `packing`. K counts packed columns, so for ct
     arrays whose K was padded to a multiple of 8 it is the padded size."""
-    check_layout(layout)
-    if layout == "ct":
+    check_packing(packing)
+    if packing == "ct":
         return packed.shape[-2], packed.shape[-1] * NIBBLES_PER_WORD
     return packed.shape[-1], packed.shape[-2] * NIBBLES_PER_WORD
 
 
-def scale_groups(scale, layout: str) -> int:
-    """Scale groups per row (K / group size) of scales held in `layout`."""
-    check_layout(layout)
-    return scale.shape[-1] if layout == "ct" else scale.shape[-2]
+def scale_groups(scale, packing: str) -> int:
+    """Scale groups per row (K / group size) of scales held in `packing`."""
+    check_packing(packing)
+    return scale.shape[-1] if packing == "ct" else scale.shape[-2]
 
 
-def dequantize(packed, scale, layout: str, dtype=jnp.float32, k: int | None = None):
-    """Weights [..., N, K] (out, in) in `dtype`, bit-identical for every layout to compressed-tensors'
+def dequantize(packed, scale, packing: str, dtype=jnp.float32, k: int | None = None):
+    """Weights [..., N, K] (out, in) in `dtype`, bit-identical for every packing to compressed-tensors'
     dequant of the checkpoint arrays. `k`: the logical input size (default: all packed columns)."""
-    packed, scale = from_layout(packed, scale, layout)
+    packed, scale = from_packing(packed, scale, packing)
     return dequantize_int4_ref(packed, scale, k or packed.shape[-1] * NIBBLES_PER_WORD, dtype)

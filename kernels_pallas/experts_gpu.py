@@ -1,7 +1,8 @@
-"""W4A16 matmuls on NVIDIA GPUs (Pallas Triton): a GEMV kernel for few rows per expert, a tensor-core
-kernel for many, and the entry points that choose between them by the static rows per expert.
+"""Routed-expert W4A16 matmuls on NVIDIA GPUs (Pallas Triton), reading INT4 packing "ct": a GEMV
+kernel for few rows per expert, a tensor-core kernel for many, and the entry points that choose
+between them by the static rows per expert.
 
-Both read the checkpoint layout unchanged (packed [E, N, K/8] int32, scale [E, N, K/g]; a row is
+Both read the checkpoint's packing unchanged (packed [E, N, K/8] int32, scale [E, N, K/g]; a row is
 contiguous along K) and run over `expert_row_tiles`: a tile is (expert e, rows [r0, r1)) with at
 most block_m rows of one expert, so each tile streams its expert's weights once and experts
 without rows cost nothing. The grid spans tiles, column blocks and K splits; idle tiles exit at once.
@@ -38,16 +39,61 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from kernels_pallas.dequant import check_supported, dequant_tile_gpu
-from kernels_pallas.grouped_moe import DOT_NT, expert_row_tiles, mask_padding_rows, rows_per_expert, silu_mul
-from kernels_pallas.int4 import NIBBLES_PER_WORD
+from kernels_pallas.experts_xla import DOT_NT, expert_row_tiles, mask_padding_rows, rows_per_expert, silu_mul
+from kernels_pallas.int4_ct import NIBBLES_PER_WORD
 
-__all__ = ["int4_matmul_gpu", "grouped_int4_swiglu_gpu", "grouped_int4_matmul_gpu", "gemv_config",
-           "mma_config", "GEMV_MAX_ROWS"]
+__all__ = ["grouped_int4_swiglu_gpu", "grouped_int4_matmul_gpu", "gemv_config", "mma_config", "GEMV_MAX_ROWS",
+           "unsupported_reason", "dequant_tile_gpu"]
 
 GEMV_MAX_ROWS = 4  # rows per expert up to which the GEMV kernel is the default (static choice)
 GPU_TARGET_PROGRAMS = 512  # ~4 programs per SM on a 132-SM H100/H200: enough bytes in flight
 _MAGIC_128 = 0x43000000  # float32 128.0; mantissa bit 16 is worth 1, bit 12 is worth 1/16
+_MAGIC_F32 = 0x4B000000  # float32 2**23: OR-ing a nibble u into its mantissa gives 2**23 + u exactly
+_MAGIC_BF16 = 0x4300  # bfloat16 128: likewise 128 + u, exact for u < 16
+
+
+def unsupported_reason(k: int, group: int) -> str | None:
+    """Why these kernels cannot take inputs of width k in groups of `group`, or None. Triton tensors
+    have power-of-two shapes, so a tile must hold whole power-of-two groups, and the GEMV kernel
+    reads whole packed words per group."""
+    if group >= NIBBLES_PER_WORD and k % group == 0 and group & (group - 1) == 0:
+        return None
+    return f"the gpu kernels need a power-of-two group size of at least 8 dividing k; got k={k}, group size {group}"
+
+
+def dequant_tile_gpu(p, s, *, group: int, dtype, mode: str = "f32"):
+    """p int32 [bn, w], s [bn, 8w/group] -> [bn, 8w] in `dtype` (checkpoint column order): the
+    tensor-core kernel's dequantization of one weight tile, in registers.
+
+    No int->float conversion instruction: NVIDIA GPUs issue conversions at a small fraction of the
+    FMA rate, enough to bound a memory-bound kernel. The nibble goes into a float mantissa instead
+    (exact), and the product is rounded once to the scale's dtype, matching the reference bit for bit.
+    Triton merges [bn, w, 8] into [bn, 8w] (the join and reshape its own int4 loads use), so x and
+    the output keep the checkpoint's column order. mode "f32": float32 math on a [bn, w, 8]
+    broadcast; "bf16": the same with bf16 math (128 + u is exact in bf16); "join": eight [bn, w]
+    planes interleaved by Triton joins."""
+    bn, w = p.shape
+    k = w * NIBBLES_PER_WORD
+    n_groups = s.shape[1]
+    s_cols = jnp.broadcast_to(s[:, :, None], (bn, n_groups, k // n_groups)).reshape(bn, k)
+    if mode == "bf16" and s.dtype == jnp.bfloat16:
+        shifts = 4 * lax.broadcasted_iota(jnp.int32, (1, 1, NIBBLES_PER_WORD), 2)
+        bits = ((p[:, :, None] >> shifts) & 0xF | _MAGIC_BF16).astype(jnp.int16)
+        q = lax.bitcast_convert_type(bits, jnp.bfloat16) - jnp.bfloat16(128 + 8)
+        return (q.reshape(bn, k) * s_cols).astype(dtype)
+    if mode == "join":
+        planes = [lax.bitcast_convert_type((p >> (4 * j)) & 0xF | _MAGIC_F32, jnp.float32)
+                  for j in range(NIBBLES_PER_WORD)]
+        # Column 8kk + 4a + 2b + c: join over a, then b, then c (each join appends a minor dim).
+        lvl = [jnp.stack([planes[j], planes[j + 4]], axis=-1) for j in range(4)]
+        lvl = [jnp.stack([lvl[c], lvl[c + 2]], axis=-1) for c in range(2)]
+        q = jnp.stack(lvl, axis=-1).reshape(bn, k)
+    else:
+        shifts = 4 * lax.broadcasted_iota(jnp.int32, (1, 1, NIBBLES_PER_WORD), 2)
+        nib = (p[:, :, None] >> shifts) & 0xF | _MAGIC_F32
+        q = lax.bitcast_convert_type(nib, jnp.float32).reshape(bn, k)
+    q = q - jnp.float32(2**23 + 8)
+    return (q * s_cols.astype(jnp.float32)).astype(s.dtype).astype(dtype)
 
 
 def _split_k(busy_tiles: int, n_blocks: int, n_steps: int) -> int:
@@ -301,7 +347,9 @@ def _grouped_gpu(x, weights, group_sizes, *, swiglu, kernel, interpret, override
     m, k = x.shape
     n = weights[0][0].shape[1]
     group = k // weights[0][1].shape[2]
-    check_supported("gpu", k, group)
+    reason = unsupported_reason(k, group)
+    if reason:
+        raise ValueError(reason)
     rows = rows_per_expert(m, group_sizes.shape[0])
     kernel = kernel or ("gemv" if rows <= GEMV_MAX_ROWS else "mma")
     if kernel not in _KERNELS:
@@ -331,10 +379,3 @@ def grouped_int4_matmul_gpu(h, packed, scale, group_sizes, *, kernel=None, inter
     """`grouped_int4_matmul_ref` on the GPU (the down projection); arguments as the SwiGLU's."""
     return _grouped_gpu(h, [(packed, scale)], group_sizes, swiglu=False, kernel=kernel, interpret=interpret,
                         overrides=overrides)
-
-
-def int4_matmul_gpu(x, packed, scale, *, kernel=None, interpret=False, **overrides):
-    """`int4_matmul_ref` on the GPU: x [M, K] @ dequant(packed [N, K/8], scale [N, K/g])^T -> [M, N]."""
-    sizes = jnp.full((1,), x.shape[0], jnp.int32)
-    return _grouped_gpu(x, [(packed[None], scale[None])], sizes, swiglu=False, kernel=kernel,
-                        interpret=interpret, overrides=overrides)

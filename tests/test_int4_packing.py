@@ -1,4 +1,4 @@
-"""Expert layouts (kernels_pallas/layout.py): every layout dequantizes bit for bit like compressed-tensors."""
+"""INT4 packings (kernels_pallas/int4_packing.py): every packing dequantizes bit for bit like compressed-tensors."""
 
 import jax
 import jax.numpy as jnp
@@ -9,14 +9,14 @@ from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_in
 from compressed_tensors.quantization import QuantizationArgs
 from compressed_tensors.quantization.lifecycle.forward import dequantize as ct_dequantize
 
-from kernels_pallas import layout as layouts
-from kernels_pallas.int4 import quantize_int4, unpack_int4
-from kernels_pallas.layout import LAYOUTS, features, layout_for
+from kernels_pallas import int4_packing as packings
+from kernels_pallas.int4_ct import quantize_int4, unpack_int4
+from kernels_pallas.int4_packing import PACKINGS, features
 
 # Jitted once per shape: op-by-op dispatch would compile every small op of the repack separately.
-to_layout = jax.jit(layouts.to_layout, static_argnums=2)
-from_layout = jax.jit(layouts.from_layout, static_argnums=2)
-dequantize = jax.jit(layouts.dequantize, static_argnums=(2, 3))
+to_packing = jax.jit(packings.to_packing, static_argnums=2)
+from_packing = jax.jit(packings.from_packing, static_argnums=2)
+dequantize = jax.jit(packings.dequantize, static_argnums=(2, 3))
 
 
 def checkpoint_arrays(rng, shape, group):
@@ -43,42 +43,42 @@ SHAPES = [((4, 256, 512), 32), ((4, 512, 256), 32), ((2, 3, 128, 256), 32), ((96
           ((3, 40, 128), 16), ((5, 24, 64), 8)]
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("packing", PACKINGS)
 @pytest.mark.parametrize("shape,group", SHAPES)
-def test_every_layout_dequantizes_bit_identically_to_compressed_tensors(layout, shape, group):
+def test_every_packing_dequantizes_bit_identically_to_compressed_tensors(packing, shape, group):
     rng = np.random.default_rng(sum(shape) + group)
     packed, scale = checkpoint_arrays(rng, shape, group)
     theirs = compressed_tensors_dequant(packed, scale, group)
-    held = to_layout(packed, scale, layout)
-    ours = np.asarray(dequantize(*held, layout, jnp.bfloat16)).view(np.uint16)
+    held = to_packing(packed, scale, packing)
+    ours = np.asarray(dequantize(*held, packing, jnp.bfloat16)).view(np.uint16)
     np.testing.assert_array_equal(ours, theirs)
 
 
 @pytest.mark.parametrize("shape,group", SHAPES)
-def test_tpu_layout_round_trips_to_the_checkpoint_words_at_the_same_size(shape, group):
+def test_tpu_packing_round_trips_to_the_checkpoint_words_at_the_same_size(shape, group):
     rng = np.random.default_rng(len(shape) * group)
     packed, scale = checkpoint_arrays(rng, shape, group)
-    words, scales = to_layout(packed, scale, "tpu")
+    words, scales = to_packing(packed, scale, "tpu")
     *lead, n, k8 = packed.shape
     # N minor in both arrays; not one byte more than the checkpoint (4.5 bits per weight for g=32).
     assert words.shape == (*lead, k8, n) and scales.shape == (*lead, scale.shape[-1], n)
     assert words.dtype == jnp.int32 and scales.dtype == scale.dtype
     assert words.nbytes + scales.nbytes == packed.nbytes + scale.nbytes
     assert features(words, scales, "tpu") == features(packed, scale, "ct") == (n, k8 * 8)
-    back = from_layout(words, scales, "tpu")
+    back = from_packing(words, scales, "tpu")
     np.testing.assert_array_equal(np.asarray(back[0]), packed)
     np.testing.assert_array_equal(np.asarray(back[1]).view(np.uint16), scale.view(np.uint16))
 
 
 def test_tpu_tiles_decode_by_shift_mask_and_or_into_bfloat16_in_column_order():
-    # The property the Mosaic kernels are built on (layout.py, "Tiles"): in tile T, chain c of word
+    # The property the Mosaic kernels are built on (int4_packing.py, "Tiles"): in tile T, chain c of word
     # rows [gT, g(T+1)), as bf16 pairs with the low half first, is 128 + u of columns
     # 8gT + 2gc + [0, 2g) in order.
     rng = np.random.default_rng(7)
     group, n = 32, 16
     packed, scale = checkpoint_arrays(rng, (n, 2 * 8 * group), group)
     u = np.asarray(unpack_int4(packed, packed.shape[-1] * 8)).astype(np.int32) + 8  # [n, K]
-    words = np.asarray(to_layout(packed, scale, "tpu")[0])
+    words = np.asarray(to_packing(packed, scale, "tpu")[0])
     for t in range(2):
         for c in range(4):
             pairs = ((words[group * t:group * (t + 1)] >> (4 * c)) & 0x000F000F) | 0x43004300
@@ -88,11 +88,11 @@ def test_tpu_tiles_decode_by_shift_mask_and_or_into_bfloat16_in_column_order():
             np.testing.assert_array_equal(rows, u[:, first:first + 2 * group].T + 128)
 
 
-def test_to_layout_runs_under_jit_for_a_loader_on_device():
+def test_to_packing_runs_under_jit_for_a_loader_on_device():
     rng = np.random.default_rng(3)
     packed, scale = checkpoint_arrays(rng, (2, 128, 256), 32)
-    jitted = to_layout(packed, scale, "tpu")
-    eager = layouts.to_layout(packed, scale, "tpu")
+    jitted = to_packing(packed, scale, "tpu")
+    eager = packings.to_packing(packed, scale, "tpu")
     for a, b in zip(jitted, eager):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -101,16 +101,13 @@ def test_to_layout_runs_under_jit_for_a_loader_on_device():
     ((8, 96), 32, "number of groups"),  # 3 groups: a tile holds 8
     ((8, 128), 4, "multiple of 8"),  # half a word per group
 ])
-def test_tpu_layout_refuses_shapes_it_cannot_hold(shape, group, why):
+def test_tpu_packing_refuses_shapes_it_cannot_hold(shape, group, why):
     packed, scale = checkpoint_arrays(np.random.default_rng(0), shape, group)
     with pytest.raises(ValueError, match=why):
-        layouts.to_layout(packed, scale, "tpu")
-    np.testing.assert_array_equal(np.asarray(layouts.to_layout(packed, scale, "ct")[0]), packed)
+        packings.to_packing(packed, scale, "tpu")
+    np.testing.assert_array_equal(np.asarray(packings.to_packing(packed, scale, "ct")[0]), packed)
 
 
-def test_layout_names_are_checked_and_chosen_per_platform():
-    assert layout_for("tpu") == "tpu" and layout_for("gpu") == "ct" and layout_for("cpu") == "ct"
-    with pytest.raises(ValueError, match="unknown expert layout"):
-        layouts.to_layout(np.zeros((8, 16), np.int32), np.zeros((8, 4), np.float32), "gpu")
-    with pytest.raises(ValueError, match="no expert layout for platform"):
-        layout_for("metal")
+def test_packing_names_are_checked():
+    with pytest.raises(ValueError, match="unknown INT4 packing 'gpu'"):
+        packings.to_packing(np.zeros((8, 16), np.int32), np.zeros((8, 4), np.float32), "gpu")

@@ -1,10 +1,12 @@
-"""INT4 `pack-quantized` layout of compressed-tensors (docs/k2-format.md §3): host quantizer and pure-jnp reference.
+"""INT4 in compressed-tensors `pack-quantized` form, packing "ct" (docs/k2-format.md §3): the host
+quantizer, packing and unpacking, and the pure-jnp dequantization every kernel is checked against.
 
 A weight W of logical shape [..., N, K] (out, in) is stored as
   packed int32 [..., N, ceil(K/8)]: column 8k+j of a row is the nibble u = q + 8 in bits [4j, 4j+3]
                                     of word k (offset binary, first column least significant);
   scale        [..., N, K/group]:   W[r, c] = (u - 8) * scale[r, c // group], no zero point.
-Kernels read exactly these arrays; nothing here reorders them, so a checkpoint loads by copying.
+The GPU and CPU kernels read exactly these arrays, so a checkpoint loads by copying; the TPU
+kernels read the same bits repacked (int4_packing.py).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Grouped MoE matmuls over rows already sorted by expert: the XLA references and the row tiles.
+"""Routed-expert matmuls over rows already sorted by expert, backend "xla": the references every
+kernel is checked against and the CPU production path, plus the row tiles the GPU kernels share.
 
   grouped_int4_swiglu_ref(x [M, K], gate (packed [E, I, K/8], scale [E, I, K/g]), up (same), sizes [E])
       -> silu(x @ Wg[e]^T) * (x @ Wu[e]^T) [M, I], row r using the expert e whose run holds r
@@ -21,7 +22,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from kernels_pallas.layout import dequantize, features
+from kernels_pallas.int4_packing import dequantize, features
 
 __all__ = ["grouped_int4_swiglu_ref", "grouped_int4_matmul_ref", "grouped_matmul_ref", "expert_row_tiles",
            "rows_per_expert", "mask_padding_rows", "silu_mul", "DOT_NT"]
@@ -75,10 +76,10 @@ def mask_padding_rows(out, group_sizes):
 # INT4 references
 
 
-def _grouped_int4_ref(x, weights, group_sizes, swiglu, layout="ct"):
+def _grouped_int4_ref(x, weights, group_sizes, swiglu, packing="ct"):
     weights = [(jnp.asarray(p), jnp.asarray(s)) for p, s in weights]
     m, k = x.shape
-    n = features(*weights[0], layout)[0]
+    n = features(*weights[0], packing)[0]
     bm = int(min(256, max(8, pl.next_power_of_2(int(-(-m // max(1, min(group_sizes.shape[0], m))))))))
     experts, first, end = expert_row_tiles(group_sizes, m, bm)
     x_pad = jnp.pad(x, ((0, bm), (0, 0)))  # a tile may run past row m; keep its window in bounds
@@ -88,7 +89,7 @@ def _grouped_int4_ref(x, weights, group_sizes, swiglu, layout="ct"):
 
         def compute(out):
             xs = lax.dynamic_slice_in_dim(x_pad, r0, bm)
-            ys = [lax.dot_general(xs, dequantize(p[e], s[e], layout, x.dtype, k), DOT_NT,
+            ys = [lax.dot_general(xs, dequantize(p[e], s[e], packing, x.dtype, k), DOT_NT,
                                   preferred_element_type=jnp.float32) for p, s in weights]
             y = (silu_mul(*ys) if swiglu else ys[0]).astype(out.dtype)
             mine = r0 + lax.broadcasted_iota(jnp.int32, (bm, 1), 0) < r1
@@ -101,16 +102,16 @@ def _grouped_int4_ref(x, weights, group_sizes, swiglu, layout="ct"):
     return out[:m]
 
 
-def grouped_int4_swiglu_ref(x, gate_packed, gate_scale, up_packed, up_scale, group_sizes, *, layout="ct"):
-    """silu(x @ Wg[e]^T) * (x @ Wu[e]^T) per row's expert e; [M, K] -> [M, I] in x.dtype. `layout`:
-    where the words and scales sit (layout.py; "tpu": [E, K/8, I] and [E, K/g, I])."""
+def grouped_int4_swiglu_ref(x, gate_packed, gate_scale, up_packed, up_scale, group_sizes, *, packing="ct"):
+    """silu(x @ Wg[e]^T) * (x @ Wu[e]^T) per row's expert e; [M, K] -> [M, I] in x.dtype. `packing`:
+    how the words and scales are stored (int4_packing.py; "tpu": [E, K/8, I] and [E, K/g, I])."""
     return _grouped_int4_ref(x, [(gate_packed, gate_scale), (up_packed, up_scale)], group_sizes, swiglu=True,
-                             layout=layout)
+                             packing=packing)
 
 
-def grouped_int4_matmul_ref(h, packed, scale, group_sizes, *, layout="ct"):
+def grouped_int4_matmul_ref(h, packed, scale, group_sizes, *, packing="ct"):
     """h @ W[e]^T per row's expert e (the down projection); [M, I] -> [M, D] in h.dtype."""
-    return _grouped_int4_ref(h, [(packed, scale)], group_sizes, swiglu=False, layout=layout)
+    return _grouped_int4_ref(h, [(packed, scale)], group_sizes, swiglu=False, packing=packing)
 
 
 # ---------------------------------------------------------------------------------------------

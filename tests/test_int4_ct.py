@@ -1,4 +1,5 @@
-"""INT4 pack-quantized layout: bit-exact against compressed-tensors' own pack/unpack/quantize/dequant."""
+"""INT4 in compressed-tensors pack-quantized form (kernels_pallas/int4_ct.py): bit-exact against
+compressed-tensors' own pack/unpack/quantize/dequant."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +10,7 @@ from compressed_tensors.quantization import QuantizationArgs
 from compressed_tensors.quantization.lifecycle.forward import dequantize, quantize
 from compressed_tensors.quantization.utils import calculate_qparams
 
-from kernels_pallas.int4 import dequantize_int4_ref, pack_int4, quantize_int4, unpack_int4
+from kernels_pallas.int4_ct import dequantize_int4_ref, pack_int4, quantize_int4, unpack_int4
 
 
 def ct_args(group):

@@ -1,12 +1,14 @@
-"""W4A16 matmuls on TPU (Mosaic) over the "tpu" expert layout (layout.py).
+"""Routed-expert W4A16 matmuls on TPU (Mosaic), reading INT4 packing "tpu" (int4_packing.py).
 
   grouped_int4_swiglu_tpu(x [M, K], gate (packed [E, K/8, N], scale [E, G, N]), up (same), sizes [E'])
       -> silu(x @ Wg[e]^T) * (x @ Wu[e]^T) [M, N], row r using the expert e whose run holds r
   grouped_int4_matmul_tpu(h [M, K], packed [E, K/8, N], scale [E, G, N], sizes [E']) -> [M, N]
-  int4_matmul_tpu(x [M, K], packed [K/8, N], scale [G, N]) -> [M, N]
 
 Rows past sum(sizes) are padding and come back as zeros; group e (e < E' <= E) reads expert e. The
-references are grouped_moe.py's and int4_matmul.py's with layout="tpu". N must be a multiple of 128.
+references are experts_xla.py's with packing="tpu". N must be a multiple of 128. There is no TPU
+kernel for packing "ct": its minor dimensions (K/32 scale columns, K/8 words) are not multiples of
+128, so XLA:TPU would copy every layer's experts into another tiling before any kernel could read
+them; the loader repacks them once instead (backends.py).
 
 Grid = (column blocks, visits). A visit is (expert e, row block b) for every block b of `block_m`
 rows that e's run touches (`tpu_visits`); consecutive visits of one row block accumulate into the
@@ -15,7 +17,7 @@ expert e's weight block; an expert with no rows is never visited and padding vis
 real one, so neither costs a DMA: each selected expert's [K/8, block_n] words and [G, block_n]
 scales are streamed once per column block and row block they serve.
 
-Inside a visit, 128 columns at a time, each tile of 8 groups (layout.py) is decoded with one shift,
+Inside a visit, 128 columns at a time, each tile of 8 groups (int4_packing.py) is decoded with one shift,
 one mask and one OR per word and pair of nibbles into bfloat16 128 + u in column order. Then:
   * few rows ("scale after", block_m <= 32, decode): the MXU multiplies x by 128 + u with the scales
     left out, one partial sum per (group, row), because x enters block-diagonally: left row (gl, m)
@@ -39,13 +41,12 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from kernels_pallas.dequant import aligned_divisor
-from kernels_pallas.grouped_moe import mask_padding_rows, rows_per_expert, silu_mul
-from kernels_pallas.int4_matmul import tpu_visit_call, tpu_visits
-from kernels_pallas.layout import TILE_GROUPS, features
+from kernels_pallas.experts_xla import mask_padding_rows, rows_per_expert, silu_mul
+from kernels_pallas.int4_ct import NIBBLES_PER_WORD
+from kernels_pallas.int4_packing import TILE_GROUPS, features
 
-__all__ = ["grouped_int4_swiglu_tpu", "grouped_int4_matmul_tpu", "int4_matmul_tpu", "tpu_layout_call",
-           "layout_block_m", "layout_block_n"]
+__all__ = ["grouped_int4_swiglu_tpu", "grouped_int4_matmul_tpu", "experts_call", "block_m_for", "block_n_for",
+           "tpu_visits", "unsupported_reason"]
 
 BLOCK_WORD_BYTES = 2 * 2**20  # words per weight block: a grid step's ~0.35 us is small next to its DMA
 SPLIT_MIN_BYTES = 2**20  # split columns across TensorCores only while blocks keep at least this much
@@ -57,7 +58,64 @@ _LOW_NIBBLES = 0x000F000F
 _OFFSET = 128 + 8  # the decoded 128 + u is q + 136
 
 
-def layout_block_n(n: int, k8: int, cores: int = 2) -> int:
+def unsupported_reason(n: int, k: int, n_groups: int) -> str | None:
+    """Why these kernels cannot take weights of N outputs and K inputs in `n_groups` scale groups
+    (packing "tpu"), or None."""
+    group = k // n_groups if n_groups else 0
+    if not group or k % n_groups or group % NIBBLES_PER_WORD or n_groups % TILE_GROUPS:
+        return (f"the tpu kernels need a group size that is a multiple of 8 and a multiple of {TILE_GROUPS} "
+                f"groups; got k={k} in {n_groups} groups")
+    if n % LANES:
+        return f"the tpu kernels need N a multiple of {LANES}; got N={n}"
+    return None
+
+
+def aligned_divisor(n: int, target: int, align: int) -> int:
+    """Largest multiple of `align` that divides n and is <= target, else n (whole-dim blocks are
+    always legal on TPU, where a block must be a multiple of the (8, 128) tile or the full dim)."""
+    for b in range(min(target, n) // align * align, 0, -align):
+        if n % b == 0:
+            return b
+    return n
+
+
+def tpu_visits(group_sizes, m: int, bm: int):
+    """(expert, row block) visits -> (expert [T], block [T], expert row offsets [E+1], count [1]).
+
+    Pallas blocks must start at multiples of the block size, so an expert's run of rows is visited
+    once per block of `bm` rows it touches (megablox style). Computed on device (tiny arrays), so
+    group sizes can be traced values."""
+    n_exp = group_sizes.shape[0]
+    n_blocks = pl.cdiv(m, bm)
+    n_visits = n_blocks + min(n_exp, m)
+    gs = group_sizes.astype(jnp.int32)
+    ends = jnp.minimum(jnp.cumsum(gs), m)
+    starts = ends - jnp.minimum(gs, ends)
+    count = jnp.where(ends > starts, (ends - 1) // bm - starts // bm + 1, 0)
+    visit_end = jnp.cumsum(count)
+    total = visit_end[-1]
+    # Padding visits repeat the last real one: same block indices, so the pipeline fetches nothing.
+    t = jnp.minimum(jnp.arange(n_visits, dtype=jnp.int32), jnp.maximum(total - 1, 0))
+    g = jnp.minimum(jnp.searchsorted(visit_end, t, side="right", method="compare_all"), n_exp - 1)
+    b = jnp.minimum(starts[g] // bm + t - (visit_end[g] - count[g]), n_blocks - 1)
+    offsets = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends])
+    return g.astype(jnp.int32), b.astype(jnp.int32), offsets, total.reshape(1).astype(jnp.int32)
+
+
+def tpu_visit_call(kernel, grid_spec, out_shape, *, interpret, name: str):
+    """The pallas_call of a kernel whose grid is (column block, visit) over `tpu_visits`."""
+    from jax.experimental.pallas import tpu as pltpu
+
+    return pl.pallas_call(
+        kernel, out_shape=out_shape, grid_spec=grid_spec,
+        # Visits revisit output blocks, so only the column axis may be split across cores.
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary"),
+                                             vmem_limit_bytes=48 * 2**20),
+        interpret=interpret, name=name)
+
+
+
+def block_n_for(n: int, k8: int, cores: int = 2) -> int:
     """Columns per block: a multiple of 128 dividing N with about BLOCK_WORD_BYTES of words, split
     into `cores` blocks (the column axis is the one shared out between TensorCores) while each keeps
     SPLIT_MIN_BYTES."""
@@ -67,7 +125,7 @@ def layout_block_n(n: int, k8: int, cores: int = 2) -> int:
     return aligned_divisor(n, target, LANES)
 
 
-def layout_block_m(rows_per_group: float) -> int:
+def block_m_for(rows_per_group: float) -> int:
     """Rows per block: the expected rows per expert as a power of two, from 8 (a float32 sublane
     tile; scaling partial sums costs VPU work per row, so decode keeps blocks small) to 256."""
     return int(min(256, max(8, pl.next_power_of_2(max(1, int(rows_per_group))))))
@@ -198,7 +256,7 @@ def _dequant(x_ref, s32_ref, w_refs, cols, *, bm, group):
     return list(lax.fori_loop(0, n_tiles, tile, zeros, unroll=_unroll(n_tiles, len(zeros))))
 
 
-def _layout_kernel(vg_ref, vb_ref, off_ref, nv_ref, x_ref, xsum_ref, *refs, bm, group, swiglu, scale_after,
+def _experts_kernel(vg_ref, vb_ref, off_ref, nv_ref, x_ref, xsum_ref, *refs, bm, group, swiglu, scale_after,
                    stride0):
     n_proj = 2 if swiglu else 1
     w_refs, o_ref = refs[:2 * n_proj], refs[2 * n_proj]
@@ -242,7 +300,7 @@ def _check_shapes(x, weights, group_sizes):
     n, kw = features(packed, scale, "tpu")
     for p, s in weights:
         if p.ndim != 3 or p.dtype != jnp.int32 or s.shape != (p.shape[0], scale.shape[1], p.shape[2]):
-            raise ValueError(f"expected 'tpu' layout experts packed int32 [E, K/8, N] and scale [E, G, N]; "
+            raise ValueError(f"expected experts in packing 'tpu': packed int32 [E, K/8, N] and scale [E, G, N]; "
                              f"got packed {p.dtype}{list(p.shape)}, scale {s.dtype}{list(s.shape)}")
         if p.shape != packed.shape:
             raise ValueError(f"all projections must share one shape; got {list(p.shape)} and {list(packed.shape)}")
@@ -251,25 +309,24 @@ def _check_shapes(x, weights, group_sizes):
     if group_sizes.ndim != 1 or group_sizes.shape[0] > packed.shape[0]:
         raise ValueError(f"group_sizes {list(group_sizes.shape)} must be [E] with E <= {packed.shape[0]} experts")
     n_groups = scale.shape[1]
+    reason = unsupported_reason(n, k, n_groups)
+    if reason:
+        raise ValueError(reason)
     group = k // n_groups
-    if k % n_groups or group % 8 or n_groups % TILE_GROUPS:
-        raise ValueError(f"{n_groups} scale groups over K={k} are not a 'tpu' layout (see layout.py)")
-    if n % LANES:
-        raise ValueError(f"the TPU layout kernels need N a multiple of {LANES}; got N={n}")
     return m, k, n, group
 
 
-def tpu_layout_call(x, weights, group_sizes, *, swiglu, block_m=None, block_n=None, scale_after=None,
+def experts_call(x, weights, group_sizes, *, swiglu, block_m=None, block_n=None, scale_after=None,
                     interpret=False):
-    """x [M, K]; weights [(packed [E, K/8, N], scale [E, G, N]), ...] in the "tpu" layout;
+    """x [M, K]; weights [(packed [E, K/8, N], scale [E, G, N]), ...] in packing "tpu";
     group_sizes [E'] (E' <= E) -> [M, N] in x.dtype; see the module docstring. `scale_after`
     forces the inner strategy (default: by block_m)."""
     from jax.experimental.pallas import tpu as pltpu
 
     m, k, n, group = _check_shapes(x, weights, group_sizes)
     k8, n_groups = weights[0][0].shape[1], weights[0][1].shape[1]
-    bm = block_m or layout_block_m(rows_per_expert(m, group_sizes.shape[0]))
-    bn = block_n or layout_block_n(n, k8)
+    bm = block_m or block_m_for(rows_per_expert(m, group_sizes.shape[0]))
+    bn = block_n or block_n_for(n, k8)
     if n % bn or bn % LANES:
         raise ValueError(f"block_n={bn} must divide N={n} and be a multiple of {LANES}")
     if scale_after is None:
@@ -294,10 +351,10 @@ def tpu_layout_call(x, weights, group_sizes, *, swiglu, block_m=None, block_n=No
         out_specs=pl.BlockSpec((bm, bn), lambda j, t, vg, vb, off, nv: (vb[t], j)),
         scratch_shapes=scratch,
     )
-    kernel = functools.partial(_layout_kernel, bm=bm, group=group, swiglu=swiglu, scale_after=scale_after,
+    kernel = functools.partial(_experts_kernel, bm=bm, group=group, swiglu=swiglu, scale_after=scale_after,
                                stride0=not interpret)
     out = tpu_visit_call(kernel, grid_spec, jax.ShapeDtypeStruct((m_pad, n), x.dtype), interpret=interpret,
-                         name="int4_swiglu_tpu_layout" if swiglu else "int4_matmul_tpu_layout",
+                         name="int4_swiglu_tpu" if swiglu else "int4_matmul_tpu",
                          )(*visits, x_pad, xsum, *[a for pair in weights for a in pair])
     return mask_padding_rows(out[:m], group_sizes)
 
@@ -305,19 +362,12 @@ def tpu_layout_call(x, weights, group_sizes, *, swiglu, block_m=None, block_n=No
 def grouped_int4_swiglu_tpu(x, gate_packed, gate_scale, up_packed, up_scale, group_sizes, *, block_m=None,
                             block_n=None, scale_after=None, interpret=False):
     """silu(x @ Wg^T) * (x @ Wu^T) per row's expert; one kernel streams gate and up side by side."""
-    return tpu_layout_call(x, [(gate_packed, gate_scale), (up_packed, up_scale)], group_sizes, swiglu=True,
+    return experts_call(x, [(gate_packed, gate_scale), (up_packed, up_scale)], group_sizes, swiglu=True,
                            block_m=block_m, block_n=block_n, scale_after=scale_after, interpret=interpret)
 
 
 def grouped_int4_matmul_tpu(h, packed, scale, group_sizes, *, block_m=None, block_n=None, scale_after=None,
                             interpret=False):
     """h @ W^T per row's expert (the down projection)."""
-    return tpu_layout_call(h, [(packed, scale)], group_sizes, swiglu=False, block_m=block_m, block_n=block_n,
+    return experts_call(h, [(packed, scale)], group_sizes, swiglu=False, block_m=block_m, block_n=block_n,
                            scale_after=scale_after, interpret=interpret)
-
-
-def int4_matmul_tpu(x, packed, scale, *, block_m=None, block_n=None, scale_after=None, interpret=False):
-    """x [M, K] @ W^T for one matrix in the "tpu" layout (packed [K/8, N], scale [G, N]) -> [M, N]."""
-    sizes = jnp.full((1,), x.shape[0], jnp.int32)
-    return tpu_layout_call(x, [(packed[None], scale[None])], sizes, swiglu=False, block_m=block_m,
-                           block_n=block_n, scale_after=scale_after, interpret=interpret)
