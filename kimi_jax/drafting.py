@@ -157,6 +157,7 @@ class RequestDrafter:
     paused_until: int = 0  # no drafting until the request holds this many tokens
     backoff: int = 16
     match_len: int = 0  # length of the match the latest lookup found (0: none)
+    draft_len: int = 0  # length of the draft it found (shorter where the matched text ends)
 
     @classmethod
     def for_prompt(cls, prompt_ids: Sequence[int], max_draft: int, prior: float = 0.5) -> "RequestDrafter":
@@ -192,17 +193,17 @@ class RequestDrafter:
             if other[0] > length:
                 (length, end), source = other, shared
         self.match_len = length
-        if not length:
-            return []
-        return source.continuation(end, min(k, self.length, length), own=source is self.own)
+        draft = source.continuation(end, min(k, self.length, length), own=source is self.own) if length else []
+        self.draft_len = len(draft)
+        return draft
 
     def expected_gain(self, width: int) -> float:
         """Draft tokens a verify step of `width` may expect this request to have accepted: the sum
         of a^i over the draft it would propose now (0 while paused or without a match)."""
-        if self.paused() or not self.match_len:
+        if self.paused() or not self.draft_len:
             return 0.0
         a = self.acceptance
-        n = min(width, self.length, self.match_len)
+        n = min(width, self.draft_len)
         return a * (1 - a ** n) / (1 - a) if a < 1 else float(n)
 
     def observe(self, drafted: int, accepted: int) -> None:

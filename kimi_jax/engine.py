@@ -266,8 +266,7 @@ class BatchEngine:
     def warm_up(self, masks: bool = False) -> None:
         """Compile every program the engine may run before the first request needs it: the
         prefill chunk and, for each row bucket, the decode block (with `masks`, also that of
-        constrained rows) and, speculating, the verify step of the narrowest draft width (a wider
-        one compiles when the policy first finds it worth trying). Each runs once on nothing
+        constrained rows) and, speculating, the verify step of each draft width. Each runs once on nothing
         (padding rows, zero steps), so no slot changes; with the compilation cache on, later
         processes load them from disk."""
         with self._step_lock:

@@ -157,7 +157,8 @@ class Scheduler:
     def warm_up(self, masks: bool = False) -> None:
         """Run each program the device compiles for this scheduler on nothing (see
         BatchEngine.warm_up): a prefill of padding rows, zero decode steps per row bucket, and with
-        a speculator a verify step of padding rows per bucket at the narrowest draft width."""
+        a speculator a verify step of padding rows per bucket and draft width (none masked: no verify
+        step runs while a row is masked)."""
         if self.busy():
             raise RuntimeError("warm_up() is for an idle engine")
         n, pad = self.prefill_rows, self.max_batch
@@ -169,10 +170,7 @@ class Scheduler:
             rows = np.full(bucket, pad, np.int32)
             for mask in [None] + ([self._allow_all(bucket)] if masks else []):
                 handles.append(self.device.decode(DecodeWork(rows, 0, mask, [])))
-            # The narrowest verify step only: the policy tries a wider one after a narrower one paid
-            # off (speculation.Speculator.plan), and then its compilation is paid for by the drafts.
-            if self.spec is not None:
-                width = self.spec.widths[0]
+            for width in self.spec.widths if self.spec is not None else ():
                 handles.append(self.device.verify(VerifyWork(rows, np.zeros((bucket, width), np.int32),
                                                              np.zeros(bucket, np.int32), [], {})))
         for h in handles:

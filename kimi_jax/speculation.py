@@ -34,7 +34,9 @@ from kimi_jax.drafting import RequestDrafter, SuffixIndex
 from kimi_jax.errors import KimiError
 
 SPECULATE_MODES = ("off", "ngram", "suffix")  # ngram: the request's own tokens; suffix: also recent outputs
-DEFAULT_SPECULATE = "suffix"
+# Off until a machine shows it paying: on the 2-core CPU a verify step costs several decode steps
+# of a 16-step block (BENCHMARKS.md), and the GPU gain is a projection.
+DEFAULT_SPECULATE = "off"
 DEFAULT_DRAFT_TOKENS = 8
 SHARED_CAPACITY = 1 << 16  # tokens of recent outputs the shared index keeps
 STALE_AFTER = 200  # measurements of other shapes after which one is taken again (at first)
@@ -132,7 +134,7 @@ class Speculator:
     (see the module doc). `mode`: "ngram" drafts from each request's own tokens, "suffix" also from
     the recent outputs of other requests."""
 
-    def __init__(self, mode: str = DEFAULT_SPECULATE, max_draft: int = DEFAULT_DRAFT_TOKENS, costs=None,
+    def __init__(self, mode: str = "suffix", max_draft: int = DEFAULT_DRAFT_TOKENS, costs=None,
                  shared_capacity: int = SHARED_CAPACITY):
         check_settings(mode, max_draft)
         if mode == "off":

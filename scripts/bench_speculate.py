@@ -118,6 +118,7 @@ def copy_benchmark(args) -> list[dict]:
             timed = [tok.encode(make(np.random.default_rng(i))) for i in range(clients)]
             spec_engine = rt[args.speculate].engine
             for r in rt.values():
+                r.engine.warm_up()  # every program compiled before anything is timed
                 timed_run(r.engine, warm, args.max_new_tokens)
             results = {"off": [], args.speculate: []}
             for _ in range(args.repeats):

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import shutil
 import sys
 
 import numpy as np
@@ -157,16 +156,13 @@ def copy_model(tokenizer, max_len: int = 16384):
 
 def build(out: str = DEFAULT_OUT, tokenizer_dir: str = TOKENIZER, max_len: int = 16384) -> str:
     """Write the copy model to `out` (replacing it) as a bf16 checkpoint and return `out`."""
-    from kimi_jax import export
+    from train_nano import write_model_dir
+
     from kimi_jax.chat import Tokenizer
 
     model = copy_model(Tokenizer.from_dir(tokenizer_dir), max_len)
-    if os.path.isdir(out):
-        shutil.rmtree(out)
-    gen = {"bos_token_id": model.cfg.bos_token_id, "do_sample": False, "max_new_tokens": 256}
-    export.write_checkpoint(out, model.cfg, export.iter_hf_tensors(model), generation_config=gen)
-    for name in ("tiktoken.model", "tokenizer_config.json"):
-        shutil.copy2(os.path.join(tokenizer_dir, name), os.path.join(out, name))
+    write_model_dir(out, model, tokenizer_dir, {"bos_token_id": model.cfg.bos_token_id, "do_sample": False,
+                                                "max_new_tokens": 256})
     return out
 
 

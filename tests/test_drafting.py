@@ -173,6 +173,7 @@ def test_verify_only_when_the_expected_tokens_beat_its_cost():
             spec.took(r, [3] if r is rows[0] else [9])
     for r in rows:
         r._drafter.accepted, r._drafter.trials, r._drafter.length = 9.0, 10.0, 8
+        r._drafter.draft(None, 8)  # the lookup after a step, at that length
     gain = rows[0]._drafter.expected_gain(8)
     assert 1 < gain < 3 and rows[1]._drafter.expected_gain(8) == 0  # a 3-token match: at most 3 drafts
     assert cheap.plan(rows, 2, 16) == 4  # (2 + gain) / 2 tokens per row > 1, and 4 holds the draft
@@ -191,6 +192,7 @@ def test_the_width_with_the_most_tokens_per_cost_wins():
     spec.admit(r)
     spec.took(r, [21])
     r._drafter.length = 8
+    r._drafter.draft(None, 8)
     for acceptance, width in ((0.99, 8), (0.7, 2), (0.3, 0)):
         r._drafter.accepted, r._drafter.trials = acceptance * 100, 100.0
         rates = {w: (1 + r._drafter.expected_gain(w)) / (1 + w / 4) for w in spec.widths}
@@ -217,14 +219,17 @@ def test_a_wider_step_is_tried_only_while_its_drafts_could_pay_for_the_narrower_
     spec.took(r, [21])
     r._drafter.accepted, r._drafter.trials = 99.0, 100.0
     r._drafter.length = 2
+    r._drafter.draft(None, 8)
     assert spec.plan([r], 1, 16) == 2  # nothing measured: the narrowest first
     for seconds in (9.0, 0.01, 0.01):
         costs.record("decode", 1, 16, 16 * seconds)  # the first of each is dropped (the compile)
         costs.record("verify", 1, 2, 6 * seconds)
     assert spec.plan([r], 1, 16) == 0  # 3 tokens for the price of 6: decode
     r._drafter.length = 4
+    r._drafter.draft(None, 8)
     assert spec.plan([r], 1, 16) == 0  # 5 tokens would not pay for 6 steps either: width 4 is not tried
     r._drafter.length = 8
+    r._drafter.draft(None, 8)
     assert spec.plan([r], 1, 16) == 8  # 9 might: width 8 gets measured
     costs.record("verify", 1, 8, 9.0)
     costs.record("verify", 1, 8, 0.07)

@@ -5,7 +5,7 @@ must still get exactly the tokens plain decoding gives it, whatever was drafted 
 import numpy as np
 import pytest
 from mock_device import MockDevice, expected
-from test_scheduler import Grammar, prompts
+from test_scheduler import Grammar, prompts, req, run
 
 from kimi_jax.pages import PagePool
 from kimi_jax.sampling import SamplingParams
@@ -21,17 +21,6 @@ def make(mode="suffix", *, max_batch=4, max_len=64, page_size=4, decode_block=16
     sched = Scheduler(device, max_batch=max_batch, max_len=max_len, chunk=8, pool=PagePool(n_pages, page_size),
                       decode_block=decode_block, speculator=spec)
     return sched, device
-
-
-def run(sched, requests):
-    sched.waiting.extend(requests)
-    while sched.step():
-        pass
-    return requests
-
-
-def req(prompt, n=12, **kw):
-    return Request(list(prompt), SamplingParams(max_new_tokens=n, **kw))
 
 
 def repeating(seed, count):
@@ -152,11 +141,11 @@ def test_a_constrained_row_drafts_only_while_its_constraint_is_free():
     assert any(neighbour in [q for _, q in w.requests] for w in masked_steps)
 
 
-def test_warm_up_also_runs_the_narrowest_verify_step_per_bucket():
+def test_warm_up_also_runs_a_verify_step_per_bucket_and_draft_width():
     sched, device = make(max_batch=4, max_draft=8)
     sched.warm_up(masks=True)
     verifies = [(len(w.rows), w.drafts.shape[1]) for w in device.verifies()]
-    assert sorted(verifies) == [(1, 2), (2, 2), (4, 2)]  # wider ones compile when first worth trying
+    assert sorted(verifies) == sorted((b, k) for b in (1, 2, 4) for k in (2, 4, 8))  # none masked
     assert not any(w.n_draft.any() for w in device.verifies())
     assert not device.alive.any() and not device.lengths.any() and sched.spec.stats["verify_steps"] == 0
     todo = run(sched, [req(p, 20) for p in repeating(2, 3)])
