@@ -166,6 +166,9 @@ def main(argv=None) -> int:
     ap.add_argument("--strict-tools", choices=("on", "off", "both"), default="on",
                     help="strict tool calls (the agent loop's default), free ones, or each variant both ways")
     ap.add_argument("--json", help="write every transcript verdict here")
+    ap.add_argument("--solved-sample", metavar="JSONL",
+                    help="write the first item of each family that the first variant solved (the bundled "
+                         "model's regression set is tests/data/nano_heldout.jsonl)")
     args = ap.parse_args(argv)
     sets = [s for s in args.sets.split(",") if s]
     unknown = set(sets) - set(SETS)
@@ -187,7 +190,22 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"summary": summary, "detail": detail}, f, indent=1)
+    if args.solved_sample:
+        write_solved_sample(args.solved_sample, items, next(iter(detail.values())))
     return 0
+
+
+def write_solved_sample(path: str, items: dict, verdicts: dict) -> None:
+    """One solved item per (set, family), in set order: a regression set the model is known to pass."""
+    by_id = {item["id"]: item for per_set in items.values() for item in per_set}
+    chosen = {}
+    for per_set in verdicts.values():
+        for verdict in per_set:
+            if verdict["success"]:
+                chosen.setdefault(verdict["family"], by_id[verdict["id"]])
+    with open(path, "w", encoding="utf-8") as f:
+        for item in chosen.values():
+            f.write(json.dumps(item, ensure_ascii=False, separators=(",", ":")) + "\n")
 
 
 if __name__ == "__main__":
