@@ -7,13 +7,7 @@ rank per line) plus `tokenizer_config.json` with K2's 256 special slots after th
 layout the runtime reads for the real model.
 
 Training splits text with K2's own pre-tokenizer pattern (the runtime's `PAT_STR`), so merges are
-learned on the pieces the runtime will cut. Two rules keep copying cheap for a small model. A word
-is never merged with the character before it: " kg" in a question and "kg" in `"from_unit":"kg"`
-are both the token "kg" (after " " or '"'), so writing a unit, element or key into a tool call is
-a copy of the same token, not a pairing of two tokens to be learned for each word (v2, trained
-with K2's merges of " kg", wrote the wrong unit in 15 of 16 held-out conversions). At runtime K2's
-pattern still cuts " kg" as one piece; with no rank for it, tiktoken's merges give " " + "kg". And
-digits are never merged: every number is a sequence of
+learned on the pieces the runtime will cut. Digits are never merged: every number is a sequence of
 single-digit tokens. K2 itself merges up to three digits, but a few-million-parameter model copies
 "4821" far more reliably as four tokens from a ten-token alphabet it sees constantly than as
 "482" + "1" drawn from a thousand number tokens, each rare.
@@ -59,11 +53,6 @@ def corpus(data_dir: str):
             yield from (piece for piece in marker.split(text) if piece)
 
 
-# The one character K2's pattern lets a word carry in front of it (a space, a quote, an underscore):
-# cut off before training, so no learned token joins it to the letters after it.
-WORD_LEAD = r"[^\r\n\p{L}\p{N}](?=\p{L})"
-
-
 def train_ranks(texts, n_ranks: int) -> dict[bytes, int]:
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -71,8 +60,7 @@ def train_ranks(texts, n_ranks: int) -> dict[bytes, int]:
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(PAT_STR), "isolated"),
-        pre_tokenizers.Split(Regex(WORD_LEAD), "isolated"), pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.Split(Regex(PAT_STR), "isolated"), pre_tokenizers.Digits(individual_digits=True),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=n_ranks, min_frequency=2, show_progress=False,
@@ -110,7 +98,6 @@ def main(argv=None) -> int:
     sample = "The user wants 17*23. I will use the calculator. 391"
     assert tok.decode(tok.encode(sample)) == sample
     assert len(tok.encode("4821")) == 4, "digits must stay single tokens"
-    assert tok.encode(" kg")[1:] == tok.encode("kg") == tok.encode('"kg')[1:], "words must not merge with what leads them"
     print(f"wrote {args.out}: {len(ranks)} ranks + 256 special slots = vocab {tok.n_vocab}; "
           f"'{sample}' -> {len(tok.encode(sample))} tokens", file=sys.stderr)
     return 0
