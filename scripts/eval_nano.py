@@ -1,12 +1,13 @@
-"""Evaluate kimi-k2-nano through the real agent loop, greedy, on four sets that cannot flatter it.
+"""Evaluate kimi-k2-nano through the real agent loop, greedy, on five sets that cannot flatter it.
 
     python scripts/eval_nano.py --qat checkpoints/kimi-k2-nano --float out/nano_float --data out/agent_data
     python scripts/eval_nano.py --limit 8      # a quick look: the first 8 items of each set
 
 Sets (written by scripts/make_agent_data.py): `heldout` (training families, unseen values),
 `paraphrase` (questions worded by templates training never saw), `ood` (questions no tool answers
-and greetings: the reply must come without a tool call) and `multistep` (two or three calls, a
-result feeding the next call). Variants: the float weights before QAT served in bf16, the same
+and greetings: the reply must come without a tool call), `multistep` (two or three calls, a
+result feeding the next call) and `followup` (a second turn that works on the first turn's answer,
+"Now add 50 to that."; both turns must be right). Variants: the float weights before QAT served in bf16, the same
 weights quantized after training (INT4 PTQ), and the QAT checkpoint (INT4 QAT).
 
 Every item is replayed user turn by user turn with the model's own replies; tools run for real
@@ -36,18 +37,22 @@ import jsonschema
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-SETS = ("heldout", "paraphrase", "ood", "multistep")
-SET_TITLES = {"heldout": "held-out", "paraphrase": "paraphrase", "ood": "out-of-domain", "multistep": "multi-step"}
-TARGETS = {"heldout": 0.90, "paraphrase": 0.85, "ood": 0.80, "multistep": 0.75}  # for the shipped INT4 QAT model
+SETS = ("heldout", "paraphrase", "ood", "multistep", "followup")
+SET_TITLES = {"heldout": "held-out", "paraphrase": "paraphrase", "ood": "out-of-domain", "multistep": "multi-step",
+              "followup": "second turn"}
+# For the shipped INT4 QAT model (issue 18).
+TARGETS = {"heldout": 0.90, "paraphrase": 0.80, "ood": 0.80, "multistep": 0.75, "followup": 0.80}
 
 
 # ---- scoring (pure: transcripts in, verdicts out) ---------------------------------------------------
 
 def tool_steps(messages: list[dict]) -> list[tuple[str, str, str]]:
-    """(name, arguments, result) of every tool call in an OpenAI-style message list, in order."""
-    results = {m.get("tool_call_id"): m["content"] for m in messages if m["role"] == "tool"}
-    return [(c["function"]["name"], c["function"]["arguments"], results.get(c["id"], ""))
-            for m in messages if m["role"] == "assistant" for c in m.get("tool_calls") or []]
+    """(name, arguments, result) of every tool call in an OpenAI-style message list, in order.
+    Results pair with calls by position, not by id: a weak model may give two calls one id."""
+    calls = [c for m in messages if m["role"] == "assistant" for c in m.get("tool_calls") or []]
+    results = [m["content"] for m in messages if m["role"] == "tool"]
+    results += [""] * (len(calls) - len(results))
+    return [(c["function"]["name"], c["function"]["arguments"], r) for c, r in zip(calls, results)]
 
 
 def _is_error(result: str) -> bool:
@@ -117,7 +122,10 @@ def load_variants(args) -> dict:
         engine = BatchEngine(q, max_batch=1, max_len=rt.engine.max_len, chunk=rt.engine.chunk,
                              page_size=rt.engine.page_size, mesh=rt.mesh)
         variants["INT4 PTQ"] = dataclasses.replace(rt, model=q, engine=engine)
-    variants["INT4 QAT"] = Runtime.load(args.qat, dtype="bfloat16", max_len=args.max_len, progress=False)
+    if args.qat:
+        variants["INT4 QAT"] = Runtime.load(args.qat, dtype="bfloat16", max_len=args.max_len, progress=False)
+    if not variants:
+        raise SystemExit("error: nothing to evaluate: --qat and --float are both empty")
     return variants
 
 
@@ -148,7 +156,7 @@ def markdown(summary: dict, sets: list[str]) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--qat", default="checkpoints/kimi-k2-nano")
+    ap.add_argument("--qat", default="checkpoints/kimi-k2-nano", help="INT4 checkpoint ('' to skip it)")
     ap.add_argument("--float", default="out/nano_float", help="pre-QAT float checkpoint ('' to skip bf16 and PTQ)")
     ap.add_argument("--data", default="out/agent_data")
     ap.add_argument("--sets", default=",".join(SETS), help=f"comma-separated subset of {','.join(SETS)}")
@@ -158,6 +166,9 @@ def main(argv=None) -> int:
     ap.add_argument("--strict-tools", choices=("on", "off", "both"), default="on",
                     help="strict tool calls (the agent loop's default), free ones, or each variant both ways")
     ap.add_argument("--json", help="write every transcript verdict here")
+    ap.add_argument("--solved-sample", metavar="JSONL",
+                    help="write the first item of each family that the first variant solved (the bundled "
+                         "model's regression set is tests/data/nano_heldout.jsonl)")
     args = ap.parse_args(argv)
     sets = [s for s in args.sets.split(",") if s]
     unknown = set(sets) - set(SETS)
@@ -179,7 +190,22 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"summary": summary, "detail": detail}, f, indent=1)
+    if args.solved_sample:
+        write_solved_sample(args.solved_sample, items, next(iter(detail.values())))
     return 0
+
+
+def write_solved_sample(path: str, items: dict, verdicts: dict) -> None:
+    """One solved item per (set, family), in set order: a regression set the model is known to pass."""
+    by_id = {item["id"]: item for per_set in items.values() for item in per_set}
+    chosen = {}
+    for per_set in verdicts.values():
+        for verdict in per_set:
+            if verdict["success"]:
+                chosen.setdefault(verdict["family"], by_id[verdict["id"]])
+    with open(path, "w", encoding="utf-8") as f:
+        for item in chosen.values():
+            f.write(json.dumps(item, ensure_ascii=False, separators=(",", ":")) + "\n")
 
 
 if __name__ == "__main__":

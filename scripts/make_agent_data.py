@@ -2,7 +2,7 @@
 
     python scripts/make_agent_data.py --out out/agent_data --seed 0
 
-Writes five JSON-lines files; each line is one conversation `{"id", "family", "tools", "messages",
+Writes six JSON-lines files; each line is one conversation `{"id", "family", "tools", "messages",
 "answer"}`: OpenAI-style messages where the assistant thinks (`reasoning_content`), calls builtin
 tools (ids `functions.NAME:IDX`, IDX a conversation-global counter from 0), reads the results —
 produced by really running the tools through `ToolRegistry.call` — and answers. `answer` is a
@@ -12,6 +12,8 @@ substring the final answer must contain.
   heldout.jsonl     single-tool, no-tool and recovery families with held-out values (unseen numbers,
                     dates, keys, names, unit pairs, key/fact combinations), training wordings
   multistep.jsonl   the two- and three-call families with held-out values
+  followup.jsonl    two-turn conversations whose second turn works on the first answer ("Now add
+                    50 to that."), with held-out values
   paraphrase.jsonl  single-tool and multi-step tasks worded by scripts/nano_eval_phrasings.py,
                     whose templates training never sees
   ood.jsonl         questions no tool answers and greetings (nano_eval_phrasings.OUT_OF_DOMAIN): the
@@ -19,9 +21,11 @@ substring the final answer must contain.
 
 Split rule: every value a conversation draws is a "slot", and a slot value is held out when
 crc32("KIND:VALUE") % 100 < HOLD_PCT[KIND]. Training conversations contain no held-out value; the
-held-out and multi-step sets contain at least one, and no evaluation prompt equals a training one.
-Evaluation conversations declare all builtin tools, as `--tools builtin` does; training ones
-declare all of them half the time, otherwise the tools they use plus up to two distractors.
+held-out, multi-step and follow-up sets contain at least one, and no evaluation prompt equals a
+training one; nor does any training question equal an out-of-domain or everyday evaluation prompt
+(nano_eval_phrasings). Evaluation conversations declare all builtin tools, as `--tools builtin`
+does; training ones declare all of them ALL_TOOLS_SHARE of the time, otherwise the tools they use
+plus up to two distractors.
 current_time reads a clock derived from the item id (`clock_for`), so re-running a conversation's
 calls reproduces its results exactly.
 """
@@ -37,7 +41,9 @@ import sys
 import time
 import zlib
 
+import nano_chains
 import nano_eval_phrasings
+import nano_no_tool
 import nano_tasks
 from nano_tasks import Reject
 
@@ -47,12 +53,27 @@ HOLD_PCT = {"n": 10, "date": 10, "pair": 15, "country": 20, "element": 20, "plan
             "kv_key": 20, "kv_value": 15, "phrase": 20, "word": 15}
 EPOCH = dt.datetime(2015, 1, 1, tzinfo=dt.timezone.utc)
 SPECS = {spec["function"]["name"]: spec for spec in builtin_tools().specs()}
+# The families and their shares of the training set: name -> (generator, weight).
+SINGLE = {"calculator": (nano_tasks.calculator, 3.0), "convert": (nano_tasks.convert, 2.0),
+          "lookup": (nano_tasks.lookup, 2.0), "date": (nano_tasks.date, 2.0), "memory": (nano_tasks.memory, 1.5)}
+NO_TOOL = {"chat": (nano_no_tool.chat, 1.2), "out_of_scope": (nano_no_tool.out_of_scope, 1.6)}
+RECOVERY = {"recovery": (nano_tasks.recovery, 0.8), "wrong_key": (nano_tasks.wrong_key, 0.4)}
+MULTI_STEP = {"lookup_calc": (nano_chains.lookup_calc, 1.0), "three_step": (nano_chains.three_step, 0.7),
+              "convert_calc": (nano_chains.convert_calc, 1.2), "date_chain": (nano_chains.date_chain, 0.7),
+              "calc_chain": (nano_chains.calc_chain, 0.7), "memory_calc": (nano_chains.memory_calc, 0.6)}
+FOLLOW_UP = {"follow_up": (nano_chains.follow_up, 1.8)}
+FAMILIES = {**SINGLE, **NO_TOOL, **RECOVERY, **MULTI_STEP, **FOLLOW_UP}
+ALL_TOOLS_SHARE = 0.7  # training conversations that declare all nine tools, as the CLI's --tools builtin
 EVAL_SETS = {  # file: (families, phrasing table, whether an item must hold a held-out value)
-    "heldout": ({**nano_tasks.SINGLE, **nano_tasks.NO_TOOL, **nano_tasks.RECOVERY}, nano_tasks.ASK, True),
-    "multistep": (nano_tasks.MULTI_STEP, nano_tasks.ASK, True),
-    "paraphrase": ({**nano_tasks.SINGLE, **nano_tasks.MULTI_STEP}, nano_eval_phrasings.PARAPHRASE_ASK, False),
+    "heldout": ({**SINGLE, **NO_TOOL, **RECOVERY}, nano_tasks.ASK, True),
+    "multistep": (MULTI_STEP, nano_tasks.ASK, True),
+    "paraphrase": ({**SINGLE, **MULTI_STEP, **FOLLOW_UP}, nano_eval_phrasings.PARAPHRASE_ASK, False),
+    "followup": (FOLLOW_UP, nano_tasks.ASK, True),
 }
-DEFAULT_SIZES = {"train": 60000, "heldout": 144, "multistep": 96, "paraphrase": 110, "ood": 36}
+DEFAULT_SIZES = {"train": 60000, "heldout": 144, "multistep": 96, "paraphrase": 110, "ood": 36, "followup": 60}
+# Questions training must never ask: the evaluation's own out-of-domain questions and everyday prompts.
+UNSEEN = {q for q, _ in nano_eval_phrasings.OUT_OF_DOMAIN} | {t for turns, _, _ in nano_eval_phrasings.EVERYDAY
+                                                               for t in turns}
 
 
 def held_out(kind: str, value) -> bool:
@@ -167,9 +188,9 @@ def user_text(item: dict) -> tuple[str, ...]:
 
 
 def declared_tools(used: list[str], rng: random.Random, split: str) -> list[dict]:
-    """All builtin tools (what `--tools builtin` declares), or in training half the time only the
+    """All builtin tools (what `--tools builtin` declares), or in training some of the time only the
     used ones plus up to two distractors, so the model learns to choose by name from either."""
-    if split != "train" or rng.random() < 0.5:
+    if split != "train" or rng.random() < ALL_TOOLS_SHARE:
         return list(SPECS.values())
     names = list(used)
     for _ in range(rng.choice((0, 1, 1, 2))):
@@ -187,6 +208,8 @@ def make_item(fill, family: str, item_id: str, rng: random.Random, split: str, p
             continue
         if need_held and not c.any_held:
             continue
+        if split == "train" and any(m["content"] in UNSEEN for m in c.messages if m["role"] == "user"):
+            continue
         return {"id": item_id, "family": family, "tools": declared_tools(c.used, rng, split), "messages": c.messages,
                 "answer": answer}
     raise RuntimeError(f"no {split} item for {family} after {max_tries} tries")
@@ -194,12 +217,12 @@ def make_item(fill, family: str, item_id: str, rng: random.Random, split: str, p
 
 def make_train(seed: int, n: int) -> list[dict]:
     rng = random.Random(f"kimi-agent-data/{seed}/train")
-    families = list(nano_tasks.FAMILIES)
-    weights = [w for _, w in nano_tasks.FAMILIES.values()]
+    families = list(FAMILIES)
+    weights = [w for _, w in FAMILIES.values()]
     out = []
     for i in range(n):
         family = rng.choices(families, weights)[0]
-        out.append(make_item(nano_tasks.FAMILIES[family][0], family, f"train-{i:05d}", rng, "train", nano_tasks.ASK))
+        out.append(make_item(FAMILIES[family][0], family, f"train-{i:05d}", rng, "train", nano_tasks.ASK))
     return out
 
 
@@ -228,7 +251,7 @@ def make_ood_set(n: int) -> list[dict]:
     questions = nano_eval_phrasings.OUT_OF_DOMAIN
     if n > len(questions):
         raise ValueError(f"--n-ood {n}: only {len(questions)} out-of-domain questions exist")
-    replies = {"can't": nano_tasks.CANNOT, "Kimi": nano_tasks.IDENTITY, "calculate": nano_tasks.ABILITIES,
+    replies = {"can't": nano_no_tool.CANNOT, "Kimi": nano_no_tool.IDENTITY, "calculate": nano_no_tool.ABILITIES,
                "Hello": "Hello! How can I help you today?", "welcome": "You're welcome!",
                "Goodbye": "Goodbye! Have a nice day."}
     return [{"id": f"ood-{i:04d}", "family": "out_of_domain", "tools": list(SPECS.values()),
@@ -238,7 +261,8 @@ def make_ood_set(n: int) -> list[dict]:
 
 
 def generate(seed: int = 0, sizes: dict | None = None) -> dict[str, list[dict]]:
-    """{"train": [...], "heldout": [...], "multistep": [...], "paraphrase": [...], "ood": [...]}."""
+    """{"train": [...], "heldout": [...], "multistep": [...], "paraphrase": [...], "followup": [...],
+    "ood": [...]}."""
     sizes = {**DEFAULT_SIZES, **(sizes or {})}
     out = {"train": make_train(seed, sizes["train"])}
     seen = {user_text(item) for item in out["train"]}

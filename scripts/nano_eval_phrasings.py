@@ -6,6 +6,9 @@ side changes; the arguments stay literal substrings, so a model that learned to 
 to match templates keeps working. `OUT_OF_DOMAIN` holds questions no builtin tool can answer and
 greetings, each with the substring a good reply contains.
 
+`EVERYDAY` holds the prompts a new user tried first (issue 18), each with what a right answer does;
+scripts/eval_nano.py --everyday runs them one line each. Training never contains them either.
+
 This module is imported only to build the evaluation sets. Tests check that none of these strings
 appears in the training generator and that no training question matches these wordings.
 """
@@ -48,6 +51,14 @@ PARAPHRASE_ASK = {
     "days_from_now": ("Which date will it be {n} days from today?", "Count {n} days forward from today."),
     "then_times": ("First work out {e}; then take that times {m}.", "Take {e} and multiply what you get by {m}."),
     "my_times": ("Take my {k} and multiply it by {m}.", "What do I get if I multiply my {k} by {m}?"),
+    "convert_then": ("Express {v} {a} in {b}, and after that {op} {n}.",
+                     "Turn {v} {a} into {b}; once that's done, {op} {n}."),
+    "more_add": ("Okay, and plus {n} on top?", "Take that result and add {n}."),
+    "more_sub": ("Okay, now take {n} off it.", "Reduce that by {n}."),
+    "more_mul": ("Okay, and that multiplied by {n}?", "Scale that by {n}."),
+    "more_div": ("Okay, split that by {n}.", "Take that and divide by {n}."),
+    "more_convert": ("Okay, express that in {b}.", "Could you give me that in {b} instead?"),
+    "more_days": ("Okay, and {n} days on from there?", "Move that date forward by {n} days."),
 }
 
 _SORRY = "can't"
@@ -69,4 +80,16 @@ OUT_OF_DOMAIN = (  # (question, substring of a good reply)
     ("Well hello there!", "Hello"), ("Hey, how are you?", "Hello"), ("Nice to meet you!", "Hello"),
     ("Thank you, that was helpful.", "welcome"), ("Thanks so much for your help!", "welcome"),
     ("Ok bye, see you tomorrow.", "Goodbye"), ("I have to go now, goodbye!", "Goodbye"),
+)
+
+# (user turns, substring the last answer must contain, tool names the model must call in order).
+EVERYDAY = (
+    (("What is 17 * 23?",), "391", ("calculator",)),
+    (("Convert 10 km to miles.",), "6.21371", ("convert_units",)),
+    (("What time is it?",), "", ("current_time",)),
+    (("What is (12 + 8) * 3 - 5?",), "55", ("calculator",)),
+    (("Convert 100 degrees Fahrenheit to Celsius, then add 10.",), "47.7778", ("convert_units", "calculator")),
+    (("Who wrote Hamlet?",), "", ()),
+    (("What is 25 * 4?", "Now add 50 to that."), "150", ("calculator", "calculator")),
+    (("Convert 320 km to miles.",), "198.839", ("convert_units",)),
 )

@@ -15,8 +15,10 @@ $OUT/pipeline.log. Back on the workstation:
     PYTHONPATH=. python scripts/make_agent_data.py --out out/agent_data     # the same eval sets (seeded)
     PYTHONPATH=. python scripts/eval_nano.py --qat out/nano/kimi-k2-nano --float out/nano/nano_float
 
-On a CPU, run the three scripts one by one instead (see scripts/train_nano.py); the pipeline works
-there too, only slowly. Arguments after `--` go to train_nano.py (e.g. `-- --steps 8000`).
+On a CPU, run the three scripts one by one instead (see scripts/train_nano.py and the model card's
+recipe); the pipeline works there too, only slowly. It trains the GPU recipe (GPU_RECIPE: the
+"large" model, 64 rows a step); arguments after `--` go to train_nano.py and override it (e.g.
+`-- --steps 8000`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import time
 NEEDS = {"jax": "0.7", "flax": "0.12", "optax": "0.2", "tokenizers": "0.15", "tiktoken": "0.7", "jinja2": "3.1",
          "safetensors": "0.4", "numpy": "1.26"}
 PART_BYTES = 15 << 20  # a lent machine returns files of at most 16 MiB
+GPU_RECIPE = ["--size", "large", "--batch", "64", "--steps", "7000", "--qat-steps", "1000", "--lr", "2e-3"]
 
 
 class _Tee:
@@ -124,7 +127,7 @@ def main(argv=None) -> int:
                               "--cache", os.path.join(args.work, "cache"),
                               "--train-state", os.path.join(args.work, "train_state"),
                               "--workers", str(os.cpu_count() or 1), "--max-train-seconds", f"{max(budget, 1):.0f}",
-                              "--seed", str(args.seed), *train_args])
+                              "--seed", str(args.seed), *GPU_RECIPE, *train_args])
         print(f"pipeline finished in {time.perf_counter() - t0:.0f}s (rc {rc})", file=sys.stderr)
     finally:
         sys.stderr.close()

@@ -1,4 +1,6 @@
-"""The task families of kimi-k2-nano's agent data, and the question wordings training uses.
+"""The single-tool and recovery families of kimi-k2-nano's agent data, the random values every
+family draws, and the question wordings training uses. (The no-tool families are in
+scripts/nano_no_tool.py, chains and follow-up turns in scripts/nano_chains.py.)
 
 Each family fills a `make_agent_data.Convo` — the user's questions, the assistant's short reasoning,
 its tool calls (run for real), and its answer — and returns the substring the final answer must
@@ -11,7 +13,8 @@ What the data teaches, and how:
             parentheses, unit spellings, dates, keys, names) is a literal substring of the question,
             and the reasoning restates it first; values are drawn at random, not from short lists
   judgment  greetings and questions no tool can answer get a brief honest reply and no tool call
-  chains    two or three calls where a result is copied into the next call's arguments
+  chains    two or three calls where a result is copied into the next call's arguments, and
+            follow-up turns whose arguments come from the previous answer
   recovery  a call the tool rejects (a `^` power, `x` for times, `1,250`, "kms", 2024/03/15, a key
             the store lacks) followed by the corrected call the error message points to
 """
@@ -24,6 +27,7 @@ from kimi_jax.tools import TABLES, evaluate, unit_spellings
 
 UNITS = unit_spellings()
 CONVERTIBLE = ("length", "mass", "volume", "time")  # linear units; temperature is handled apart
+KELVIN = {name.lower() for name in UNITS["temperature"]["K"]}  # below its zero a value is an error, not data
 KEY_KIND = {"countries": "country", "elements": "element", "planets": "planet"}
 
 
@@ -66,6 +70,19 @@ ASK = {
     "days_from_now": ("What date is it {n} days from now?", "What will the date be in {n} days?"),
     "then_times": ("Compute {e}, then multiply the result by {m}.", "Work out {e} and multiply it by {m}."),
     "my_times": ("What is my {k} times {m}?", "Multiply my {k} by {m}."),
+    "convert_then": ("Convert {v} {a} to {b}, then {op} {n}.", "Convert {v} {a} to {b} and {op} {n}.",
+                     "Change {v} {a} into {b}, then {op} {n}.", "First convert {v} {a} to {b}, then {op} {n}."),
+    # follow-up turns: "that" is the previous answer
+    "more_add": ("Now add {n} to that.", "Add {n} to that.", "Now add {n}.", "And plus {n}?", "What if I add {n}?",
+                 "Add {n} to the result.", "now add {n} to it"),
+    "more_sub": ("Now subtract {n} from that.", "Subtract {n} from it.", "Take away {n}.", "And minus {n}?",
+                 "Now subtract {n}."),
+    "more_mul": ("Multiply that by {n}.", "Now multiply it by {n}.", "And times {n}?", "Now times {n}.",
+                 "Multiply the result by {n}."),
+    "more_div": ("Divide that by {n}.", "Now divide it by {n}.", "And divided by {n}?", "Divide the result by {n}."),
+    "more_convert": ("What is that in {b}?", "And in {b}?", "Convert that to {b}.", "How many {b} is that?",
+                     "Now in {b}, please."),
+    "more_days": ("And {n} days after that?", "Add another {n} days.", "What about {n} days later?"),
 }
 REPLY_CALC = ("{e} = {r}.", "The answer is {r}.", "{e} is {r}.")
 
@@ -116,10 +133,16 @@ def expression(c) -> str:
 
 
 def spelled_units(c, dim: str) -> tuple[str, str]:
-    """Two distinct units of one dimension, each in one of the spellings the tool accepts."""
+    """Two distinct units of one dimension, each in one of the spellings the tool accepts (which
+    ignores case; temperature names are mostly capitalized, as people write them)."""
     a, b = c.rng.sample(list(UNITS[dim]), 2)
     c.slot("pair", f"{a}>{b}")
-    return c.rng.choice(UNITS[dim][a]), c.rng.choice(UNITS[dim][b])
+
+    def spell(unit):
+        name = c.rng.choice(UNITS[dim][unit])
+        return name.title() if dim == "temperature" and len(name) > 2 and c.rng.random() < 0.7 else name
+
+    return spell(a), spell(b)
 
 
 def show(x) -> str:
@@ -137,12 +160,12 @@ def calculator(c) -> str:
 
 
 def convert(c) -> str:
-    if c.rng.random() < 0.15:
+    if c.rng.random() < 0.2:
         dim, v = "temperature", c.slot("n", str(c.rng.randint(-40, 450)))
     else:
         dim, v = c.rng.choice(CONVERTIBLE), operand(c)
     a, b = spelled_units(c, dim)
-    if dim == "temperature" and a.lower() in ("k", "kelvin"):
+    if dim == "temperature" and a.lower() in KELVIN:
         v = v.lstrip("-")  # below absolute zero would be an error, not a conversion
     c.ask("convert", v=v, a=a, b=b)
     r = show(c.call(f"I will convert {v} {a} to {b} with convert_units.", "convert_units",
@@ -195,7 +218,7 @@ def timezone(c) -> str:
 
 
 def date(c) -> str:
-    kind = c.rng.choices(("add", "sub", "diff", "now"), (3, 2, 3, 2))[0]
+    kind = c.rng.choices(("add", "sub", "diff", "now"), (3, 2, 3, 3))[0]
     if kind in ("add", "sub"):
         d, n = c.date(), c.integer(c.rng.choices((1, 2, 3, 4, 5), (15, 30, 30, 20, 5))[0])
         if kind == "add":
@@ -214,7 +237,7 @@ def date(c) -> str:
                         start=a, end=b)["result"])
         c.reply(f"The result is {r}.", f"There are {r} days from {a} to {b}.")
         return r
-    if c.rng.random() < 0.3:  # the default zone: "What time is it?" must be learned too
+    if c.rng.random() < 0.5:  # the default zone: "What time is it?" must be learned too
         c.ask("time")
         r = c.call("I will use current_time.", "current_time")["result"]
     else:
@@ -294,90 +317,6 @@ def memory(c) -> str:
     return keys
 
 
-# ---- no tool: greetings and questions the tools cannot answer ------------------------------------------
-
-IDENTITY = "I am Kimi, an AI assistant created by Moonshot AI."
-ABILITIES = "I can calculate, convert units, look up countries, elements and planets, work with dates and remember notes."
-CANNOT = "Sorry, I can't answer that: none of my tools covers it. " + ABILITIES
-CHAT = {  # kind: (phrasings, reasoning, reply, answer substring)
-    "greet": (("Hi", "Hello", "Hey", "Good morning", "Good evening", "Good afternoon", "Hi there", "Hello there",
-               "Hey there", "Greetings", "Howdy", "Hiya"),
-              "The user greets me. No tool is needed.", "Hello{name}! How can I help you today?", "Hello"),
-    "identity": (("Who are you?", "What is your name?", "What's your name?", "Tell me about yourself.",
-                  "Who made you?", "Who created you?", "Are you a human?", "What are you?", "Introduce yourself.",
-                  "Who built you?", "Which company made you?", "Are you an AI?"),
-                 "The user asks who I am. No tool is needed.", IDENTITY, "Kimi"),
-    "thanks": (("Thanks!", "Thank you!", "Thanks a lot.", "Thank you very much!", "Cheers, thanks.", "Great, thanks!",
-                "Many thanks.", "Thanks for the help.", "Thank you so much.", "Much appreciated!"),
-               "The user thanks me. No tool is needed.", "You're welcome!", "welcome"),
-    "abilities": (("What can you do?", "How can you help me?", "What tools do you have?", "What are you able to do?",
-                   "Can you help me?", "What do you know how to do?", "What are your skills?",
-                   "What kind of tasks can you do?"),
-                  "The user asks what I can do. No tool is needed.", ABILITIES, "calculate"),
-    "bye": (("Bye!", "Goodbye.", "See you later!", "Good night!", "Talk to you later.", "Bye for now.",
-             "See you soon!", "Have a good day!"),
-            "The user says goodbye. No tool is needed.", "Goodbye! Have a nice day.", "Goodbye"),
-}
-
-
-def chat(c) -> str:
-    kind = c.rng.choice(tuple(CHAT))
-    phrasings, reasoning, answer, expected = CHAT[kind]
-    text, name = c.pick("phrase", phrasings), ""
-    if kind == "greet":
-        if c.rng.random() < 0.4:
-            name = c.word().capitalize()
-            text, name = f"{text}, I'm {name}{c.rng.choice('.!')}", f", {name}"
-        elif c.rng.random() < 0.4:  # a greeting with a question: answer both, still without a tool
-            follow = c.rng.choice(("identity", "abilities"))
-            text = f"{text}! {c.pick('phrase', CHAT[follow][0])}"
-            c.user(text)
-            c.reply("The user greets me and asks something about me. No tool is needed.",
-                    f"Hello! {CHAT[follow][2]}")
-            return CHAT[follow][3]
-        else:
-            text += c.rng.choice(("!", ".", ""))
-    c.user(text)
-    c.reply(reasoning, answer.format(name=name))
-    return expected
-
-
-OOD_TOPICS = {  # training templates of questions no builtin tool answers, and what fills them
-    "Who is the president of {country}?": "country", "What language is spoken in {country}?": "country",
-    "What is the national dish of {country}?": "country", "What is the weather like in {city} today?": "city",
-    "Will it rain in {city} tomorrow?": "city", "What is the best hotel in {city}?": "city",
-    "Who wrote {title}?": "title", "Summarize the book {title}.": "title", "Who directed {title}?": "title",
-    "Tell me a joke about {thing}.": "thing", "Write a poem about {thing}.": "thing",
-    "What is the price of {thing} today?": "thing", "Where can I buy {thing}?": "thing",
-    "Translate '{thing}' into {language}.": "thing", "What is the stock price of {company}?": "company",
-    "Who founded {company}?": "company", "Who won the {year} World Cup?": "year",
-    "What happened in {year}?": "year", "What is the meaning of life?": "", "What should I eat for dinner?": "",
-    "Can you send an email for me?": "", "Play some music.": "", "What is the latest news?": "",
-}
-OOD_FILL = {
-    "city": lambda c: c.rng.choice(("Lyon", "Osaka", "Porto", "Denver", "Quito", "Busan", "Cork", "Perth",
-                                    "Graz", "Kyoto", "Bergen")) if c.rng.random() < 0.5 else c.word().capitalize(),
-    "country": lambda c: c.rng.choice(list(TABLES["countries"])),
-    "title": lambda c: f"The {c.word().capitalize()} of {c.word().capitalize()}",
-    "thing": lambda c: c.rng.choice(("cats", "coffee", "the sea", "winter", "bicycles", "robots", "bread",
-                                     "mountains", "a good friend")) if c.rng.random() < 0.6 else c.word(),
-    "company": lambda c: f"{c.word().capitalize()} {c.rng.choice(('Inc', 'Labs', 'Motors', 'Foods', 'Systems'))}",
-    "year": lambda c: str(c.rng.randint(1930, 2022)),
-}
-
-
-def out_of_scope(c) -> str:
-    template = c.pick("phrase", list(OOD_TOPICS))
-    kind = OOD_TOPICS[template]
-    fields = {"country": OOD_FILL["country"](c), "city": "", "title": "", "thing": "", "company": "", "year": ""}
-    if kind:
-        fields[kind] = OOD_FILL[kind](c)
-    fields["language"] = c.rng.choice(("French", "German", "Spanish", "Japanese"))
-    c.user(template.format(**fields))
-    c.reply("None of my tools can answer this. No tool is needed.", CANNOT)
-    return "can't"
-
-
 # ---- recovery: the tool rejects the literal copy, the error says how to fix it --------------------------
 
 def recovery(c) -> str:
@@ -436,126 +375,3 @@ def wrong_key(c) -> str:
     got = c.call(f"There is no {short}, but there is {k}. I will read {k}.", "kv_get", key=k)["result"]
     c.reply(f"The value is {got}.", f"Your {k} is {got}.")
     return got
-
-
-# ---- multi-step: a result copied into the next call -----------------------------------------------------
-
-def lookup_calc(c) -> str:
-    kind = c.rng.randrange(3)
-    if kind == 2:
-        p = c.pick("planet", list(TABLES["planets"]))
-        c.ask("diameter", p=p)
-        radius = show(c.call(f"I will look up {p} in planets.", "lookup", table="planets", key=p)["radius_km"])
-        e = f"2*{radius}"
-        r = show(c.call(f"The radius is {radius} km. I will compute {e}.", "calculator", expression=e)["result"])
-        c.reply(f"The result is {r}.", f"The diameter of {p} is {r} km.")
-        return r
-    el, n = c.pick("element", list(TABLES["elements"])), c.integer(c.rng.choice((1, 2, 3, 4)))
-    field, label = (("mass", "atomic mass"), ("number", "atomic number"))[kind]
-    c.ask(("moles", "protons")[kind], n=n, el=el)
-    v = show(c.call(f"I will look up {el} in elements.", "lookup", table="elements", key=el)[field])
-    e = f"{n}*{v}"
-    r = show(c.call(f"The {label} is {v}. I will compute {e}.", "calculator", expression=e)["result"])
-    c.reply(f"The result is {r}.", f"{n} moles of {el} weigh {r} g." if kind == 0 else
-            f"{n} atoms of {el} have {r} protons.")
-    return r
-
-
-def three_step(c) -> str:
-    """lookup -> calculator -> convert_units: a planet's diameter, or a mass of moles, in other units."""
-    if c.rng.random() < 0.5:
-        p = c.pick("planet", list(TABLES["planets"]))
-        b = c.rng.choice(UNITS["length"]["mi"] + UNITS["length"]["m"])
-        c.ask("diameter_in", p=p, b=b)
-        radius = show(c.call(f"I will look up {p} in planets.", "lookup", table="planets", key=p)["radius_km"])
-        e = f"2*{radius}"
-        d = c.call(f"The radius is {radius} km. I will compute {e}.", "calculator", expression=e)["result"]
-        r = show(c.call(f"The diameter is {show(d)} km. I will convert it to {b}.", "convert_units", value=d,
-                        from_unit="km", to_unit=b)["result"])
-        c.reply(f"The result is {r} {b}.", f"The diameter of {p} is {r} {b}.")
-        return r
-    el, n = c.pick("element", list(TABLES["elements"])), c.integer(c.rng.choice((1, 2, 3)))
-    b = c.rng.choice(UNITS["mass"]["kg"] + UNITS["mass"]["lb"] + UNITS["mass"]["oz"])
-    c.ask("moles_in", n=n, el=el, b=b)
-    v = show(c.call(f"I will look up {el} in elements.", "lookup", table="elements", key=el)["mass"])
-    e = f"{n}*{v}"
-    g = c.call(f"The atomic mass is {v}. I will compute {e}.", "calculator", expression=e)["result"]
-    r = show(c.call(f"That is {show(g)} g. I will convert it to {b}.", "convert_units", value=g, from_unit="g",
-                    to_unit=b)["result"])
-    c.reply(f"The result is {r} {b}.", f"{n} moles of {el} weigh {r} {b}.")
-    return r
-
-
-def convert_calc(c) -> str:
-    dim = c.rng.choice(CONVERTIBLE)
-    a, b = spelled_units(c, dim)
-    if c.rng.random() < 0.5:
-        v, n = operand(c), c.integer(c.rng.choice((1, 2)))
-        c.ask("scale", v=v, a=a, n=n, b=b)
-        x = show(c.call(f"First I convert {v} {a} to {b}.", "convert_units", value=json.loads(v), from_unit=a,
-                        to_unit=b)["result"])
-        e = f"{n}*{x}"
-        r = show(c.call(f"That is {x} {b}. I will compute {e}.", "calculator", expression=e)["result"])
-        c.reply(f"The result is {r}.", f"The total is {r} {b}.")
-        return r
-    x, y = operand(c), operand(c)
-    c.ask("sum_convert", x=x, y=y, a=a, b=b)
-    e = f"{x}+{y}"
-    s = c.call(f"First I compute {e}.", "calculator", expression=e)["result"]
-    r = show(c.call(f"That is {show(s)} {a}. I will convert it to {b}.", "convert_units", value=s, from_unit=a,
-                    to_unit=b)["result"])
-    c.reply(f"The result is {r} {b}.", f"The total is {r} {b}.")
-    return r
-
-
-def date_chain(c) -> str:
-    if c.rng.random() < 0.5:
-        a, b = sorted((c.date(), c.date()))
-        c.ask("weeks", a=a, b=b)
-        days = show(c.call(f"I will count the days from {a} to {b} with date_diff.", "date_diff", start=a,
-                           end=b)["result"])
-        e = f"{days}/7"
-        r = show(c.call(f"That is {days} days. I will compute {e}.", "calculator", expression=e)["result"])
-        c.reply(f"The result is {r}.", f"There are {r} weeks from {a} to {b}.")
-        return r
-    n = c.integer(c.rng.choice((1, 2, 3)))
-    c.ask("days_from_now", n=n)
-    now = c.call("First I need today's date. I will use current_time.", "current_time")["result"]
-    today = now[:10]
-    r = c.call(f"Today is {today}. I will add {n} days to {today}.", "date_add", date=today, days=n)["result"]
-    c.reply(f"The new date is {r}.", f"In {n} days it will be {r}.")
-    return r
-
-
-def calc_chain(c) -> str:
-    e, m = expression(c), c.integer(c.rng.choice((1, 2)))
-    c.ask("then_times", e=e, m=m)
-    x = show(c.call(f"First I compute {e}.", "calculator", expression=e)["result"])
-    e2 = f"{x}*{m}"
-    r = show(c.call(f"That is {x}. I will compute {e2}.", "calculator", expression=e2)["result"])
-    c.reply(f"The result is {r}.", f"The result is {r}.")
-    return r
-
-
-def memory_calc(c) -> str:
-    """Across turns: a number saved in one turn is read back and used in a calculation later."""
-    k, v = kv_key(c, ("number", "code", "pin", "score", "count")), kv_value(c, numeric=True)
-    m = c.integer(c.rng.choice((1, 2)))
-    c.ask("remember", k=k, v=v)
-    c.call(f"I will save {k} as {v} with kv_set.", "kv_set", key=k, value=v)
-    c.reply("The value is saved.", f"OK, I saved your {k}.")
-    c.ask("my_times", k=k, m=m)
-    got = c.call(f"I will read {k} with kv_get.", "kv_get", key=k)["result"]
-    e = f"{got}*{m}"
-    r = show(c.call(f"Your {k} is {got}. I will compute {e}.", "calculator", expression=e)["result"])
-    c.reply(f"The result is {r}.", f"Your {k} times {m} is {r}.")
-    return r
-
-
-SINGLE = {"calculator": (calculator, 3.0), "convert": (convert, 2.0), "lookup": (lookup, 2.0), "date": (date, 2.0),
-          "memory": (memory, 1.5)}
-NO_TOOL = {"chat": (chat, 1.0), "out_of_scope": (out_of_scope, 1.0)}
-RECOVERY = {"recovery": (recovery, 0.8), "wrong_key": (wrong_key, 0.4)}
-MULTI_STEP = {"lookup_calc": (lookup_calc, 1.0), "three_step": (three_step, 0.7), "convert_calc": (convert_calc, 1.0),
-              "date_chain": (date_chain, 0.7), "calc_chain": (calc_chain, 0.7), "memory_calc": (memory_calc, 0.6)}
-FAMILIES = {**SINGLE, **NO_TOOL, **RECOVERY, **MULTI_STEP}  # name: (generator, share of the training set)

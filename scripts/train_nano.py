@@ -1,15 +1,15 @@
 """Train kimi-k2-nano: a small K2-architecture model that thinks, calls tools and answers, with INT4
 quantization-aware training of its routed experts, exported in the official Kimi-K2-Thinking layout.
 
-    python scripts/make_agent_data.py            # out/agent_data/*.jsonl
-    python scripts/build_tokenizer.py            # out/nano_tokenizer/
-    python scripts/train_nano.py                 # out/kimi-k2-nano/ (+ out/nano_float/)
+    python scripts/make_agent_data.py --n-train 30000   # out/agent_data/*.jsonl
+    python scripts/build_tokenizer.py                    # out/nano_tokenizer/
+    python scripts/train_nano.py --max-train-seconds 8400 --workers 2   # out/kimi-k2-nano/ (+ out/nano_float/)
 
-The result replaces checkpoints/kimi-k2-nano only after scripts/eval_nano.py shows it meets the
-model card's targets.
-
-(or all three, sized for one 10-minute call on a lent GPU, with scripts/nano_pipeline.py). Run the
-scripts from the repository root with PYTHONPATH=. so they import this checkout's kimi_jax.
+The defaults are the recipe of the shipped v2, sized for a shared 2-core CPU: the "small" model,
+8 rows of 512 tokens a step, at most 1400 + 200 steps, shrunk to fit the time given. The result
+replaces checkpoints/kimi-k2-nano only after scripts/eval_nano.py shows it beats the shipped one.
+(scripts/nano_pipeline.py runs all three with a bigger recipe in one 10-minute call on a lent GPU.)
+Run the scripts from the repository root with PYTHONPATH=. so they import this checkout's kimi_jax.
 
 Phases: (1) ordinary training of all weights; (2) QAT — the routed experts pass through symmetric
 INT4 group-32 fake quantization with a straight-through gradient (`fake_quantize`), so the model
@@ -19,8 +19,9 @@ phase 1 are exported to --float-out at once, for the bf16 and PTQ rows of the ev
 Each user turn of a conversation is one sample: the prompt as the agent loop renders it at that
 turn's last step (earlier turns without their reasoning, earlier steps of this turn with it) plus
 the final answer; the loss covers every assistant output of that turn (reasoning, tool calls,
-answer, <|im_end|>), nothing the user or the tools wrote. Samples are padded to the shortest of
---seq-lens that holds them, and each batch comes from one length, so short chats cost little.
+answer, <|im_end|>), nothing the user or the tools wrote. Samples are packed into rows of
+--row-len tokens, and the prefix of all nine tool declarations is computed once per batch instead
+of once per sample (scripts/nano_packing.py): what makes training fit a CPU.
 
 Resumable: every --checkpoint-every steps the parameters, optimizer state and data position go to
 --train-state (atomically); `--resume` continues from there and reaches the same weights as an
@@ -40,17 +41,22 @@ import time
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import nano_packing  # noqa: E402 - a sibling script
+from nano_packing import PackedBatches  # noqa: E402
+
 # ---- model: the only code here that knows how the model is built or which weights are experts ----
 
 MODEL_SIZES = {
-    # v2: deeper and wider than v1 where copying needs it (attention), 16.5 MB in the INT4 layout.
-    "nano": dict(hidden_size=320, intermediate_size=960, moe_intermediate_size=256, num_hidden_layers=6,
+    # The shape of the shipped model, v1 and v2 (8.5M parameters, 10.4 MB in the INT4 layout): what a
+    # 2-core CPU trains in a session (v2).
+    "small": dict(hidden_size=256, intermediate_size=768, moe_intermediate_size=256, num_hidden_layers=4,
+                  n_routed_experts=8, num_experts_per_tok=2, q_lora_rank=128, kv_lora_rank=64, qk_nope_head_dim=32,
+                  qk_rope_head_dim=16, v_head_dim=32, num_attention_heads=4),
+    # Deeper and wider where copying needs it (attention), 15.4M parameters, 16.5 MB: for a lent GPU.
+    "large": dict(hidden_size=320, intermediate_size=960, moe_intermediate_size=256, num_hidden_layers=6,
                  n_routed_experts=8, num_experts_per_tok=2, q_lora_rank=160, kv_lora_rank=64, qk_nope_head_dim=32,
                  qk_rope_head_dim=16, v_head_dim=32, num_attention_heads=6),
-    # The shipped v1 (8.5M parameters, 10.4 MB), kept to reproduce it.
-    "v1": dict(hidden_size=256, intermediate_size=768, moe_intermediate_size=256, num_hidden_layers=4,
-               n_routed_experts=8, num_experts_per_tok=2, q_lora_rank=128, kv_lora_rank=64, qk_nope_head_dim=32,
-               qk_rope_head_dim=16, v_head_dim=32, num_attention_heads=4),
     # For tests: seconds per step on a CPU.
     "toy": dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=64, num_hidden_layers=2,
                 n_routed_experts=4, num_experts_per_tok=2, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16,
@@ -58,7 +64,7 @@ MODEL_SIZES = {
 }
 
 
-def nano_config(tokenizer, size: str = "nano"):
+def nano_config(tokenizer, size: str = "small"):
     from kimi_jax.config import Config, Yarn
 
     return Config(
@@ -155,19 +161,19 @@ def _encode_lines(args):
     return [s for line in lines for s in turn_samples(json.loads(line), tokenizer, template)]
 
 
-def load_samples(path, tokenizer_dir, max_len, cache_dir=None, workers=1):
-    """(tokens uint16 [n, max_len], mask uint8 [n, max_len], lengths [n], dropped): every turn sample
-    of a JSON-lines file, longer ones dropped; cached in `cache_dir` keyed by the data, the vocabulary
-    and max_len, and encoded on `workers` processes."""
+def load_samples(path, tokenizer_dir, cache_dir=None, workers=1):
+    """(tokens uint16, mask uint8, offsets int64 [n + 1]): every turn sample of a JSON-lines file,
+    end to end (sample i is tokens[offsets[i]:offsets[i + 1]]); cached in `cache_dir` keyed by the
+    data and the vocabulary, and encoded on `workers` processes."""
     digest = hashlib.sha256()
     for file in (path, os.path.join(tokenizer_dir, "tiktoken.model")):
         with open(file, "rb") as f:
             digest.update(f.read())
-    digest.update(f"{max_len}/v2".encode())
+    digest.update(b"flat/v3")
     cache = os.path.join(cache_dir, f"{os.path.basename(path)}.{digest.hexdigest()[:16]}.npz") if cache_dir else None
     if cache and os.path.isfile(cache):
         z = np.load(cache)
-        return z["tokens"], z["mask"], z["lengths"], int(z["dropped"])
+        return z["tokens"], z["mask"], z["offsets"]
     with open(path, encoding="utf-8") as f:
         lines = f.read().splitlines()
     chunks = [(lines[i:i + 500], tokenizer_dir) for i in range(0, len(lines), 500)]
@@ -178,36 +184,25 @@ def load_samples(path, tokenizer_dir, max_len, cache_dir=None, workers=1):
             samples = [s for part in pool.map(_encode_lines, chunks) for s in part]
     else:
         samples = [s for chunk in chunks for s in _encode_lines(chunk)]
-    kept = [(x, m) for x, m in samples if len(x) <= max_len]
-    if not kept:
-        raise ValueError(f"{path}: no conversation fits in {max_len} tokens")
-    from kimi_jax.chat import Tokenizer
-
-    pad = Tokenizer.from_dir(tokenizer_dir).token_id("[PAD]")
-    tokens = np.full((len(kept), max_len), pad, np.uint16)
-    mask = np.zeros((len(kept), max_len), np.uint8)
-    lengths = np.zeros(len(kept), np.int32)
-    for i, (x, m) in enumerate(kept):
-        tokens[i, :len(x)], mask[i, :len(m)], lengths[i] = x, m, len(x)
-    dropped = len(samples) - len(kept)
+    if not samples:
+        raise ValueError(f"{path}: no conversations")
+    tokens = np.concatenate([x for x, _ in samples]).astype(np.uint16)
+    mask = np.concatenate([m for _, m in samples]).astype(np.uint8)
+    offsets = np.concatenate([[0], np.cumsum([len(x) for x, _ in samples])]).astype(np.int64)
     if cache:
         os.makedirs(cache_dir, exist_ok=True)
         tmp = cache + ".tmp.npz"
-        np.savez(tmp, tokens=tokens, mask=mask, lengths=lengths, dropped=dropped)
+        np.savez(tmp, tokens=tokens, mask=mask, offsets=offsets)
         os.replace(tmp, cache)
-    return tokens, mask, lengths, dropped
+    return tokens, mask, offsets
 
 
-def epoch_batches(bucket_of: np.ndarray, batch: int, seed: int, epoch: int) -> list[np.ndarray]:
-    """The batches of one epoch: sample indices, each batch from one length bucket, in an order that
-    is a pure function of (seed, epoch) — what makes resuming exact."""
-    rng = np.random.default_rng([seed, epoch])
-    batches = []
-    for b in np.unique(bucket_of):
-        idx = np.flatnonzero(bucket_of == b)
-        rng.shuffle(idx)
-        batches += [idx[i:i + batch] for i in range(0, len(idx) - batch + 1, batch)]
-    return [batches[i] for i in rng.permutation(len(batches))]
+def all_tools_prefix(tokenizer):
+    """The prefix samples share when they declare every builtin tool, as `--tools builtin` does."""
+    from kimi_jax.chat import ChatTemplate
+    from kimi_jax.tools import builtin_tools
+
+    return nano_packing.shared_prefix(tokenizer, ChatTemplate.default(), builtin_tools().specs())
 
 
 # ---- resumable training state -----------------------------------------------------------------
@@ -249,7 +244,7 @@ def load_train_state(directory, trees):
 
 # Arguments that must not change across a resume (the others — output paths, logging, checkpoint
 # cadence, the time limit — may).
-RECIPE_ARGS = ("size", "steps", "qat_steps", "batch", "seq_lens", "lr", "group_size", "seed")
+RECIPE_ARGS = ("size", "steps", "qat_steps", "batch", "row_len", "lr", "group_size", "seed")
 
 
 # ---- training ---------------------------------------------------------------------------------
@@ -262,60 +257,41 @@ def make_train_step(graphdef, optimizer, group_size, accumulate: int = 1):
     import optax
     from flax import nnx
 
-    def loss_fn(state, tokens, mask, qat):
+    def loss_fn(state, batch, qat):
+        # A token's target is the next token of its row; the first token of every sample is
+        # prompt (mask 0), so no loss ever crosses from one packed sample into the next.
         model = nnx.merge(graphdef, with_fake_quantized_experts(state, group_size) if qat else state)
-        logits = model.forward_no_cache(tokens[:, :-1])
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
-        m = mask[:, 1:]
+        logits = nano_packing.packed_forward(model, batch["prefix"], batch["tokens"], batch["positions"],
+                                             batch["segments"], batch["shared"])
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], batch["tokens"][:, 1:])
+        m = batch["mask"][:, 1:]
         return jnp.sum(ce * m) / jnp.maximum(jnp.sum(m), 1.0)
 
-    def masked_sums(state, tokens, mask, qat):  # (loss x count, count): micro-batches add up exactly
-        count = jnp.sum(mask[:, 1:])
-        return loss_fn(state, tokens, mask, qat) * count, count
+    def masked_sums(state, batch, qat):  # (loss x count, count): micro-batches add up exactly
+        count = jnp.sum(batch["mask"][:, 1:])
+        return loss_fn(state, batch, qat) * count, count
 
-    def step(state, opt_state, tokens, mask, qat):
+    def step(state, opt_state, batch, qat):
         if accumulate == 1:
-            loss, grads = jax.value_and_grad(loss_fn)(state, tokens, mask, qat)
+            loss, grads = jax.value_and_grad(loss_fn)(state, batch, qat)
         else:
-            micro = lambda x: x.reshape(accumulate, x.shape[0] // accumulate, *x.shape[1:])  # noqa: E731
+            prefix = batch["prefix"]
+            rows = {k: v.reshape(accumulate, v.shape[0] // accumulate, *v.shape[1:])
+                    for k, v in batch.items() if k != "prefix"}
 
-            def one(carry, xs):
-                (total, count), grads = jax.value_and_grad(masked_sums, has_aux=True)(state, *xs, qat)
+            def one(carry, micro):
+                (total, count), grads = jax.value_and_grad(masked_sums, has_aux=True)(
+                    state, {**micro, "prefix": prefix}, qat)
                 return jax.tree.map(jnp.add, carry, (grads, total, count)), None
 
             zero = (jax.tree.map(jnp.zeros_like, state), jnp.float32(0), jnp.float32(0))
-            (grads, total, count), _ = jax.lax.scan(one, zero, (micro(tokens), micro(mask)))
+            (grads, total, count), _ = jax.lax.scan(one, zero, rows)
             count = jnp.maximum(count, 1.0)
             loss, grads = total / count, jax.tree.map(lambda g: g / count, grads)
         updates, opt_state = optimizer.update(grads, opt_state, state)
         return optax.apply_updates(state, updates), opt_state, loss
 
-    return jax.jit(step, donate_argnums=(0, 1), static_argnums=(4,)), jax.jit(loss_fn, static_argnums=(3,))
-
-
-class Batches:
-    """Length-bucketed batches over epochs; `position` (epoch, batch) is all a resume needs."""
-
-    def __init__(self, tokens, mask, lengths, seq_lens, batch, seed, position=(0, 0)):
-        self.tokens, self.mask, self.seq_lens, self.batch, self.seed = tokens, mask, seq_lens, batch, seed
-        self.bucket_of = np.searchsorted(np.asarray(seq_lens), lengths)
-        self.epoch, self.index = position
-        self.plan = epoch_batches(self.bucket_of, batch, seed, self.epoch)
-        if not self.plan:
-            raise ValueError(f"fewer samples per length bucket than one batch of {batch}")
-
-    @property
-    def position(self):
-        return [self.epoch, self.index]
-
-    def next(self):
-        if self.index >= len(self.plan):
-            self.epoch, self.index = self.epoch + 1, 0
-            self.plan = epoch_batches(self.bucket_of, self.batch, self.seed, self.epoch)
-        idx = self.plan[self.index]
-        self.index += 1
-        width = self.seq_lens[self.bucket_of[idx[0]]]
-        return self.tokens[idx, :width].astype(np.int32), self.mask[idx, :width].astype(np.float32)
+    return jax.jit(step, donate_argnums=(0, 1), static_argnums=(3,)), jax.jit(loss_fn, static_argnums=(2,))
 
 
 def train(args):
@@ -328,13 +304,11 @@ def train(args):
 
     tokenizer = Tokenizer.from_dir(args.tokenizer)
     cfg = nano_config(tokenizer, args.size)
-    seq_lens = sorted(args.seq_lens)
+    prefix = all_tools_prefix(tokenizer)
     t0 = time.perf_counter()
-    tokens, mask, lengths, dropped = load_samples(os.path.join(args.data, "train.jsonl"), args.tokenizer, seq_lens[-1],
-                                                  args.cache, args.workers)
-    ev = load_samples(os.path.join(args.data, args.eval_set), args.tokenizer, seq_lens[-1], args.cache, 1)
-    log(f"{len(tokens)} training samples (mean {lengths.mean():.0f}, longest {lengths.max()} tokens; {dropped} over "
-        f"{seq_lens[-1]} dropped), {len(ev[0])} eval samples; data ready in {time.perf_counter() - t0:.0f}s")
+    train_data = load_samples(os.path.join(args.data, "train.jsonl"), args.tokenizer, args.cache, args.workers)
+    ev = PackedBatches(*load_samples(os.path.join(args.data, args.eval_set), args.tokenizer, args.cache, 1), prefix,
+                       args.row_len, args.batch, 0, shuffle=False)
 
     graphdef, state = nnx.split(build_float_model(cfg, args.seed))
     # The learning rate lives in the optimizer state and is set from the host each step, so the plan
@@ -350,18 +324,21 @@ def train(args):
         if changed:
             raise ValueError(f"--resume: {', '.join(changed)} differ from the run saved in {args.train_state}")
         start, position, seconds_before = meta["step"], tuple(meta["data_position"]), meta["train_seconds"]
-        float_written, plan = meta["float_written"], Plan(*meta["plan"], args.lr)
+        float_written, (plan.steps, plan.qat_steps) = meta["float_written"], meta["plan"]
         log(f"resumed from {args.train_state} at step {start}")
-    batches = Batches(tokens, mask, lengths, seq_lens, args.batch, args.seed, position)
+    batches = PackedBatches(*train_data, prefix, args.row_len, args.batch, args.seed, position)
+    log(f"{len(batches.lengths)} training samples ({batches.shared.mean():.0%} continue the {len(prefix)}-token "
+        f"all-tools prefix; stored parts average {batches.lengths.mean():.0f} tokens; {batches.dropped} longer than "
+        f"{args.row_len} dropped), {len(batches.plan)} batches an epoch ({batches.fill:.0%} of row tokens used); "
+        f"{len(ev.lengths)} eval samples; data ready in {time.perf_counter() - t0:.0f}s")
     step_fn, eval_fn = make_train_step(graphdef, optimizer, args.group_size, args.accumulate)
     n_params = sum(x.size for x in jax.tree.leaves(state))
     log(f"model '{args.size}': {n_params / 1e6:.2f}M parameters; steps {start}..{plan.total} ({plan.steps} float + "
-        f"{plan.qat_steps} QAT) of {args.batch} samples at lengths {seq_lens} on {jax.devices()[0].platform}")
+        f"{plan.qat_steps} QAT) of {args.batch} rows x {args.row_len} tokens + the prefix on "
+        f"{jax.devices()[0].platform}")
 
     def evaluate(qat):
-        # One padded length for all eval batches: one compile per phase instead of one per bucket.
-        ev_batches = Batches(*ev[:3], seq_lens[-1:], args.batch, 0)
-        losses = [float(eval_fn(state, *map(jnp.asarray, ev_batches.next()), qat)) for _ in ev_batches.plan]
+        losses = [float(eval_fn(state, as_device(ev.arrays(rows)), qat)) for rows in ev.plan]
         return float(np.mean(losses))
 
     def checkpoint(step):
@@ -370,22 +347,25 @@ def train(args):
         save_train_state(args.train_state, (state, opt_state), meta)
 
     t_train, cpu0, step, step_seconds = time.perf_counter(), time.process_time(), start, []
+    t_step = t_train
     while step < plan.total:
         qat = step >= plan.steps
         if qat and not float_written:
             log(f"float model: eval loss {evaluate(False):.4f}; INT4 fake-quant eval loss {evaluate(True):.4f}")
             write_model_dir(args.float_out, nnx.merge(graphdef, state), args.tokenizer, generation_config(cfg, tokenizer))
             float_written = True
-        x, m = batches.next()
+        batch = as_device(batches.next())
         opt_state[1].hyperparams["learning_rate"] = jnp.float32(plan.lr_at(step))
-        t_step = time.perf_counter()
-        state, opt_state, loss = step_fn(state, opt_state, jnp.asarray(x), jnp.asarray(m), qat)
+        state, opt_state, loss = step_fn(state, opt_state, batch, qat)
         step += 1
-        if args.max_train_seconds and len(step_seconds) < FIT_AFTER:
+        if args.max_train_seconds:  # the machine may be shared: re-plan as its speed changes
             jax.block_until_ready(loss)
             step_seconds.append(time.perf_counter() - t_step)
-            if len(step_seconds) == FIT_AFTER:
-                plan.fit(step, args.max_train_seconds - (time.perf_counter() - t_train), step_seconds)
+            t_step = time.perf_counter()
+            if len(step_seconds) >= FIT_AFTER and (len(step_seconds) - FIT_AFTER) % REFIT_EVERY == 0:
+                plan.fit(step, args.max_train_seconds - seconds_before - (t_step - t_train),
+                         float(np.median(step_seconds[-RATE_WINDOW:])),
+                         1.5 * sum(step_seconds[:2]) if step < plan.steps else 0.0)
         elapsed = time.perf_counter() - t_train
         if step % args.log_every == 0 or step == plan.total or step == start + 1:
             log(f"step {step:5d} {'qat ' if qat else ''}loss {float(loss):.4f}  ({elapsed:.0f}s, "
@@ -396,7 +376,7 @@ def train(args):
             checkpoint(step)
             log(f"stopped after {args.stop_after} steps at step {step}; continue with --resume")
             return None
-        if args.max_train_seconds and elapsed > args.max_train_seconds and step < plan.total:
+        if args.max_train_seconds and seconds_before + elapsed > args.max_train_seconds and step < plan.total:
             plan.out_of_time(step)
     if not float_written:  # no QAT phase: the float model is the final one
         write_model_dir(args.float_out, nnx.merge(graphdef, state), args.tokenizer, generation_config(cfg, tokenizer))
@@ -407,7 +387,9 @@ def train(args):
     return cfg, tokenizer, nnx.merge(graphdef, state), seconds_before + time.perf_counter() - t_train, plan
 
 
-FIT_AFTER = 30  # steps timed before a time budget shrinks the plan (the first ones include compiles)
+# A time budget re-plans after FIT_AFTER timed steps (the first ones include compiles), then every
+# REFIT_EVERY steps at the median pace of the last RATE_WINDOW.
+FIT_AFTER, REFIT_EVERY, RATE_WINDOW = 30, 20, 20
 
 
 class Plan:
@@ -429,17 +411,23 @@ class Plan:
         progress = min(1.0, (step - warmup) / max(1, self.total - warmup))
         return self.lr * (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * progress)))
 
-    def fit(self, step: int, seconds_left: float, step_seconds: list[float]) -> None:
-        """Shrink both phases alike so the rest fits `seconds_left`, keeping room for the QAT
-        phase's compile (as long as the first steps took)."""
-        rate = float(np.median(step_seconds[len(step_seconds) // 2:]))
-        compile_allowance = 1.5 * sum(step_seconds[:2])
+    def fit(self, step: int, seconds_left: float, rate: float, compile_allowance: float = 0.0) -> None:
+        """Size the rest of the run to `seconds_left` at `rate` seconds a step (less the QAT
+        phase's compile still to come): both phases alike while in the float phase, the QAT phase
+        alone once in it; never past the steps first planned, never before `step`."""
         fits = step + int(max(0.0, seconds_left - compile_allowance) / rate)
-        log(f"time budget: {rate * 1e3:.0f} ms/step; {fits} of the planned {self.total} steps fit")
-        if fits < self.total:
-            scale = fits / self.total
-            self.qat_steps = max(1, round(self.qat_steps * scale)) if self.qat_steps else 0
-            self.steps = max(step, fits - self.qat_steps)
+        limit = min(fits, sum(self.planned))
+        before = (self.steps, self.qat_steps)
+        if step >= self.steps:
+            self.qat_steps = max(step - self.steps, limit - self.steps)
+        else:
+            self.qat_steps = max(1, round(self.planned[1] * limit / sum(self.planned))) if self.planned[1] else 0
+            self.steps = limit - self.qat_steps
+            if self.steps < step:  # the float phase ends now; QAT gets what is left (one step at least)
+                self.steps, self.qat_steps = step, max(1, limit - step) if self.planned[1] else 0
+        if (self.steps, self.qat_steps) != before:
+            log(f"time budget: {rate * 1e3:.0f} ms/step at step {step}; plan now {self.steps} float + "
+                f"{self.qat_steps} QAT steps")
 
     def out_of_time(self, step: int) -> None:
         """Past the budget anyway: end the float phase now (QAT still runs), or end QAT now."""
@@ -473,6 +461,12 @@ def write_model_dir(out, model, tokenizer_dir, gen):
         f.write(ChatTemplate.default().source)
 
 
+def as_device(batch: dict) -> dict:
+    import jax.numpy as jnp
+
+    return {k: jnp.asarray(v) for k, v in batch.items()}
+
+
 def log(msg):
     print(msg, file=sys.stderr, flush=True)
 
@@ -486,25 +480,25 @@ def parse_args(argv=None):
     ap.add_argument("--cache", default="out/nano_cache", help="tokenized-data cache directory")
     ap.add_argument("--train-state", default="out/nano_train_state", help="resumable checkpoint directory")
     ap.add_argument("--resume", action="store_true", help="continue from --train-state if it holds a checkpoint")
-    ap.add_argument("--checkpoint-every", type=int, default=500)
+    ap.add_argument("--checkpoint-every", type=int, default=20)
     ap.add_argument("--stop-after", type=int, default=0,
                     help="train this many steps, checkpoint and exit (a long CPU run in pieces; then --resume)")
-    ap.add_argument("--max-train-seconds", type=float, default=0, help="stop early (keeping the QAT phase) after this")
-    ap.add_argument("--size", choices=tuple(MODEL_SIZES), default="nano")
-    ap.add_argument("--steps", type=int, default=6000)
-    ap.add_argument("--qat-steps", type=int, default=1000)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--seq-lens", type=lambda s: [int(x) for x in s.split(",")], default=[384, 768],
-                    help="padded lengths, comma-separated; the longest is the cut-off")
+    ap.add_argument("--max-train-seconds", type=float, default=0,
+                    help="shrink the plan to fit this many seconds of training, across resumes (keeping the QAT phase)")
+    ap.add_argument("--size", choices=tuple(MODEL_SIZES), default="small")
+    ap.add_argument("--steps", type=int, default=1400)
+    ap.add_argument("--qat-steps", type=int, default=200)
+    ap.add_argument("--batch", type=int, default=8, help="packed rows per step")
+    ap.add_argument("--row-len", type=int, default=512,
+                    help="tokens per packed row; a sample longer than this (after the shared prefix) is dropped")
     ap.add_argument("--accumulate", type=int, default=1,
-                    help="micro-batches per step (same update, 1/N of the activation memory; 8 keeps --size nano "
-                         "near 4 GB on a CPU)")
-    ap.add_argument("--lr", type=float, default=2e-3)
+                    help="micro-batches per step (same update, 1/N of the activation memory)")
+    ap.add_argument("--lr", type=float, default=2.5e-3)
     ap.add_argument("--group-size", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=1, help="processes that tokenize the data")
     ap.add_argument("--eval-set", default="heldout.jsonl", help="file under --data for the eval loss")
-    ap.add_argument("--log-every", type=int, default=50)
+    ap.add_argument("--log-every", type=int, default=10)
     return ap.parse_args(argv)
 
 

@@ -15,7 +15,7 @@ mad = load_script("make_agent_data")
 tasks = load_script("nano_tasks")
 eval_phrasings = load_script("nano_eval_phrasings")
 
-SIZES = {"train": 1500, "heldout": 45, "multistep": 24, "paraphrase": 33, "ood": 36}
+SIZES = {"train": 1500, "heldout": 45, "multistep": 24, "paraphrase": 33, "ood": 36, "followup": 12}
 ALL_SPECS = builtin_tools().specs()
 NUMBER = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?(?![\w.])")
 
@@ -44,10 +44,11 @@ def call_args(m):
 
 
 def test_same_seed_writes_byte_identical_files_and_another_seed_does_not(tmp_path):
-    args = ["--n-train", "200", "--n-heldout", "18", "--n-multistep", "12", "--n-paraphrase", "11", "--n-ood", "6"]
+    args = ["--n-train", "200", "--n-heldout", "18", "--n-multistep", "12", "--n-paraphrase", "11", "--n-ood", "6",
+            "--n-followup", "4"]
     for name, seed in (("a", "1"), ("b", "1"), ("c", "2")):
         assert mad.main(["--out", str(tmp_path / name), "--seed", seed, *args]) == 0
-    for split in ("train", "heldout", "multistep", "paraphrase"):
+    for split in ("train", "heldout", "multistep", "paraphrase", "followup"):
         a, b, c = ((tmp_path / n / f"{split}.jsonl").read_bytes() for n in "abc")
         assert a == b and a != c, split
     lines = (tmp_path / "a" / "train.jsonl").read_text(encoding="utf-8").splitlines()
@@ -90,7 +91,9 @@ def test_messages_have_the_openai_agent_shape_and_declare_the_tools_they_call(se
                 assert item["tools"] == ALL_SPECS
 
 
-def test_first_calls_copy_every_argument_verbatim_from_the_question(sets):
+def test_first_calls_copy_every_argument_verbatim_from_the_conversation(sets):
+    # From the user's questions, or in a follow-up turn ("Now add 50 to that.") from the answers
+    # the assistant gave before.
     for item in every_item(sets):
         if item["family"] in ("date_chain",):  # its first call, current_time, has no argument
             continue
@@ -99,6 +102,8 @@ def test_first_calls_copy_every_argument_verbatim_from_the_question(sets):
             if m["role"] == "user":
                 seen_text += m["content"] + "\n"
                 fresh_turn = True
+            elif m["role"] == "assistant" and not m.get("tool_calls") and item["family"] in mad.FOLLOW_UP:
+                seen_text += m["content"] + "\n"
             elif m["role"] == "assistant" and m.get("tool_calls") and fresh_turn:
                 fresh_turn = False
                 for key, value in call_args(m).items():
@@ -107,14 +112,14 @@ def test_first_calls_copy_every_argument_verbatim_from_the_question(sets):
                     text = value if isinstance(value, str) else json.dumps(value)
                     if key == "days":  # "96 days before" is days=-96: the digits are copied
                         text = text.lstrip("-")
-                    if key == "expression" and item["family"] in tasks.MULTI_STEP:  # "x+y" from "x a and y a"
+                    if key == "expression" and item["family"] in (*mad.MULTI_STEP, *mad.FOLLOW_UP):  # x+y, r + 50
                         assert all(n in seen_text for n in NUMBER.findall(text.replace("+", " "))), item["id"]
                         continue
                     assert text in seen_text, (item["id"], key, text)
 
 
 def test_later_calls_in_a_chain_copy_numbers_from_the_question_or_earlier_results(sets):
-    for item in sets["multistep"] + [i for i in sets["train"] if i["family"] in tasks.MULTI_STEP]:
+    for item in sets["multistep"] + [i for i in sets["train"] if i["family"] in mad.MULTI_STEP]:
         sources = " ".join(user_texts(item))
         for k, (m, result) in enumerate(steps(item)):
             if k:
@@ -131,15 +136,15 @@ def test_later_calls_in_a_chain_copy_numbers_from_the_question_or_earlier_result
 
 
 def test_no_tool_items_are_answered_without_a_call(sets):
-    no_tool = sets["ood"] + [i for i in every_item(sets) if i["family"] in tasks.NO_TOOL]
+    no_tool = sets["ood"] + [i for i in every_item(sets) if i["family"] in mad.NO_TOOL]
     assert len(sets["ood"]) == SIZES["ood"] and {i["family"] for i in no_tool} >= {"chat", "out_of_scope"}
     for item in no_tool:
         assert not steps(item) and [m["role"] for m in item["messages"]] == ["user", "assistant"]
 
 
 def test_recovery_items_read_a_tool_error_then_make_the_corrected_call(sets):
-    items = [i for i in every_item(sets) if i["family"] in tasks.RECOVERY]
-    assert {i["family"] for i in items} == set(tasks.RECOVERY)
+    items = [i for i in every_item(sets) if i["family"] in mad.RECOVERY]
+    assert {i["family"] for i in items} == set(mad.RECOVERY)
     for item in items:
         results = [(m["tool_calls"][0]["function"]["name"], r["content"]) for m, r in steps(item)]
         errors = [k for k, (_, content) in enumerate(results) if content.startswith("error:")]
@@ -183,10 +188,10 @@ def test_training_holds_no_held_out_value_and_the_heldout_sets_each_hold_one(set
 
 def test_eval_prompts_are_unseen_in_training_and_distinct(sets):
     seen = {mad.user_text(i) for i in sets["train"]}
-    evals = sets["heldout"] + sets["multistep"] + sets["paraphrase"] + sets["ood"]
+    evals = sets["heldout"] + sets["multistep"] + sets["paraphrase"] + sets["ood"] + sets["followup"]
     assert not [i["id"] for i in evals if mad.user_text(i) in seen]
     assert len({mad.user_text(i) for i in evals}) == len(evals)
-    assert {i["family"] for i in sets["multistep"]} == set(tasks.MULTI_STEP)
+    assert {i["family"] for i in sets["multistep"]} == set(mad.MULTI_STEP)
 
 
 def test_paraphrase_and_out_of_domain_wordings_never_reach_the_training_generator(sets):
@@ -214,3 +219,22 @@ def test_values_are_drawn_widely_not_from_short_lists(sets):
     keys = [call_args(m)["key"] for i in sets["train"] for m, _ in steps(i)
             if m["tool_calls"][0]["function"]["name"] == "kv_set"]
     assert len(set(keys)) > 0.5 * len(keys)
+
+
+def test_follow_up_turns_compute_on_the_previous_answer(sets):
+    items = sets["followup"] + [i for i in sets["train"] if i["family"] in mad.FOLLOW_UP]
+    assert len(sets["followup"]) == SIZES["followup"] and len(items) > 20
+    for item in items:
+        users = [i for i, m in enumerate(item["messages"]) if m["role"] == "user"]
+        assert len(users) == 2, item["id"]
+        first_answer = item["messages"][users[1] - 1]["content"]
+        (call, _), = [s for s in steps(item) if item["messages"].index(s[0]) > users[1]]
+        args = json.loads(call["tool_calls"][0]["function"]["arguments"])
+        previous = str(args.get("value", args.get("date", args.get("expression", "").split(" ")[0])))
+        assert previous in first_answer and previous not in item["messages"][users[1]]["content"], item["id"]
+
+
+def test_training_never_asks_an_evaluation_question_or_an_everyday_prompt(sets):
+    asked = {t for i in sets["train"] for t in user_texts(i)}
+    everyday = {t for turns, _, _ in eval_phrasings.EVERYDAY for t in turns}
+    assert everyday and not asked & everyday and not asked & {q for q, _ in eval_phrasings.OUT_OF_DOMAIN}

@@ -14,9 +14,10 @@ ev = load_script("eval_nano")
 
 @pytest.fixture(scope="module")
 def items():
-    sets = mad.generate(seed=5, sizes={"train": 0, "heldout": 27, "multistep": 12, "paraphrase": 11, "ood": 8})
+    sets = mad.generate(seed=5, sizes={"train": 0, "heldout": 27, "multistep": 12, "paraphrase": 12, "ood": 8,
+                                       "followup": 2})
     by_family = {}
-    for item in sets["heldout"] + sets["multistep"] + sets["paraphrase"] + sets["ood"]:
+    for item in sets["heldout"] + sets["multistep"] + sets["paraphrase"] + sets["ood"] + sets["followup"]:
         by_family.setdefault(item["family"], item)
     return by_family
 
@@ -124,3 +125,18 @@ def test_the_markdown_table_shows_every_set_and_the_targets():
     assert "| INT4 QAT | 50.0% | 50.0% | 50.0% | 50.0% |" in table
     assert "≥ 90%" in table and "| INT4 QAT | 100.0% | 75.0% |" in table
     assert json.dumps(summary)  # what --json writes
+
+
+def test_results_pair_with_calls_in_order_even_when_a_model_repeats_a_call_id():
+    messages = tool_call("calculator", '{"expression":"2*3"}', '{"result":6}') + \
+        tool_call("calculator", '{"expression":"6+1"}', '{"result":7}')  # both calls get id ...:0
+    assert ev.tool_steps(messages) == [("calculator", '{"expression":"2*3"}', '{"result":6}'),
+                                       ("calculator", '{"expression":"6+1"}', '{"result":7}')]
+
+
+def test_a_follow_up_counts_only_when_both_turns_are_right(items):
+    item = items["follow_up"]
+    assert ev.score(item, *replayed(item))["success"]
+    messages = copy.deepcopy(item["messages"])  # the first turn's call went wrong; the second is as expected
+    next(m for m in messages if m["role"] == "tool")["content"] = '{"result":-1}'
+    assert not ev.score(item, messages, "answer")["success"]

@@ -11,10 +11,10 @@ from kimi_jax.speculation import FixedCosts
 # A finished tool round: the answer quotes the question and the tool's result, text the drafts find.
 COPY = [
     {"role": "user", "content": "What is 128 * 47?"},
-    {"role": "assistant", "content": "", "reasoning_content": "I will use the calculator for 128 * 47.",
+    {"role": "assistant", "content": "", "reasoning_content": "The user wants 128 * 47. I will use the calculator.",
      "tool_calls": [{"id": "functions.calculator:0", "type": "function",
-                     "function": {"name": "calculator", "arguments": "{\"expression\": \"128 * 47\"}"}}]},
-    {"role": "tool", "tool_call_id": "functions.calculator:0", "content": "6016"},
+                     "function": {"name": "calculator", "arguments": "{\"expression\":\"128 * 47\"}"}}]},
+    {"role": "tool", "tool_call_id": "functions.calculator:0", "content": "{\"result\":6016}"},
 ]
 
 

@@ -21,6 +21,9 @@ from kimi_jax.tools import builtin_tools
 
 TOOLS = builtin_tools().specs()
 ASK = [{"role": "user", "content": "Look this up for me, please."}]
+# A question the nano model answers with a call: forced calls test the grammar after the reasoning,
+# not whether the model ends its turn inside it (then no call is made, docs/serving.md).
+CALL_ASK = [{"role": "user", "content": "What is 17 * 23?"}]
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +38,7 @@ def client(server):
 
 
 def forced(name: str) -> dict:
-    return dict(model=MODEL, messages=ASK, max_tokens=300,
+    return dict(model=MODEL, messages=CALL_ASK, max_tokens=300,
                 tools=[{"type": "function", "function": {"name": "f", "parameters": SCHEMAS[name]}}],
                 tool_choice={"type": "function", "function": {"name": "f"}})
 

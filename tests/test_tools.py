@@ -284,7 +284,7 @@ def test_calculator_refuses_anything_but_bounded_arithmetic(tools, expression, m
     (5, "km", "mi", 3.10686, "mi"), (100, "C", "F", 212, "F"), (32, "fahrenheit", "celsius", 0, "C"),
     (0, "K", "C", -273.15, "C"), (10, "lb", "kg", 4.53592, "kg"), (1, "gal", "l", 3.78541, "l"),
     (2.5, "hours", "min", 150, "min"), (3, "feet", "inches", 36, "in"), (1, "week", "day", 7, "day"),
-    (1, "t", "g", 1000000, "g"),
+    (1, "t", "g", 1000000, "g"), (212, "degrees Fahrenheit", "Celsius", 100, "C"),
 ])
 def test_convert_units_across_dimensions_and_aliases(tools, value, a, b, result, unit):
     args = {"value": value, "from_unit": a, "to_unit": b}

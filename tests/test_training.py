@@ -17,6 +17,7 @@ from kimi_jax.chat import ChatTemplate, Tokenizer, format_output
 from kimi_jax.quant import Int4Weight, is_routed_expert, quantize
 
 tn = load_script("train_nano")
+npk = load_script("nano_packing")
 mad = load_script("make_agent_data")
 
 
@@ -66,22 +67,86 @@ def test_each_turn_sample_trains_on_exactly_the_assistant_outputs_of_that_turn(p
     assert multi_turn
 
 
-def test_batches_come_from_one_length_each_and_replay_from_a_saved_position():
-    lengths = np.array([10, 300, 20, 700, 30, 500, 40, 600, 50, 350, 60, 380])
-    tokens = np.arange(12 * 768, dtype=np.uint16).reshape(12, 768) % 1000
-    mask = np.ones((12, 768), np.uint8)
-    a = tn.Batches(tokens, mask, lengths, [384, 768], 2, seed=3)
-    seen = [a.next() for _ in range(9)]  # crosses into the second epoch
-    assert {x.shape[1] for x, _ in seen} == {384, 768}
-    for x, _ in seen:
-        rows = [int(np.flatnonzero((tokens[:, :x.shape[1]] == r).all(1))[0]) for r in x]
-        assert len({lengths[r] <= 384 for r in rows}) == 1
-    b = tn.Batches(tokens, mask, lengths, [384, 768], 2, seed=3)
-    for _ in range(4):
+def toy_model(vocab=300):
+    from kimi_jax.config import Config, Yarn
+
+    cfg = Config(vocab_size=vocab, first_k_dense_replace=1, n_shared_experts=1, n_group=1, topk_group=1,
+                 routed_scaling_factor=2.8, rope_theta=50000.0,
+                 rope_scaling=Yarn(factor=4.0, original_max_position_embeddings=256), max_position_embeddings=1024,
+                 rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=0, quantization=None,
+                 **tn.MODEL_SIZES["toy"])
+    return tn.build_float_model(cfg, 0)
+
+
+def flat(samples):
+    tokens = np.concatenate(samples).astype(np.uint16)
+    offsets = np.concatenate([[0], np.cumsum([len(x) for x in samples])])
+    return tokens, (tokens % 3 == 0).astype(np.uint8), offsets
+
+
+def test_packed_rows_give_every_sample_exactly_the_logits_it_gets_alone():
+    # Samples that start with the shared prefix are stored without it and read it once per batch;
+    # the others are stored whole; several share a row. Neither may see the other samples.
+    model = toy_model()
+    rng = np.random.default_rng(0)
+    prefix = rng.integers(3, 300, 37).astype(np.int32)
+    samples = [np.concatenate([prefix, rng.integers(3, 300, n)]) if shared else rng.integers(3, 300, n)
+               for n, shared in ((20, True), (15, False), (30, True), (9, False), (25, True))]
+    batches = npk.PackedBatches(*flat(samples), prefix, 64, 2, seed=0, shuffle=False)
+    assert batches.shared.tolist() == [True, False, True, False, True] and batches.lengths.tolist() == [20, 15, 30, 9, 25]
+    batch = batches.next()
+    logits = npk.packed_forward(model, *(jnp.asarray(batch[k]) for k in ("prefix", "tokens", "positions", "segments",
+                                                                          "shared")))
+    seen = 0
+    for r, row in enumerate(batches.plan[0]):
+        at = 0
+        for i in row:
+            n = batches.lengths[i]
+            alone = np.asarray(model.forward_no_cache(jnp.asarray(samples[i][None].astype(np.int32))))[0, -n:]
+            np.testing.assert_allclose(np.asarray(logits)[r, at:at + n], alone, atol=2e-6)
+            at, seen = at + n, seen + 1
+    assert seen == len(samples)
+
+
+def test_packing_fills_rows_once_per_epoch_and_replays_from_a_saved_position():
+    rng = np.random.default_rng(1)
+    prefix = np.arange(3, 13, dtype=np.int32)
+    samples = [np.concatenate([prefix, rng.integers(20, 99, n)]) if rng.random() < 0.6 else rng.integers(20, 99, n)
+               for n in rng.integers(5, 60, 200)]
+    samples.append(rng.integers(20, 99, 90))  # longer than a row: dropped
+    a = npk.PackedBatches(*flat(samples), prefix, 64, 4, seed=3)
+    assert a.dropped == 1 and a.fill > 0.9
+    packed = [i for batch in a.plan for row in batch for i in row]
+    assert len(packed) == len(set(packed)) > 0.9 * len(samples)
+    assert all(sum(a.lengths[i] for i in row) <= 64 for batch in a.plan for row in batch)
+    seen = [a.next() for _ in range(len(a.plan) + 3)]  # crosses into the second epoch
+    first = seen[0]
+    segment_starts = np.flatnonzero(np.diff(first["segments"][0], prepend=0) > 0)
+    assert len(segment_starts) > 1  # several samples to a row, each at its own positions
+    assert all(first["positions"][0, s] == (len(prefix) if first["shared"][0, s] else 0) for s in segment_starts)
+    b = npk.PackedBatches(*flat(samples), prefix, 64, 4, seed=3)
+    for _ in range(5):
         b.next()
-    resumed = tn.Batches(tokens, mask, lengths, [384, 768], 2, seed=3, position=b.position)
-    for x, _ in seen[4:]:
-        np.testing.assert_array_equal(resumed.next()[0], x)
+    resumed = npk.PackedBatches(*flat(samples), prefix, 64, 4, seed=3, position=b.position)
+    for expected in seen[5:]:
+        got = resumed.next()
+        for key in expected:
+            np.testing.assert_array_equal(got[key], expected[key])
+
+
+def test_a_time_budget_resizes_the_plan_as_the_pace_changes():
+    plan = tn.Plan(1000, 200, 1e-3)
+    plan.fit(100, seconds_left=500.0, rate=1.0)  # 600 steps fit: both phases shrink alike
+    assert (plan.steps, plan.qat_steps) == (500, 100)
+    plan.fit(200, seconds_left=2000.0, rate=1.0)  # faster again: back up, but never past the first plan
+    assert (plan.steps, plan.qat_steps) == (1000, 200)
+    plan.fit(1050, seconds_left=50.0, rate=1.0)  # in the QAT phase only it changes
+    assert (plan.steps, plan.qat_steps) == (1000, 100)
+    plan.fit(1090, seconds_left=0.0, rate=1.0)  # out of time: ends at the current step
+    assert plan.total == 1090
+    late = tn.Plan(1000, 200, 1e-3)
+    late.fit(400, seconds_left=10.0, rate=1.0, compile_allowance=20.0)  # the QAT compile no longer fits
+    assert late.steps == 400 and late.qat_steps == 1
 
 
 def test_a_train_state_round_trips_and_a_mismatched_one_is_refused(tmp_path):
@@ -114,7 +179,7 @@ def test_training_runs_end_to_end_resumes_exactly_and_exports_a_servable_checkpo
     # generating through the normal CLI.
     root, data, tok = pipeline
     common = ["--data", str(data), "--tokenizer", str(tok), "--cache", str(root / "cache"), "--size", "toy",
-              "--steps", "4", "--qat-steps", "2", "--batch", "2", "--seq-lens", "768", "--log-every", "1",
+              "--steps", "4", "--qat-steps", "2", "--batch", "2", "--row-len", "512", "--log-every", "1",
               "--checkpoint-every", "0"]
 
     def run(name, *extra):

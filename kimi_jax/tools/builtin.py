@@ -114,7 +114,8 @@ _UNITS = {
     "time": {"s": (1.0, "sec,second,seconds"), "ms": (0.001, "millisecond,milliseconds"),
              "min": (60.0, "minute,minutes"), "h": (3600.0, "hr,hour,hours"), "day": (86400.0, "d,days"),
              "week": (604800.0, "wk,weeks")},
-    "temperature": {"C": (None, "celsius,°c"), "F": (None, "fahrenheit,°f"), "K": (None, "kelvin")},
+    "temperature": {"C": (None, "celsius,°c,degrees celsius,degree celsius"),
+                    "F": (None, "fahrenheit,°f,degrees fahrenheit,degree fahrenheit"), "K": (None, "kelvin,kelvins")},
 }
 _UNIT_INDEX = {alias.lower(): (dim, unit) for dim, table in _UNITS.items()
                for unit, (_, aliases) in table.items() for alias in [unit, *aliases.split(",")]}
