@@ -196,7 +196,7 @@ def main(argv=None) -> int:
 
 
 def write_solved_sample(path: str, items: dict, verdicts: dict) -> None:
-    """One solved item per (set, family), in set order: a regression set the model is known to pass."""
+    """The first solved item of each family, sets in order: a regression set the model is known to pass."""
     by_id = {item["id"]: item for per_set in items.values() for item in per_set}
     chosen = {}
     for per_set in verdicts.values():
